@@ -1,0 +1,21 @@
+"""captum_effattn: efficient attention (Naim & Asher, ECAI 2024) for Captum.
+
+The public namespace is deliberately thin; see the README for a tour.
+"""
+
+from captum_effattn.projection import (
+    ConvergenceWarning,
+    ProjectionCertificate,
+    effective_attention,
+    efficient_attention,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "ProjectionCertificate",
+    "__version__",
+    "effective_attention",
+    "efficient_attention",
+]

@@ -1,0 +1,22 @@
+"""Measure projected rows against their inputs (float64, per row)."""
+
+from __future__ import annotations
+
+import torch
+
+from captum_effattn.projection._grouped import GroupedMatrices
+
+
+def output_error(values: GroupedMatrices, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||x V - a V|| / ||a V||`` per row (``(R, n)`` rows, per-group ``V``)."""
+    reference = values.right(a)
+    change = values.right(x - a)
+    return change.norm(dim=-1) / reference.norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def simplex_violation(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """Largest of ``-min(x)``, ``|sum(x) - 1|`` over real keys, and mass on masked keys."""
+    negative = (-x.amin(-1)).clamp_min(0)
+    off_sum = ((x * row_mask).sum(-1) - 1).abs()
+    masked = (x * ~row_mask).abs().sum(-1)
+    return torch.maximum(torch.maximum(negative, off_sum), masked)

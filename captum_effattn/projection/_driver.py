@@ -1,0 +1,99 @@
+"""Shared driver: validate, flatten, solve chunk by chunk, scatter back, certify."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._certify import output_error, simplex_violation
+from captum_effattn.projection._checks import check_inputs
+from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection._layout import Chunk, RowLayout, build_layout
+from captum_effattn.projection.certificate import ProjectionCertificate
+
+
+class ConvergenceWarning(UserWarning):
+    """Some projected rows did not meet the requested tolerance (see the certificate)."""
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    rows: torch.Tensor  # (R_c, n_c) float64 projected rows
+    reference: torch.Tensor  # (R_c, n_c) the rows they are measured against
+    iterations: torch.Tensor  # (R_c,)
+    unchanged: torch.Tensor  # (R_c,) rows returned exactly as given (nothing to project)
+
+
+ChunkSolver = Callable[[Chunk, torch.Tensor], ChunkResult]
+"""Solves one chunk, given the chunk and its rows' key masks ``(R_c, n_c)``."""
+
+
+def project_rows(
+    name: str,
+    attn: AttentionRows,
+    values: ValueVectors,
+    key_mask: KeyMask | None,
+    causal: bool,
+    rank_width: int,
+    solve_chunk: ChunkSolver,
+    tol: float,
+    simplex_tol: float | None,
+    validate_rows: Callable[[RowLayout, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, ProjectionCertificate]:
+    """Run ``solve_chunk`` over every chunk of the problem and assemble output and certificate.
+
+    Args:
+        name: the public function's name, for warnings.
+        rank_width: basis width the solver builds (``d`` or ``d + 1``), to size chunks.
+        tol: output-error tolerance for ``converged``.
+        simplex_tol: if set, rows must also be distributions within this tolerance to count as
+            converged.
+        validate_rows: optional check of the flat rows and their key masks before solving.
+    """
+    inputs = check_inputs(attn, values, key_mask, causal)
+    layout = build_layout(inputs, causal)
+    row_masks = layout.row_masks()
+    if validate_rows is not None:
+        validate_rows(layout, row_masks)
+    R, n = layout.rows.shape
+    out = torch.zeros(R, n, dtype=torch.float64, device=layout.rows.device)
+    error = torch.zeros(R, dtype=torch.float64, device=out.device)
+    iterations = torch.zeros(R, dtype=torch.long, device=out.device)
+    unchanged = torch.zeros(R, dtype=torch.bool, device=out.device)
+    with torch.no_grad():
+        for chunk in layout.chunks(rank_width):
+            mask_c = chunk.key_mask[chunk.group]
+            result = solve_chunk(chunk, mask_c)
+            n_c = result.rows.shape[-1]
+            out[chunk.row_ids, :n_c] = result.rows
+            values_c = GroupedMatrices(chunk.values, chunk.group)
+            error[chunk.row_ids] = output_error(values_c, result.rows, result.reference)
+            iterations[chunk.row_ids] = result.iterations
+            unchanged[chunk.row_ids] = result.unchanged
+    violation = simplex_violation(out, row_masks)
+    converged = error <= tol
+    if simplex_tol is not None:
+        converged &= violation <= simplex_tol
+    converged |= unchanged
+    row_shape = (*layout.batch_shape, layout.q)
+    certificate = ProjectionCertificate(
+        output_error=error.reshape(row_shape),
+        simplex_violation=violation.reshape(row_shape),
+        iterations=iterations.reshape(row_shape),
+        converged=converged.reshape(row_shape),
+        tol=tol,
+    )
+    if not certificate.all_converged:
+        first = layout.row_index(int((~converged).nonzero()[0]))
+        warnings.warn(
+            f"{name}: {int((~converged).sum())} of {R} rows did not reach the tolerance "
+            f"(first at attn index {list(first)}); {certificate.summary()}. Pass "
+            "return_certificate=True to inspect every row.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return out.to(attn.dtype).reshape(layout.out_shape), certificate

@@ -1,0 +1,90 @@
+"""Rows times per-group matrices, as large matrix products.
+
+Row ``j`` belongs to group ``group[j]`` and is multiplied by that group's matrix ``M_g`` of shape
+``(n, k)``. Two layouts, chosen by how many rows share a group:
+
+- *shared* (many rows per group, e.g. all query rows of a head): one product per group over all its
+  rows; ``B^T diag(w) B`` for every row of a group is a single GEMM against the group's outer
+  products ``b_i b_i^T`` (measured ~5x faster than per-row products).
+- *per row* (few rows per group, e.g. causal prefixes): each row carries its own copy of ``M_g`` and
+  products are batched over rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per group from which the shared layout (and its outer-product tensor) pays off.
+SHARED_MIN_ROWS = 4
+
+
+def uses_shared_layout(rows: int, groups: int) -> bool:
+    """Whether ``rows`` spread over ``groups`` groups are computed group by group."""
+    return rows >= SHARED_MIN_ROWS * max(groups, 1)
+
+
+class GroupedMatrices:
+    """Apply per-group matrices ``M_g`` (``(G, n, k)``) to rows assigned to groups.
+
+    Args:
+        matrices: ``(G, n, k)`` one matrix per group.
+        group: ``(R,)`` group of each row.
+    """
+
+    def __init__(self, matrices: torch.Tensor, group: torch.Tensor, _cache: dict | None = None):
+        self.matrices = matrices
+        self.group = group
+        # Shared with subsets: the outer products of all groups, built once on first use.
+        self._cache = {} if _cache is None else _cache
+        present, counts = torch.unique(group, return_counts=True)
+        self._shared = uses_shared_layout(len(group), len(present))
+        if self._shared:
+            order = torch.argsort(group, stable=True)
+            self._groups = present.tolist()
+            self._rows_of_group = order.split(counts.tolist())
+        else:
+            self._per_row = matrices[group]
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    @property
+    def width(self) -> int:
+        return self.matrices.shape[-1]
+
+    def subset(self, rows: torch.Tensor) -> GroupedMatrices:
+        """The same maps for a subset of the rows (``rows``: indices or a boolean mask)."""
+        return GroupedMatrices(self.matrices, self.group[rows], self._cache)
+
+    def _by_group(self, inputs: torch.Tensor, out_width: int, product) -> torch.Tensor:
+        out = inputs.new_empty(len(inputs), out_width)
+        for g, rows in zip(self._groups, self._rows_of_group, strict=True):
+            out[rows] = product(inputs[rows], g)
+        return out
+
+    def left(self, coords: torch.Tensor) -> torch.Tensor:
+        """``M_g @ coords_j`` for each row: ``(R, k) -> (R, n)``."""
+        if self._shared:
+            return self._by_group(
+                coords, self.matrices.shape[-2], lambda c, g: c @ self.matrices[g].T
+            )
+        return torch.bmm(self._per_row, coords[..., None])[..., 0]
+
+    def right(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows_j @ M_g`` for each row: ``(R, n) -> (R, k)``."""
+        if self._shared:
+            return self._by_group(rows, self.width, lambda x, g: x @ self.matrices[g])
+        return torch.bmm(rows[:, None, :], self._per_row)[:, 0]
+
+    def gram(self, weights: torch.Tensor) -> torch.Tensor:
+        """``M_g^T diag(w_j) M_g`` for each row: ``(R, n) -> (R, k, k)``."""
+        k = self.width
+        if self._shared:
+            if "outer" not in self._cache:
+                m = self.matrices
+                self._cache["outer"] = (m[..., :, None] * m[..., None, :]).reshape(
+                    *m.shape[:-1], k * k
+                )
+            outer = self._cache["outer"]
+            return self._by_group(weights, k * k, lambda w, g: w @ outer[g]).reshape(-1, k, k)
+        return torch.bmm((self._per_row * weights[..., None]).mT, self._per_row)

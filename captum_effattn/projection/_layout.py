@@ -1,0 +1,147 @@
+"""From user tensors ``(*batch, q, n)`` to flat rows grouped by the value space they project onto.
+
+Every attention row is projected onto a space spanned by (some of) the value vectors of its head.
+Rows that share that space — all rows of one head, the query heads of one grouped-query value
+head, or in the causal case the rows with the same prefix — form a *group* and share one basis, so
+the solver's products become a few large batched matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from captum_effattn._typing import FlatRows, KeyMask, ValueVectors
+from captum_effattn.projection._checks import CheckedInputs
+
+# Upper bound on the float64 working set of one chunk (bases, outer products, solver state).
+CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A set of groups solved together, trimmed to the keys any of them can see."""
+
+    row_ids: torch.Tensor  # (R_c,) positions in the flat row list
+    rows: FlatRows  # (R_c, n_c) float64
+    group: torch.Tensor  # (R_c,) group of each row, local to the chunk
+    values: ValueVectors  # (G_c, n_c, d) float64
+    key_mask: KeyMask  # (G_c, n_c) bool, the keys each group may use
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Flat view of a batch of projection problems."""
+
+    batch_shape: torch.Size
+    q: int
+    n: int
+    rows: FlatRows  # (R, n) float64, R = prod(batch_shape) * q
+    row_group: torch.Tensor  # (R,)
+    source_values: torch.Tensor  # (S, n, d) float64: one per distinct (values, key_mask) pair
+    source_mask: torch.Tensor  # (S, n) bool
+    group_source: torch.Tensor  # (G,)
+    group_prefix: torch.Tensor  # (G,) a group may use keys j < prefix (n when not causal)
+
+    @property
+    def out_shape(self) -> torch.Size:
+        return torch.Size((*self.batch_shape, self.q, self.n))
+
+    def row_index(self, flat: int) -> tuple[int, ...]:
+        """The index in the (broadcast) attention tensor of flat row ``flat``."""
+        return tuple(
+            int(i) for i in torch.unravel_index(torch.tensor(flat), (*self.batch_shape, self.q))
+        )
+
+    def row_masks(self) -> torch.Tensor:
+        """``(R, n)``: the keys each row may use."""
+        keys = torch.arange(self.n, device=self.rows.device)
+        group = self.row_group
+        return self.source_mask[self.group_source[group]] & (keys < self.group_prefix[group, None])
+
+    def chunks(self, rank_width: int) -> Iterator[Chunk]:
+        """Yield groups in chunks whose working set stays near :data:`CHUNK_BYTES`.
+
+        Args:
+            rank_width: columns of the bases the solver will build (``d`` or ``d + 1``).
+        """
+        keys = torch.arange(self.n, device=self.rows.device)
+        group_mask = self.source_mask[self.group_source] & (keys < self.group_prefix[:, None])
+        # Keys past a group's last real key play no part: trim them per chunk.
+        last_key = torch.where(group_mask, keys, -1).amax(-1) + 1
+        order = torch.argsort(last_key, stable=True)
+        rows_per_group = torch.bincount(self.row_group, minlength=len(self.group_source))
+        by_group = torch.argsort(self.row_group, stable=True)
+        row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
+        r = rank_width
+        start = 0
+        while start < len(order):
+            stop, bytes_used = start, 0
+            while stop < len(order):
+                g = int(order[stop])
+                n_c = int(last_key[g])
+                cost = 8 * n_c * (r * r + 3 * r) + 8 * int(rows_per_group[g]) * n_c * 16
+                if stop > start and bytes_used + cost > CHUNK_BYTES:
+                    break
+                bytes_used += cost
+                stop += 1
+            groups = order[start:stop]
+            n_c = int(last_key[groups].max())
+            row_ids = torch.cat(
+                [
+                    by_group[int(row_start[g]) : int(row_start[g] + rows_per_group[g])]
+                    for g in groups
+                ]
+            )
+            local = torch.repeat_interleave(torch.arange(len(groups)), rows_per_group[groups])
+            yield Chunk(
+                row_ids=row_ids,
+                rows=self.rows[row_ids, :n_c],
+                group=local.to(self.rows.device),
+                values=self.source_values[self.group_source[groups], :n_c],
+                key_mask=group_mask[groups, :n_c],
+            )
+            start = stop
+
+
+def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
+    """Flatten ``inputs`` into rows and value-space groups (float64 copies; inputs untouched)."""
+    attn, values, key_mask = inputs.attn, inputs.values, inputs.key_mask
+    batch_shape = inputs.batch_shape
+    q, n = attn.shape[-2:]
+    device = attn.device
+    rows = attn.to(torch.float64).expand(*batch_shape, q, n).reshape(-1, n)
+
+    # One "source" per distinct (values, key_mask) pair: broadcast dims of attn alone (e.g. the
+    # query heads of a grouped-query value head) do not multiply the linear algebra.
+    source_shape = torch.broadcast_shapes(values.shape[:-2], key_mask.shape[:-1])
+    source_shape = torch.Size((1,) * (len(batch_shape) - len(source_shape)) + tuple(source_shape))
+    n_sources = math.prod(source_shape)
+    source_values = values.to(torch.float64).expand(*source_shape, n, values.shape[-1])
+    source_mask = key_mask.expand(*source_shape, n)
+    source_of_batch = (
+        torch.arange(n_sources, device=device).reshape(source_shape).expand(batch_shape).reshape(-1)
+    )
+    source_of_row = source_of_batch.repeat_interleave(q)
+    if causal:
+        position = torch.arange(q, device=device).repeat(len(source_of_batch))
+        used, row_group = torch.unique(source_of_row * n + position, return_inverse=True)
+        group_source, group_prefix = used // n, used % n + 1
+    else:
+        group_source = torch.arange(n_sources, device=device)
+        group_prefix = torch.full((n_sources,), n, device=device)
+        row_group = source_of_row
+    return RowLayout(
+        batch_shape=batch_shape,
+        q=q,
+        n=n,
+        rows=rows,
+        row_group=row_group,
+        source_values=source_values.reshape(n_sources, n, -1),
+        source_mask=source_mask.reshape(n_sources, n),
+        group_source=group_source,
+        group_prefix=group_prefix,
+    )

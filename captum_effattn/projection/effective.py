@@ -1,0 +1,80 @@
+"""Effective attention (Brunner et al., ICLR 2020): the part of a row the head output can see.
+
+``a_eff = a U U^T`` with ``U`` an orthonormal basis of ``col(V)``: the orthogonal projection of the
+row onto the value space. It gives exactly the same head output and has the least Euclidean norm of
+all rows that do, but it is not a probability distribution (entries go negative, rows need not sum
+to one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._driver import ChunkResult, project_rows
+from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection._layout import Chunk
+from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.certificate import ProjectionCertificate
+
+
+def _project_chunk(chunk: Chunk, row_mask: torch.Tensor, rank_rtol: float | None) -> ChunkResult:
+    basis, _ = value_space_basis(chunk.values, chunk.key_mask, with_ones=False, rtol=rank_rtol)
+    ops = GroupedMatrices(basis, chunk.group)
+    a = chunk.rows * row_mask
+    return ChunkResult(
+        rows=ops.left(ops.right(a)),
+        reference=a,
+        iterations=torch.zeros(len(a), dtype=torch.long, device=a.device),
+        unchanged=torch.zeros(len(a), dtype=torch.bool, device=a.device),
+    )
+
+
+def effective_attention(
+    attn: AttentionRows,
+    values: ValueVectors,
+    key_mask: KeyMask | None = None,
+    causal: bool = False,
+    *,
+    tol: float = 1e-9,
+    return_certificate: bool = False,
+    rank_rtol: float | None = None,
+) -> AttentionRows | tuple[AttentionRows, ProjectionCertificate]:
+    """Effective attention: each row projected orthogonally onto the head's value space.
+
+    Args:
+        attn: ``(*batch, q, n)`` attention rows (any real rows; ``q == n`` for full matrices).
+        values: ``(*batch, n, d)`` the head's value vectors, bias included; leading dimensions
+            broadcast with ``attn``'s (grouped-query attention: see :func:`efficient_attention`).
+        key_mask: ``(*batch, n)`` booleans (or 0/1), ``True`` for real keys. Padding keys are
+            excluded from the value space and get exactly 0. Default: all keys real.
+        causal: row ``i`` is projected onto the span of ``V[:i+1]`` (its own prefix), never onto
+            future keys; requires ``q == n``.
+        tol: relative head-output error for the certificate's ``converged`` flag.
+        return_certificate: also return a :class:`ProjectionCertificate` (its
+            ``simplex_violation`` shows how far each row is from a distribution).
+        rank_rtol: relative rank tolerance for ``V`` (default ``max(n, d) * eps`` in float64 after
+            scaling columns to unit norm).
+
+    Returns:
+        Rows of shape ``(*batch, q, n)`` in ``attn``'s dtype, detached; with
+        ``return_certificate=True`` a tuple ``(rows, certificate)``.
+
+    Raises:
+        TypeError: a non-tensor or non-floating-point input.
+        ValueError: shapes that do not fit (``values`` must be ``(*batch, n, d)``, ``key_mask``
+            ``(*batch, n)``), leading dimensions that do not broadcast, NaN or inf, ``causal``
+            with ``q != n``, or an example whose keys are all masked.
+    """
+    rows, certificate = project_rows(
+        "effective_attention",
+        attn,
+        values,
+        key_mask,
+        causal,
+        rank_width=values.shape[-1] if isinstance(values, torch.Tensor) else 1,
+        solve_chunk=lambda chunk, row_mask: _project_chunk(chunk, row_mask, rank_rtol),
+        tol=tol,
+        simplex_tol=None,
+    )
+    return (rows, certificate) if return_certificate else rows

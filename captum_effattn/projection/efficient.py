@@ -1,0 +1,165 @@
+"""Efficient attention: the minimum-norm attention distribution with the same head output.
+
+For an attention row ``a`` over ``n`` keys and value vectors ``V`` (``n x d``), the valid rows that
+give the head the same output are
+
+    P(a) = { x : x >= 0, sum(x) = 1, x V = a V }      (never empty: a is in it)
+
+and efficient attention is ``argmin_{x in P(a)} ||x||_2``: a probability distribution, sufficient
+for the output, unique, and equal to ``a`` whenever ``[V, 1]`` spans all keys. This is this
+project's precise construction of what Naim & Asher (ECAI 2024, arXiv 2410.18541) call efficient
+attention, answering Brunner et al. (ICLR 2020); see ``shared/method.md``.
+
+The QP is solved in its dual (``theta`` in ``R^r``, ``r = rank([V, 1]) <= d + 1``): semismooth
+Newton with an exact line search first, then an interior-point method with an exact crossover for
+the rows Newton does not finish. Everything runs in float64 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._checks import DISTRIBUTION_TOL, check_distributions
+from captum_effattn.projection._driver import ChunkResult, project_rows
+from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection._interior import interior_point_phase
+from captum_effattn.projection._layout import Chunk
+from captum_effattn.projection._newton import newton_phase
+from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.certificate import ProjectionCertificate
+
+SOLVERS = ("auto", "newton", "interior")
+NEWTON_TOL = 1e-13
+INTERIOR_TOL = 1e-12
+SIMPLEX_TOL = 1e-12
+
+
+def _solve_chunk(
+    chunk: Chunk,
+    row_mask: torch.Tensor,
+    solver: str,
+    max_newton_iter: int,
+    max_interior_iter: int,
+    rank_rtol: float | None,
+) -> ChunkResult:
+    basis, rank = value_space_basis(chunk.values, chunk.key_mask, with_ones=True, rtol=rank_rtol)
+    n_real = row_mask.sum(-1)
+    raw = chunk.rows * row_mask
+    a = raw / raw.sum(-1, keepdim=True)
+    # [V, 1] spans every real key: P(a) = {a}, the row is identifiable as it stands.
+    unchanged = rank[chunk.group] == n_real
+    x = torch.where(unchanged[:, None], raw, a)
+    iterations = torch.zeros(len(a), dtype=torch.long, device=a.device)
+    todo = (~unchanged).nonzero()[:, 0]
+    if len(todo):
+        ops = GroupedMatrices(basis, chunk.group[todo])
+        c = ops.right(a[todo])
+        solved = torch.zeros(len(todo), dtype=torch.bool, device=a.device)
+        if solver != "interior":
+            theta, newton_its, solved = newton_phase(ops, c, c.clone(), max_newton_iter, NEWTON_TOL)
+            x[todo] = ops.left(theta).clamp_min(0)
+            iterations[todo] = newton_its
+        hard = (~solved).nonzero()[:, 0]
+        if solver != "newton" and len(hard):
+            dead = (basis.abs().sum(-2) == 0)[chunk.group[todo[hard]]]
+            x_hard, interior_its, _ = interior_point_phase(
+                ops.subset(hard),
+                c[hard],
+                row_mask[todo[hard]],
+                dead,
+                max_interior_iter,
+                INTERIOR_TOL,
+            )
+            x[todo[hard]] = x_hard
+            iterations[todo[hard]] += interior_its
+        x[todo] = x[todo] / x[todo].sum(-1, keepdim=True)
+    return ChunkResult(
+        rows=x,
+        reference=torch.where(unchanged[:, None], raw, a),
+        iterations=iterations,
+        unchanged=unchanged,
+    )
+
+
+def efficient_attention(
+    attn: AttentionRows,
+    values: ValueVectors,
+    key_mask: KeyMask | None = None,
+    causal: bool = False,
+    *,
+    tol: float = 1e-9,
+    return_certificate: bool = False,
+    solver: str = "auto",
+    max_newton_iter: int = 30,
+    max_interior_iter: int = 200,
+    rank_rtol: float | None = None,
+    distribution_tol: float | None = None,
+) -> AttentionRows | tuple[AttentionRows, ProjectionCertificate]:
+    """Efficient attention: the minimum-norm valid attention rows with the same head output.
+
+    Each row ``a`` of ``attn`` is replaced by ``argmin ||x||`` over ``{x >= 0, sum(x) = 1,
+    x V = a V}``. The result is a probability distribution over the real keys, reproduces the head
+    output ``a V`` (so substituting it leaves the model's output unchanged), is unique, and equals
+    ``a`` when ``[V, 1]`` spans all real keys (generically when ``n <= d + 1``).
+
+    Args:
+        attn: ``(*batch, q, n)`` post-softmax attention rows; each must be a probability
+            distribution over the row's real keys (within ``distribution_tol``; it is renormalized
+            in float64). ``q == n`` for full matrices.
+        values: ``(*batch, n, d)`` the head's value vectors, bias included. Leading dimensions
+            broadcast with ``attn``'s: pass ``(B, H_kv, 1, n, d)`` against attention
+            ``(B, H_kv, group, q, n)`` for grouped-query attention (the shared value head is then
+            factored once). To account for a rank-deficient output projection, pass ``V W_O^h``.
+        key_mask: ``(*batch, n)`` booleans (or 0/1), ``True`` for real keys. Padding keys are
+            excluded from the value space and get exactly 0 weight. Default: all keys real.
+        causal: row ``i`` may use keys ``<= i`` only, and is projected within its own prefix's
+            value space (requires ``q == n``).
+        tol: relative head-output error a row must reach to count as converged.
+        return_certificate: also return a :class:`ProjectionCertificate` with each row's output
+            error, simplex violation, iterations and convergence flag.
+        solver: ``"auto"`` (semismooth Newton, then interior point for rows Newton does not
+            finish), ``"newton"`` or ``"interior"`` alone (for benchmarks and tests).
+        max_newton_iter: Newton steps per row at most before handing the row over.
+        max_interior_iter: interior-point iterations per row at most.
+        rank_rtol: relative tolerance for the rank of ``[V, 1]`` (default ``max(n, d + 1) * eps``
+            in float64, after scaling columns to unit norm).
+        distribution_tol: how far an input row may be from a distribution (negative entries, mass
+            on masked keys, sum minus one). Default by dtype: 1e-6 (float64), 1e-4 (float32),
+            5e-3 (float16), 3e-2 (bfloat16).
+
+    Returns:
+        Rows of shape ``(*batch, q, n)`` (``batch`` broadcast over all inputs) in ``attn``'s dtype,
+        detached; with ``return_certificate=True`` a tuple ``(rows, certificate)``.
+
+    Raises:
+        TypeError, ValueError: malformed inputs (see :func:`effective_attention`), or a row that
+            is not a probability distribution over its real keys.
+
+    Warns:
+        ConvergenceWarning: a row missed ``tol``; the certificate says which.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive; got {tol}")
+
+    def validate(layout, row_masks):
+        limit = distribution_tol if distribution_tol is not None else DISTRIBUTION_TOL[attn.dtype]
+        check_distributions(layout.rows, row_masks, limit, attn.shape, layout.row_index)
+
+    rows, certificate = project_rows(
+        "efficient_attention",
+        attn,
+        values,
+        key_mask,
+        causal,
+        rank_width=values.shape[-1] + 1 if isinstance(values, torch.Tensor) else 1,
+        solve_chunk=lambda chunk, row_mask: _solve_chunk(
+            chunk, row_mask, solver, max_newton_iter, max_interior_iter, rank_rtol
+        ),
+        tol=tol,
+        simplex_tol=SIMPLEX_TOL,
+        validate_rows=validate,
+    )
+    return (rows, certificate) if return_certificate else rows

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real offline MiniLM checkpoint and a real IMDB review."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from captum_effattn.data import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def long_imdb_review(minilm_tokenizer):
+    """The first IMDB review of the package with at least 256 word pieces."""
+    from captum_effattn.data import load_reviews
+
+    for review in load_reviews("imdb"):
+        if len(minilm_tokenizer(review.text)["input_ids"]) >= 256:
+            return review.text
+    raise AssertionError("no IMDB review of 256 word pieces")

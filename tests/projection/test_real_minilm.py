@@ -1,0 +1,60 @@
+"""Every row of every head of the real MiniLM on a real 256-token IMDB review."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_effattn import effective_attention, efficient_attention
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_heads(minilm_dir, minilm_tokenizer, long_imdb_review):
+    """Attention probabilities and per-head values of every layer, captured independently of the
+    package: eager attention's returned probabilities and forward hooks on the value projections."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    enc = minilm_tokenizer(long_imdb_review, return_tensors="pt", truncation=True, max_length=256)
+    values = []
+    hooks = [
+        layer.attention.self.value.register_forward_hook(lambda m, i, out: values.append(out))
+        for layer in model.encoder.layer
+    ]
+    try:
+        with torch.no_grad():
+            out = model(**enc, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    heads, head_dim = (
+        model.config.num_attention_heads,
+        model.config.hidden_size // model.config.num_attention_heads,
+    )
+    per_head = [v.view(1, -1, heads, head_dim).transpose(1, 2) for v in values]
+    assert enc["input_ids"].shape[1] == 256
+    return list(zip(out.attentions, per_head, strict=True))
+
+
+def test_every_row_of_every_head_converges(minilm_heads):
+    for layer, (attn, values) in enumerate(minilm_heads):
+        assert attn.shape == (1, 12, 256, 256)
+        assert values.shape == (1, 12, 256, 32)
+        x, cert = efficient_attention(attn, values, return_certificate=True)
+        assert cert.all_converged, f"layer {layer}: {cert.summary()}"
+        assert cert.max_output_error <= 1e-9
+        assert float(cert.simplex_violation.max()) <= 1e-12
+        assert (x >= 0).all()
+        # n = 256 > d + 1 = 33: the rows are not identifiable and the projection moves them.
+        assert (x - attn).abs().amax() > 0.05
+
+
+def test_effective_attention_is_not_a_distribution_on_the_real_model(minilm_heads):
+    attn, values = minilm_heads[2]
+    x, cert = effective_attention(attn, values, return_certificate=True)
+    assert cert.max_output_error <= 1e-9
+    sums = x.double().sum(-1)
+    assert (sums - 1).abs().max() > 0.05
+    assert (x < 0).double().mean() > 0.05
