@@ -2,10 +2,11 @@
 
 Supported models compute self-attention through
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` and build their mask through
-``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. We
-register one function in each under :data:`IMPLEMENTATION` (once per process; the name is private
-and nothing uses it unless switched to) and switch a model's configs to that name for the duration
-of a capture only (:func:`attention_implementation`).
+``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. We register one function in each
+under :data:`IMPLEMENTATION` (a private name: registering it changes nothing for models not
+switched to it) and switch a model's configs to that name for the duration of a capture only
+(:func:`attention_implementation`). A name missing from the mask registry would make transformers
+build no mask at all, so both registrations are needed.
 
 The registered attention function dispatches on the attention module it is called for: a module
 with an active :class:`LayerTap` (a selected layer under capture) computes attention through the
@@ -80,10 +81,8 @@ def _materialized_mask(**kwargs) -> torch.Tensor | None:
 
 def ensure_registered() -> None:
     """Register the private attention and mask functions with transformers (idempotent)."""
-    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not _attention_forward:
-        AttentionInterface.register(IMPLEMENTATION, _attention_forward)
-    if AttentionMaskInterface._global_mapping.get(IMPLEMENTATION) is not _materialized_mask:
-        AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
+    AttentionInterface.register(IMPLEMENTATION, _attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
 
 
 def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:

@@ -33,6 +33,12 @@ import torch
 from torch import nn
 
 from captum_effattn.models import _interface
+from captum_effattn.models._attention import (
+    allowed_keys,
+    attention_probabilities,
+    real_keys,
+    repeat_kv,
+)
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
 
@@ -138,65 +144,6 @@ class AttentionRecord:
                 )
 
 
-def _allowed_keys(
-    mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
-) -> torch.Tensor:
-    """The mask as booleans ``(B or 1, 1 or H, S_q, S_k)``, True where a query may attend."""
-    if mask is None:
-        return _padding_and_causal(
-            torch.ones(1, k_len, dtype=torch.bool, device=device), causal, q_len
-        )
-    if mask.dtype == torch.bool:
-        return mask
-    # An additive float mask (a user's own 4D mask): hidden keys carry (about) the dtype's minimum.
-    return mask > torch.finfo(mask.dtype).min / 2
-
-
-def _padding_and_causal(key_mask: torch.Tensor, causal: bool, q_len: int) -> torch.Tensor:
-    """``(B, 1, S_q, S_k)``: real keys, and for causal attention only keys up to each query."""
-    k_len = key_mask.shape[-1]
-    allowed = key_mask[:, None, None, :]
-    if causal:
-        seen = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device)
-        allowed = allowed & seen.tril(k_len - q_len)
-    return allowed
-
-
-def attention_probabilities(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    allowed: torch.Tensor,
-    additive_mask: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
-    """``softmax(Q K^T * scaling + mask)`` with hidden keys at exactly 0.
-
-    Args:
-        query: ``(B, H, S_q, d)``.
-        key: ``(B, H, S_k, d)`` (key/value heads already repeated for grouped-query attention).
-        allowed: boolean mask broadcastable to ``(B, H, S_q, S_k)``.
-        additive_mask: a float mask added to the scores before masking (a user's 4D mask), or
-            ``None``.
-        scaling: score scale (``d ** -0.5`` in most models).
-
-    Returns:
-        ``(B, H, S_q, S_k)`` probabilities in ``query``'s dtype; rows without any allowed key are
-        all zero.
-    """
-    scores = (query @ key.transpose(-1, -2)) * scaling
-    scores = scores.float()
-    if additive_mask is not None:
-        scores = scores + additive_mask.float()
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = scores.softmax(-1) * allowed.any(-1, keepdim=True)
-    return probs.to(query.dtype)
-
-
-def _repeat_kv(states: torch.Tensor, group: int) -> torch.Tensor:
-    """``(B, H_kv, S, d) -> (B, H_kv * group, S, d)``: each key/value head once per query head."""
-    return states if group == 1 else states.repeat_interleave(group, dim=1)
-
-
 class _LayerTap:
     """Computes the attention of one selected layer, records it, applies the transform."""
 
@@ -238,17 +185,13 @@ class _LayerTap:
                 )
 
     def _key_mask(self, allowed: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
-        """Real keys ``(B, S_k)``, checked to explain the whole mask (with causality)."""
-        causal = self.architecture.causal
-        key_mask = allowed.any(-2).any(1).expand(batch, -1)
-        implied = _padding_and_causal(key_mask, causal, q_len)
-        shape = (batch, allowed.shape[1], q_len, key_mask.shape[-1])
-        if not torch.equal(allowed.expand(shape), implied.expand(shape)):
-            kind = "padding mask combined with a causal mask" if causal else "padding mask"
+        key_mask = real_keys(allowed, self.architecture.causal, batch, q_len)
+        if key_mask is None:
+            kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
             raise ValueError(
                 f"the attention mask of layer {self.layer} of {self.architecture.model_class} is "
-                f"not a {kind}; capture_attention needs masks of that form (a custom 4D mask, "
-                "packed sequences or a sliding window are not supported)"
+                f"not a {kind or 'padding mask'}; capture_attention needs masks of that form (a "
+                "custom 4D mask, packed sequences or a sliding window are not supported)"
             )
         return key_mask
 
@@ -267,13 +210,11 @@ class _LayerTap:
         k_len = key.shape[-2]
         scaling = head_dim**-0.5 if scaling is None else scaling
         group = self.architecture.kv_group_size
-        allowed = _allowed_keys(
-            attention_mask, self.architecture.causal, q_len, k_len, query.device
-        )
+        allowed = allowed_keys(attention_mask, self.architecture.causal, q_len, k_len, query.device)
         additive = None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             additive = attention_mask
-        probs = attention_probabilities(query, _repeat_kv(key, group), allowed, additive, scaling)
+        probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
 
         heads = torch.tensor(self.heads, device=query.device)
         kv_heads = torch.tensor(self.kv_heads, device=query.device)
@@ -289,7 +230,7 @@ class _LayerTap:
         self.record._add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
-        output = probs @ _repeat_kv(value, group)
+        output = probs @ repeat_kv(value, group)
         return output.transpose(1, 2).contiguous(), probs
 
     def _replacement(self, captured: CapturedHeads) -> torch.Tensor:

@@ -44,10 +44,18 @@ def real_positions(inputs, logits):
     return logits[mask.bool()]
 
 
-def efficient(captured):
-    return efficient_attention(
-        captured.attn, captured.values, captured.key_mask[:, None], captured.causal
-    )
+class EfficientSubstitution:
+    """Transform: efficient attention in place of each row; remembers how far rows moved."""
+
+    def __init__(self):
+        self.moved = 0.0
+
+    def __call__(self, captured):
+        rows = efficient_attention(
+            captured.attn, captured.values, captured.key_mask[:, None], captured.causal
+        )
+        self.moved = max(self.moved, float((rows - captured.attn).abs().max()))
+        return rows
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -166,14 +174,14 @@ def test_embeddings_as_input_give_the_same_capture(name):
 def test_efficient_attention_leaves_the_output_unchanged(name, implementation):
     model = tiny_model(name, implementation)
     inputs = tiny_inputs(name, padding=None if name in CAUSAL_MODELS else "right")
+    efficient = EfficientSubstitution()
     with torch.no_grad():
         plain = output_of(model, inputs)
-        with capture_attention(model, transform=efficient) as record:
+        with capture_attention(model, transform=efficient):
             substituted = output_of(model, inputs)
     assert relative_change(substituted, plain) <= 1e-5
     # The substitution is not vacuous: 16 keys > d_head + 1 = 9, so rows do move.
-    moved = max(float((efficient(c) - c.attn).abs().max()) for c in record.layers)
-    assert moved > 0.05
+    assert efficient.moved > 0.05
 
 
 @pytest.mark.parametrize(("name", "padding"), [*PADDINGS, ("vit", None)])
@@ -425,3 +433,25 @@ def test_the_model_comes_back_as_it_was(name, implementation, grad):
         again = output_of(model, inputs)
         fresh = output_of(tiny_model(name, implementation), inputs)
     assert torch.equal(again, fresh)
+
+
+@pytest.mark.parametrize("name", CAUSAL_MODELS)
+def test_a_cached_decoding_step_is_captured(name):
+    """One new query over 16 keys (15 cached): the causal mask is offset, padding still read."""
+    model = tiny_model(name)
+    inputs = tiny_inputs(name, padding="left")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    step = {"input_ids": ids[:, -1:], "attention_mask": mask}
+
+    def prefix_cache():
+        with torch.no_grad():
+            return model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+
+    cache = prefix_cache()
+    with torch.no_grad(), capture_attention(model) as record:
+        model(**step, cache=cache)
+    reference = eager_attentions(model, {**step, "cache": prefix_cache()})
+    for captured, expected in zip(record.layers, reference, strict=True):
+        assert captured.attn.shape == (2, NUM_HEADS, 1, 16)
+        assert torch.equal(captured.key_mask, mask.bool())
+        torch.testing.assert_close(captured.attn, expected, rtol=0, atol=1e-6)
