@@ -1,0 +1,17 @@
+"""The Captum-facing API: attribution methods and checks built on efficient attention."""
+
+from captum_effattn.attr._core.efficient_attention_attribution import (
+    EfficientAttentionAttribution,
+)
+from captum_effattn.attr._reductions import REDUCTIONS, attention_rollout
+from captum_effattn.attr._views import VIEWS
+from captum_effattn.attr.sufficiency import SufficiencyReport, check_sufficiency
+
+__all__ = [
+    "REDUCTIONS",
+    "VIEWS",
+    "EfficientAttentionAttribution",
+    "SufficiencyReport",
+    "attention_rollout",
+    "check_sufficiency",
+]

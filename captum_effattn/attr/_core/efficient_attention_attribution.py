@@ -1,0 +1,271 @@
+"""EfficientAttentionAttribution: efficient attention as a Captum attribution method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+)
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr._utils.attribution import Attribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_effattn.attr._queries import QuerySpec, select_query_rows
+from captum_effattn.attr._reductions import (
+    attention_rollout,
+    get_reduction,
+    mean_over_queries,
+)
+from captum_effattn.attr._spread import spread_to_input
+from captum_effattn.attr._views import View, get_view, project_matrices, project_rows
+from captum_effattn.models import (
+    CapturedHeads,
+    HeadSelection,
+    capture_attention,
+    describe_model,
+    select_heads,
+)
+from captum_effattn.models.selection import HeadSpec, IndexSpec
+
+
+class EfficientAttentionAttribution(Attribution):
+    r"""Token attributions from efficient attention (Naim & Asher, ECAI 2024).
+
+    Raw attention weights are not identifiable: when a sequence is longer than a head's value
+    width, many attention rows give the head the same output (Brunner et al., ICLR 2020).
+    *Efficient attention* replaces each row ``a`` by the minimum-norm probability distribution
+    ``x`` with the same head output ``x V = a V``: identifiable, sufficient for the model's output,
+    and a distribution (see :func:`captum_effattn.efficient_attention` and ``shared/method.md``
+    for this project's precise construction).
+
+    The method runs ``forward_func`` once, captures the attention and value vectors of the
+    selected heads inside ``model`` (whatever attention implementation it was loaded with), and
+    reads the rows that explain the prediction: the first real token ([CLS]) for encoders, the
+    last real token for decoders. Their efficient attention over the input tokens, reduced over
+    layers and heads, is each token's attribution.
+
+    Attention is not class-specific: ``target`` is accepted so the method fits pipelines that
+    pass one, and ignored. Inputs may be token ids, embeddings, a token gate, or ViT pixels; the
+    model must be in evaluation mode (dropout would make attention random) and comes back as it
+    was: its attention implementation, hooks, training flag and grad mode are untouched.
+
+    Example::
+
+        >>> ig = IntegratedGradients(forward_func)                       # doctest: +SKIP
+        >>> ea = EfficientAttentionAttribution(forward_func, model=model)  # doctest: +SKIP
+        >>> for method in (ig, ea):                                      # doctest: +SKIP
+        ...     attr = method.attribute(embeddings, target=1,
+        ...                             additional_forward_args=(mask,))
+    """
+
+    def __init__(self, forward_func: Callable, model: nn.Module | None = None) -> None:
+        r"""
+        Args:
+            forward_func (Callable): the function you already give IntegratedGradients or
+                Saliency: ``forward_func(*inputs, *additional_forward_args)`` runs ``model``
+                forward exactly once. It may be the model itself.
+            model (nn.Module, optional): the Hugging Face transformer whose attention to read
+                (BERT, RoBERTa, DistilBERT, GPT-2, Llama-family, ViT; a bare model or one with a
+                head). Default: ``forward_func`` when it is an ``nn.Module``.
+
+        Raises:
+            TypeError: no ``model`` given and ``forward_func`` is not a module.
+            UnsupportedModelError: the model's architecture is not supported (the message lists
+                what is).
+        """
+        super().__init__(forward_func)
+        if model is None:
+            if not isinstance(forward_func, nn.Module):
+                raise TypeError(
+                    "EfficientAttentionAttribution needs the transformer whose attention it reads: "
+                    "pass model=... when forward_func is not the model itself"
+                )
+            model = forward_func
+        self.model = model
+        self.architecture = describe_model(model)
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        layers: IndexSpec = None,
+        heads: HeadSpec = None,
+        view: str = "efficient",
+        query: QuerySpec = "auto",
+        reduce: str | None = "mean",
+        return_convergence_delta: bool = False,
+    ) -> TensorOrTupleOfTensorsGeneric | tuple[TensorOrTupleOfTensorsGeneric, Tensor]:
+        r"""Attribute the model's prediction to its input tokens through attention.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): what ``forward_func`` takes, as for any Captum
+                method: token ids ``(B, S)``, embeddings ``(B, S, E)``, a token gate ``(B, S)``,
+                or ViT pixels ``(B, C, H, W)``; several tensors as a tuple. Each input aligned
+                with the model's sequence receives the token scores.
+            target (int, tuple, Tensor or list, optional): accepted for compatibility and
+                ignored: attention does not depend on the class being explained.
+            additional_forward_args (Any, optional): extra arguments appended to ``inputs`` when
+                calling ``forward_func`` (e.g. the attention mask).
+            layers (int, slice, list[int] or "all", optional): layers to read; negative indices
+                count from the end. Default: all layers.
+            heads (int, list[int], "all" or dict[int, ...], optional): heads of every selected
+                layer, or ``{layer: heads}``. Default: all heads.
+            view (str, optional): ``"efficient"`` (default; minimum-norm distributions with the
+                same head output), ``"effective"`` (orthogonal projection onto the value space,
+                Brunner et al. 2020; not a distribution), or ``"raw"`` (attention as computed).
+            query (str or int, optional): the attention rows that explain the prediction:
+                ``"auto"`` (first real token for encoders, last real token for decoders), an int
+                position, or ``"all"`` (every real token's row, averaged).
+            reduce (str or None, optional): how to combine layers and heads: ``"mean"``
+                (default), ``"sum"``, ``"max"``, ``"rollout"`` (attention rollout through the
+                selected consecutive layers; needs all their heads), or ``None`` to keep a
+                per-layer, per-head axis (then a ``(B, L, H, S)`` tensor of token scores is
+                returned, not input-shaped attributions; the selection must have the same heads
+                in every layer).
+            return_convergence_delta (bool, optional): also return, per example, the largest
+                relative head-output error ``||x V - a V|| / ||a V||`` of the projected rows
+                (0 for ``view="raw"``).
+
+        Returns:
+            **attributions** (*Tensor* or *tuple[Tensor, ...]*): one per input, of the input's
+            shape (token scores spread evenly over embedding features, or over each patch's
+            pixels); padding tokens get 0. With ``reduce=None``: a ``(B, L, H, S)`` tensor.
+            **delta** (*Tensor*, returned if ``return_convergence_delta=True``): ``(B,)``.
+
+        Raises:
+            ValueError: unknown ``view``/``reduce``/``query``; layers or heads out of range (the
+                message names the index and the valid range); ``reduce="rollout"`` on a selection
+                that is not all heads of consecutive layers; inputs that do not fit the model.
+            RuntimeError: the model is in training mode, or ``forward_func`` did not run the
+                model exactly once.
+        """
+        del target  # attention is not class-specific
+        attention_view = get_view(view)
+        reduction = get_reduction(reduce)
+        selection = select_heads(self.model, layers, heads)
+        if reduction is not None and reduction.combine is None:
+            _require_rollout_selection(selection)
+        if reduction is None:
+            _require_rectangular(selection, "reduce=None")
+        is_inputs_tuple = _is_tuple(inputs)
+        inputs_tuple = _format_tensor_into_tuples(inputs)
+        captured = self._capture(inputs_tuple, additional_forward_args, selection)
+        key_mask, causal = captured[0].key_mask, captured[0].causal
+        queries = select_query_rows(query, key_mask, causal)
+
+        if reduction is not None and reduction.combine is None:
+            matrices, errors = self._project_matrices(captured, attention_view)
+            flow = attention_rollout(matrices.double().mean(2))
+            index = queries.positions[..., None].expand(-1, -1, flow.shape[-1])
+            rows = flow.gather(1, index)[:, None]
+            scores = mean_over_queries(rows, queries.real)[:, 0].to(matrices.dtype)
+            delta = _per_example_max(errors * key_mask[:, None, None, :])
+        else:
+            projected = project_rows(captured, queries, attention_view)
+            per_head = mean_over_queries(projected.rows, queries.real)
+            delta = _per_example_max(projected.output_error * queries.real[:, None, :])
+            if reduction is None:
+                result = per_head.reshape(
+                    per_head.shape[0], len(selection.layers), -1, per_head.shape[-1]
+                )
+                return (result, delta) if return_convergence_delta else result
+            scores = reduction.combine(per_head)
+
+        attributions = tuple(
+            spread_to_input(scores, tensor, i, self.architecture)
+            for i, tensor in enumerate(inputs_tuple)
+        )
+        output = _format_output(is_inputs_tuple, attributions)
+        return (output, delta) if return_convergence_delta else output
+
+    def attention_matrices(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        additional_forward_args: Any = None,
+        layers: IndexSpec = None,
+        heads: HeadSpec = None,
+        view: str = "efficient",
+        return_convergence_delta: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        r"""The full selected attention matrices in one view, for analysis.
+
+        Args:
+            inputs, additional_forward_args, layers, heads, view: as in :meth:`attribute`; the
+                selection must have the same heads in every selected layer.
+            return_convergence_delta (bool, optional): also return the ``(B,)`` largest relative
+                head-output error over all real rows.
+
+        Returns:
+            ``(B, L, H, S, S)`` matrices (rows: queries, columns: keys); rows of padding queries
+            are returned as the model computed them.
+        """
+        attention_view = get_view(view)
+        selection = select_heads(self.model, layers, heads)
+        _require_rectangular(selection, "attention_matrices")
+        captured = self._capture(
+            _format_tensor_into_tuples(inputs), additional_forward_args, selection
+        )
+        matrices, errors = self._project_matrices(captured, attention_view)
+        if not return_convergence_delta:
+            return matrices
+        return matrices, _per_example_max(errors * captured[0].key_mask[:, None, None, :])
+
+    def _capture(
+        self,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: Any,
+        selection: HeadSelection,
+    ) -> tuple[CapturedHeads, ...]:
+        extra = _format_additional_forward_args(additional_forward_args) or ()
+        with capture_attention(self.model, selection) as record, torch.no_grad():
+            try:
+                self.forward_func(*inputs, *extra)
+            except (IndexError, RuntimeError, ValueError) as error:
+                shapes = [tuple(t.shape) for t in inputs]
+                raise ValueError(
+                    f"forward_func failed on inputs of shapes {shapes} inside "
+                    f"{self.architecture.model_class}: {error}"
+                ) from error
+        return record.layers
+
+    @staticmethod
+    def _project_matrices(captured: Sequence[CapturedHeads], view: View) -> tuple[Tensor, Tensor]:
+        """``(B, L, H, S, S)`` projected matrices and ``(B, L, H, S)`` output errors."""
+        projected = [
+            project_matrices(c.attn, c.values, c.key_mask, c.causal, view) for c in captured
+        ]
+        return torch.stack([p[0] for p in projected], 1), torch.stack([p[1] for p in projected], 1)
+
+
+def _per_example_max(errors: Tensor) -> Tensor:
+    return errors.reshape(errors.shape[0], -1).amax(-1)
+
+
+def _require_rectangular(selection: HeadSelection, what: str) -> None:
+    if len(set(selection.heads)) > 1:
+        chosen = dict(selection.items())
+        raise ValueError(
+            f"{what} keeps a (layer, head) axis and needs the same heads in every selected "
+            f"layer; got {chosen}. Make one call per layer instead."
+        )
+
+
+def _require_rollout_selection(selection: HeadSelection) -> None:
+    if not selection.all_heads_of_consecutive_layers:
+        chosen = dict(selection.items())
+        raise ValueError(
+            "reduce='rollout' multiplies attention through consecutive layers and needs all "
+            f"heads of each of them (all rows of every matrix); got {chosen}"
+        )

@@ -1,0 +1,39 @@
+"""Model plumbing: find, capture and replace attention in unmodified Hugging Face models.
+
+- :mod:`~captum_effattn.models.architectures`: registry of supported architectures
+  (``config.model_type`` -> where the self-attention modules are, heads, causality, inputs).
+- :mod:`~captum_effattn.models.selection`: which layers and heads, validated against the model.
+- :mod:`~captum_effattn.models.capture`: ``capture_attention``, recording attention probabilities,
+  per-head values and real keys during a forward pass, optionally replacing the probabilities.
+"""
+
+from captum_effattn.models.architectures import (
+    ARCHITECTURES,
+    ArchitectureSpec,
+    ModelArchitecture,
+    UnsupportedModelError,
+    describe_model,
+    register_architecture,
+)
+from captum_effattn.models.capture import (
+    AttentionRecord,
+    AttentionTransform,
+    CapturedHeads,
+    capture_attention,
+)
+from captum_effattn.models.selection import HeadSelection, select_heads
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureSpec",
+    "AttentionRecord",
+    "AttentionTransform",
+    "CapturedHeads",
+    "HeadSelection",
+    "ModelArchitecture",
+    "UnsupportedModelError",
+    "capture_attention",
+    "describe_model",
+    "register_architecture",
+    "select_heads",
+]

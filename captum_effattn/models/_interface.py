@@ -1,0 +1,130 @@
+"""The hook point into transformers: a private attention implementation and its mask.
+
+Supported models compute self-attention through
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` and build their mask through
+``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. We register one function in each
+under :data:`IMPLEMENTATION` (a private name: registering it changes nothing for models not
+switched to it) and switch a model's configs to that name for the duration of a capture only
+(:func:`attention_implementation`). A name missing from the mask registry would make transformers
+build no mask at all, so both registrations are needed.
+
+The registered attention function dispatches on the attention module it is called for: a module
+with an active :class:`LayerTap` (a selected layer under capture) computes attention through the
+tap; any other module (unselected layers, cross-attention) runs transformers' own ``sdpa``
+function, which accepts the boolean mask we build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "captum_effattn_capture"
+"""The private ``attn_implementation`` name a model runs under while it is being captured."""
+
+
+class LayerTap(Protocol):
+    """Computes one layer's attention for a capture; see :mod:`captum_effattn.models.capture`."""
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+ACTIVE_TAPS: dict[nn.Module, LayerTap] = {}
+"""Attention module -> the tap of the capture currently running it (empty outside captures)."""
+
+
+def _attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``AttentionInterface`` signature: ``query (B, H, S_q, d)``, ``key``/``value``
+    ``(B, H_kv, S_k, d)``; returns the output ``(B, S_q, H, d)`` and the probabilities."""
+    tap = ACTIVE_TAPS.get(module)
+    if tap is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return tap(query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+def _materialized_mask(**kwargs) -> torch.Tensor | None:
+    """``sdpa``'s boolean mask ``(B, 1, S_q, S_k)`` (True = may attend), never skipped.
+
+    ``sdpa`` itself returns ``None`` for unpadded inputs (relying on ``is_causal``); we always
+    want the mask, since the padding keys are read from it.
+    """
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    return sdpa_mask(**kwargs)
+
+
+def ensure_registered() -> None:
+    """Register the private attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, _attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
+
+
+def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
+    """Every distinct config a module of ``model`` holds, with their sub-configs."""
+    found: dict[int, PreTrainedConfig] = {}
+    stack = [
+        m.config
+        for m in model.modules()
+        if isinstance(getattr(m, "config", None), PreTrainedConfig)
+    ]
+    while stack:
+        config = stack.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        for key in config.sub_configs:
+            sub = getattr(config, key, None)
+            if isinstance(sub, PreTrainedConfig):
+                stack.append(sub)
+    return list(found.values())
+
+
+_MISSING = object()
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` (all its configs and sub-configs) under attention implementation ``name``.
+
+    The stored value of every config is put back exactly on exit, also when the body raises. The
+    internal attribute is set directly: the public setter recurses into sub-configs and
+    ``set_attn_implementation`` validates and logs, neither of which a temporary switch wants.
+    """
+    configs = _configs_of(model)
+    saved = [(c, c.__dict__.get("_attn_implementation_internal", _MISSING)) for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = name
+        yield
+    finally:
+        for config, value in saved:
+            if value is _MISSING:
+                config.__dict__.pop("_attn_implementation_internal", None)
+            else:
+                config._attn_implementation_internal = value

@@ -1,0 +1,340 @@
+"""Capture (and optionally replace) attention probabilities and per-head values during a forward.
+
+``with capture_attention(model, selection) as record:`` runs any forward pass of an unmodified
+Hugging Face model (loaded with ``sdpa``, ``eager`` or any other implementation) under a private
+attention implementation (:mod:`captum_effattn.models._interface`) that computes the selected
+layers' attention explicitly:
+
+    A = softmax(Q K^T * scaling, masked)   (B, H, S_q, S_k), softmax in float32
+    output = A V                           V repeated per query head for grouped-query attention
+
+and records, for the selected heads only, ``A``, the values ``V`` (projection bias included) and
+the real (non-padding) keys read from the mask the model built itself. An optional ``transform``
+replaces the selected heads' probabilities before ``A V`` is taken: substituting efficient
+attention leaves the model's output unchanged, substituting a perturbed distribution does not.
+
+Rows with no key to attend to (padding queries before the first real token under left padding in
+a causal model) get all-zero probabilities and output, as in ``torch``'s ``sdpa``; ``eager``
+fills them with a uniform row over masked keys instead. Only such padding positions differ.
+
+The model comes back exactly as it was: its configs' attention implementation is restored on
+exit, also when the body raises; no hooks are registered; training flag and grad mode are not
+touched. Dropout would make attention random, so a model in training mode is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import torch
+from torch import nn
+
+from captum_effattn.models import _interface
+from captum_effattn.models._attention import (
+    allowed_keys,
+    attention_probabilities,
+    real_keys,
+    repeat_kv,
+)
+from captum_effattn.models.architectures import ModelArchitecture, describe_model
+from captum_effattn.models.selection import HeadSelection
+
+HeadAttention = Annotated[torch.Tensor, "(B, H_sel, S_q, S_k)"]
+"""Post-softmax attention of the selected heads of one layer."""
+
+HeadValues = Annotated[torch.Tensor, "(B, H_sel, S_k, d_head)"]
+"""The value vectors each selected head multiplies (its key/value head's, bias included)."""
+
+RealKeys = Annotated[torch.Tensor, "(B, S_k)"]
+"""``True`` for real keys, ``False`` for padding keys."""
+
+# Keyword arguments some attention modules pass that change the attention pattern: none of the
+# supported architectures does; refuse rather than silently ignore one.
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+@dataclass(frozen=True, eq=False)
+class CapturedHeads:
+    """What one forward pass computed in the selected heads of one layer.
+
+    Attributes:
+        layer: layer index (non-negative).
+        heads: the selected query heads, ascending; axis 1 of ``attn`` and ``values``.
+        kv_heads: the key/value head each selected head reads (differs from ``heads`` under
+            grouped-query attention).
+        attn: ``(B, H_sel, S_q, S_k)`` post-softmax probabilities in the model's dtype; exactly 0
+            on keys the mask hides (padding, future keys).
+        values: ``(B, H_sel, S_k, d_head)`` each head's value vectors, bias included (under
+            grouped-query attention, its shared key/value head's, repeated per query head).
+        key_mask: ``(B, S_k)`` bool, ``True`` for real keys, read from the model's own mask.
+        causal: query ``i`` sees keys ``j <= i + S_k - S_q`` only.
+    """
+
+    layer: int
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    attn: HeadAttention
+    values: HeadValues
+    key_mask: RealKeys
+    causal: bool
+
+    def detach(self) -> CapturedHeads:
+        """The same record with tensors cut from the autograd graph."""
+        return replace(self, attn=self.attn.detach(), values=self.values.detach())
+
+
+AttentionTransform = Callable[[CapturedHeads], torch.Tensor]
+"""``transform(captured) -> (B, H_sel, S_q, S_k)``: replacement probabilities for the selected
+heads of ``captured.layer``; the layer's output is computed with them."""
+
+
+class AttentionRecord:
+    """The layers a :func:`capture_attention` block captured, grouped by forward pass.
+
+    Attributes:
+        architecture: the model's :class:`ModelArchitecture`.
+        selection: the :class:`HeadSelection` that was captured.
+    """
+
+    def __init__(self, architecture: ModelArchitecture, selection: HeadSelection) -> None:
+        self.architecture = architecture
+        self.selection = selection
+        self._calls: list[list[CapturedHeads]] = []
+
+    @property
+    def calls(self) -> tuple[tuple[CapturedHeads, ...], ...]:
+        """One tuple per forward pass of the model, in call order, each holding one
+        :class:`CapturedHeads` per selected layer (ascending)."""
+        return tuple(tuple(call) for call in self._calls)
+
+    @property
+    def layers(self) -> tuple[CapturedHeads, ...]:
+        """The selected layers of the only forward pass (ascending).
+
+        Raises:
+            RuntimeError: the model ran no forward pass, or several (use :attr:`calls` then).
+        """
+        if len(self._calls) != 1:
+            ran = "no forward pass" if not self._calls else f"{len(self._calls)} forward passes"
+            raise RuntimeError(
+                f"the model ran {ran} inside capture_attention; `layers` needs exactly one "
+                "(use `calls` for one entry per pass)"
+            )
+        return tuple(self._calls[0])
+
+    def _add(self, captured: CapturedHeads) -> None:
+        # Layers run in ascending order within a pass: a layer at or below the last one recorded
+        # starts the next pass.
+        if not self._calls or captured.layer <= self._calls[-1][-1].layer:
+            self._calls.append([])
+        self._calls[-1].append(captured)
+
+    def _check_complete(self) -> None:
+        for number, call in enumerate(self._calls):
+            layers = tuple(c.layer for c in call)
+            if layers != self.selection.layers:
+                raise RuntimeError(
+                    f"forward pass {number} of {self.architecture.model_class} ran the attention "
+                    f"of layers {layers} through the capture, but layers "
+                    f"{self.selection.layers} were selected: the model's layout does not match "
+                    "its registered architecture"
+                )
+
+
+class _LayerTap:
+    """Computes the attention of one selected layer, records it, applies the transform."""
+
+    def __init__(
+        self,
+        layer: int,
+        heads: tuple[int, ...],
+        architecture: ModelArchitecture,
+        record: AttentionRecord,
+        transform: AttentionTransform | None,
+        keep_graph: bool,
+    ) -> None:
+        self.layer = layer
+        self.heads = heads
+        self.kv_heads = tuple(architecture.kv_head(h) for h in heads)
+        self.architecture = architecture
+        self.record = record
+        self.transform = transform
+        self.keep_graph = keep_graph
+
+    def _check(self, query: torch.Tensor, key: torch.Tensor, dropout: float, extra: dict) -> None:
+        arch = self.architecture
+        expected = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        if (query.shape[1], key.shape[1], query.shape[-1]) != expected:
+            raise RuntimeError(
+                f"layer {self.layer} of {arch.model_class} computed attention with "
+                f"{query.shape[1]} query heads, {key.shape[1]} key/value heads of width "
+                f"{query.shape[-1]}; its config says {expected[0]}, {expected[1]}, {expected[2]}"
+            )
+        if dropout:
+            raise RuntimeError(
+                f"layer {self.layer} asked for attention dropout p={dropout}: call model.eval()"
+            )
+        for name in _UNSUPPORTED_KWARGS:
+            if extra.get(name) is not None:
+                raise NotImplementedError(
+                    f"layer {self.layer} of {arch.model_class} passes `{name}` to its attention "
+                    "function, which capture_attention does not implement"
+                )
+
+    def _key_mask(self, allowed: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
+        key_mask = real_keys(allowed, self.architecture.causal, batch, q_len)
+        if key_mask is None:
+            kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
+            raise ValueError(
+                f"the attention mask of layer {self.layer} of {self.architecture.model_class} is "
+                f"not a {kind or 'padding mask'}; capture_attention needs masks of that form (a "
+                "custom 4D mask, packed sequences or a sliding window are not supported)"
+            )
+        return key_mask
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(query, key, dropout, extra)
+        batch, _, q_len, head_dim = query.shape
+        k_len = key.shape[-2]
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        group = self.architecture.kv_group_size
+        allowed = allowed_keys(attention_mask, self.architecture.causal, q_len, k_len, query.device)
+        additive = None
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            additive = attention_mask
+        probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
+
+        heads = torch.tensor(self.heads, device=query.device)
+        kv_heads = torch.tensor(self.kv_heads, device=query.device)
+        captured = CapturedHeads(
+            layer=self.layer,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            attn=probs.index_select(1, heads),
+            values=value.index_select(1, kv_heads),
+            key_mask=self._key_mask(allowed, batch, q_len),
+            causal=self.architecture.causal,
+        )
+        self.record._add(captured if self.keep_graph else captured.detach())
+        if self.transform is not None:
+            probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
+        output = probs @ repeat_kv(value, group)
+        return output.transpose(1, 2).contiguous(), probs
+
+    def _replacement(self, captured: CapturedHeads) -> torch.Tensor:
+        replaced = self.transform(captured)
+        expected = tuple(captured.attn.shape)
+        if not isinstance(replaced, torch.Tensor) or tuple(replaced.shape) != expected:
+            got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced)
+            raise ValueError(
+                f"transform must return replacement attention of shape {expected} (batch, "
+                f"selected heads, queries, keys) for layer {self.layer}; got {got}"
+            )
+        if not replaced.is_floating_point() or replaced.device != captured.attn.device:
+            raise ValueError(
+                f"transform must return a floating-point tensor on {captured.attn.device} for "
+                f"layer {self.layer}; got dtype {replaced.dtype} on {replaced.device}"
+            )
+        return replaced
+
+
+def _require_eval_mode(model: nn.Module) -> None:
+    training = [name for name, module in model.named_modules() if module.training]
+    if training:
+        where = "the model" if training[0] == "" else f"its submodule {training[0]!r}"
+        raise RuntimeError(
+            f"capture_attention needs {type(model).__name__} in evaluation mode, but {where} is "
+            "in training mode, where dropout makes attention random. Call model.eval() first "
+            "(and model.train() afterwards to resume training)."
+        )
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module,
+    selection: HeadSelection | None = None,
+    transform: AttentionTransform | None = None,
+    *,
+    keep_graph: bool = False,
+) -> Iterator[AttentionRecord]:
+    """Record (and optionally replace) the selected heads' attention during forward passes.
+
+    Example:
+        >>> selection = select_heads(model, layers=-1)            # doctest: +SKIP
+        >>> with capture_attention(model, selection) as record:   # doctest: +SKIP
+        ...     logits = model(**batch).logits
+        >>> last = record.layers[-1]                              # doctest: +SKIP
+        >>> last.attn.shape                       # (B, H, S, S)  # doctest: +SKIP
+
+    Args:
+        model: a supported transformers model (see
+            :data:`~captum_effattn.models.architectures.ARCHITECTURES`) in evaluation mode, with
+            any attention implementation.
+        selection: layers and heads to record (:func:`~captum_effattn.models.select_heads`);
+            ``None`` records every head of every layer.
+        transform: ``transform(captured) -> (B, H_sel, S_q, S_k)`` replacement probabilities for
+            the selected heads of ``captured.layer``; the layer's output is then computed with
+            them (unselected heads untouched). ``captured`` holds the live tensors (autograd graph
+            included), computed before replacement.
+        keep_graph: keep the recorded tensors attached to the autograd graph (for gradients
+            with respect to attention); by default they are detached.
+
+    Yields:
+        An :class:`AttentionRecord`, filled while the body runs the model (once or several
+        times: :attr:`AttentionRecord.calls` has one entry per forward pass).
+
+    Raises:
+        UnsupportedModelError: the model's architecture is not registered.
+        ValueError: ``selection`` was made for a model of another size; on forward, a mask that
+            is not a padding (+ causal) mask, or a malformed transform result.
+        RuntimeError: the model (or a submodule) is in training mode; the model is already
+            under capture; after the body, a forward pass that skipped selected layers.
+    """
+    architecture = describe_model(model)
+    if selection is None:
+        selection = HeadSelection.parse(
+            num_layers=architecture.num_layers, num_heads=architecture.num_heads
+        )
+    elif (selection.num_layers, selection.num_heads) != (
+        architecture.num_layers,
+        architecture.num_heads,
+    ):
+        raise ValueError(
+            f"the selection was made for a model with {selection.num_layers} layers of "
+            f"{selection.num_heads} heads; {architecture.model_class} has "
+            f"{architecture.num_layers} layers of {architecture.num_heads} heads"
+        )
+    _require_eval_mode(model)
+    if any(module in _interface.ACTIVE_TAPS for module in architecture.attention_modules):
+        raise RuntimeError(
+            f"this {architecture.model_class} is already under capture_attention; captures of "
+            "one model cannot be nested"
+        )
+    record = AttentionRecord(architecture, selection)
+    taps = {
+        architecture.attention_modules[layer]: _LayerTap(
+            layer, heads, architecture, record, transform, keep_graph
+        )
+        for layer, heads in selection.items()
+    }
+    _interface.ensure_registered()
+    _interface.ACTIVE_TAPS.update(taps)
+    try:
+        with _interface.attention_implementation(model, _interface.IMPLEMENTATION):
+            yield record
+    finally:
+        for module in taps:
+            _interface.ACTIVE_TAPS.pop(module, None)
+    record._check_complete()

@@ -1,0 +1,164 @@
+"""Tiny random-weight Hugging Face models of every supported architecture, and inputs for them.
+
+Reusable by any test: ``tiny_model("gpt2", "eager")`` and ``tiny_inputs("gpt2", padding="left")``.
+Weights are seeded (same name, same weights, whatever the attention implementation) and larger
+than the default initialisation, so attention is far from uniform and perturbing it shows in the
+logits. Every text model has 16-token inputs over 8-wide heads: longer than ``d_head + 1``, so
+attention rows are not identifiable and efficient attention moves them.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+TINY_MODELS = ("bert", "roberta", "distilbert", "gpt2", "llama", "vit")
+"""Every supported architecture, by ``config.model_type``."""
+
+CAUSAL_MODELS = ("gpt2", "llama")
+
+NUM_LAYERS, NUM_HEADS, HIDDEN, VOCAB, SEQ_LEN, NUM_LABELS = 3, 4, 32, 99, 16, 3
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+INIT_STD = 0.2
+
+_COMMON = {"initializer_range": INIT_STD}
+
+
+def _config(name: str) -> tf.PreTrainedConfig:
+    if name == "bert":
+        return tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=NUM_HEADS,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            num_labels=NUM_LABELS,
+            **_COMMON,
+        )
+    if name == "roberta":
+        return tf.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=NUM_HEADS,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            num_labels=NUM_LABELS,
+            **_COMMON,
+        )
+    if name == "distilbert":
+        return tf.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=HIDDEN,
+            n_layers=NUM_LAYERS,
+            n_heads=NUM_HEADS,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            num_labels=NUM_LABELS,
+            **_COMMON,
+        )
+    if name == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=NUM_LAYERS,
+            n_head=NUM_HEADS,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **_COMMON,
+        )
+    if name == "llama":
+        return tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=NUM_HEADS,
+            num_key_value_heads=2,  # grouped-query attention: 2 query heads per kv head
+            intermediate_size=37,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            attention_bias=True,  # values with bias, as the method needs them
+            **_COMMON,
+        )
+    if name == "vit":
+        return tf.ViTConfig(
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            hidden_size=HIDDEN,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=NUM_HEADS,
+            intermediate_size=37,
+            num_labels=NUM_LABELS,
+            **_COMMON,
+        )
+    raise KeyError(f"no tiny model {name!r}; known: {TINY_MODELS}")
+
+
+_HEAD_CLASSES = {
+    "bert": tf.BertForSequenceClassification,
+    "roberta": tf.RobertaForSequenceClassification,
+    "distilbert": tf.DistilBertForSequenceClassification,
+    "gpt2": tf.GPT2LMHeadModel,
+    "llama": tf.LlamaForCausalLM,
+    "vit": tf.ViTForImageClassification,
+}
+
+_BARE_CLASSES = {
+    "bert": tf.BertModel,
+    "roberta": tf.RobertaModel,
+    "distilbert": tf.DistilBertModel,
+    "gpt2": tf.GPT2Model,
+    "llama": tf.LlamaModel,
+    "vit": tf.ViTModel,
+}
+
+
+def tiny_config(name: str) -> tf.PreTrainedConfig:
+    """The config of the tiny ``name`` model (3 layers, 4 heads of width 8)."""
+    return _config(name)
+
+
+def tiny_model(
+    name: str, attn_implementation: str = "sdpa", *, head: bool = True, seed: int = 0
+) -> tf.PreTrainedModel:
+    """A seeded tiny model in evaluation mode.
+
+    Args:
+        name: one of :data:`TINY_MODELS`.
+        attn_implementation: ``"sdpa"`` (the transformers 5 default) or ``"eager"``.
+        head: the model with a task head (sequence classification for encoders, language
+            modelling for decoders, image classification for ViT) or the bare model.
+        seed: weight seed; equal seeds give equal weights for every implementation.
+    """
+    classes = _HEAD_CLASSES if head else _BARE_CLASSES
+    torch.manual_seed(seed)
+    model = classes[name]._from_config(_config(name), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def tiny_inputs(
+    name: str, batch: int = 2, *, padding: str | None = "right", seed: int = 1
+) -> dict[str, torch.Tensor]:
+    """Forward keyword arguments for the tiny ``name`` model.
+
+    Text: ``input_ids`` ``(batch, 16)`` and ``attention_mask``; with ``padding`` ``"right"`` or
+    ``"left"`` the second example has 5 padding tokens on that side (``None``: no padding). ViT:
+    ``pixel_values`` ``(batch, 3, 32, 32)`` (17 tokens: [CLS] and 16 patches), no padding.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+    config = _config(name)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.randint(3, VOCAB, (batch, SEQ_LEN), generator=generator)
+    mask = torch.ones(batch, SEQ_LEN, dtype=torch.long)
+    if padding is not None and batch > 1:
+        short = slice(SEQ_LEN - 5, None) if padding == "right" else slice(0, 5)
+        mask[1, short] = 0
+        ids[1, short] = pad
+    return {"input_ids": ids, "attention_mask": mask}
