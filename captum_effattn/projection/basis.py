@@ -6,6 +6,36 @@ import torch
 
 from captum_effattn._typing import KeyMask, RowBases
 
+# CholeskyQR2 is trusted when its first pass is orthonormal to this accuracy, i.e. when the
+# columns' condition number is below ~1e6: far inside the rank tolerance, so such a matrix has full
+# column rank under any tolerance we use. Everything else goes through Householder QR + SVD.
+CHOLESKY_ORTHOGONALITY = 1e-4
+
+
+def _cholesky_qr2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two passes of Cholesky QR; returns ``(basis, trusted)`` with ``trusted`` per group."""
+    factor, info = torch.linalg.cholesky_ex(matrix.mT @ matrix)
+    first = torch.linalg.solve_triangular(factor, matrix.mT, upper=False).mT
+    gram = first.mT @ first
+    identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    trusted = (info == 0) & ((gram - identity).abs().amax((-2, -1)) <= CHOLESKY_ORTHOGONALITY)
+    factor, info = torch.linalg.cholesky_ex(torch.where(trusted[:, None, None], gram, identity))
+    basis = torch.linalg.solve_triangular(factor, first.mT, upper=False).mT
+    return basis, trusted & (info == 0)
+
+
+def _householder_basis(
+    matrix: torch.Tensor, rtol: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR, then the rank from the singular values of ``R`` (as reliable as a full SVD)."""
+    q_factor, r_factor = torch.linalg.qr(matrix)
+    left, singular, _ = torch.linalg.svd(r_factor)
+    n, k = matrix.shape[-2:]
+    if rtol is None:
+        rtol = max(n, k) * torch.finfo(torch.float64).eps
+    keep = singular > rtol * singular[..., :1]
+    return (q_factor @ left) * keep[..., None, :], keep.sum(-1)
+
 
 def orthonormal_basis(
     matrix: torch.Tensor,
@@ -15,8 +45,8 @@ def orthonormal_basis(
     """Orthonormal basis of the column space of ``matrix`` restricted to the real keys.
 
     Columns are scaled to unit norm first, so the rank decision does not depend on the units of the
-    value vectors; the rank is then read off the singular values of the thin-QR factor ``R`` (as
-    cheap as QR, as reliable as an SVD of the whole matrix).
+    value vectors. Well-conditioned matrices (the common case) take two passes of Cholesky QR;
+    the others a Householder QR whose ``R`` factor's singular values decide the rank.
 
     Args:
         matrix: ``(G, n, k)`` columns spanning the space (e.g. ``[1, V]``).
@@ -32,15 +62,19 @@ def orthonormal_basis(
     matrix = matrix.to(torch.float64) * key_mask[..., None]
     norms = matrix.norm(dim=-2, keepdim=True)
     matrix = matrix / torch.where(norms > 0, norms, torch.ones_like(norms))
-    q_factor, r_factor = torch.linalg.qr(matrix)
-    left, singular, _ = torch.linalg.svd(r_factor)
     n, k = matrix.shape[-2:]
-    if rtol is None:
-        rtol = max(n, k) * torch.finfo(torch.float64).eps
-    keep = singular > rtol * singular[..., :1]
-    # Householder factors leave rounding noise in rows that were zero: padding must stay exactly 0.
-    basis = (q_factor @ left) * keep[..., None, :] * key_mask[..., None]
-    return basis, keep.sum(-1)
+    width = min(n, k)
+    basis = matrix.new_zeros(*matrix.shape[:-1], width)
+    rank = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
+    trusted = torch.zeros_like(rank, dtype=torch.bool)
+    if n >= k:
+        fast, trusted = _cholesky_qr2(matrix)
+        basis[trusted], rank[trusted] = fast[trusted], k
+    hard = (~trusted).nonzero()[:, 0]
+    if len(hard):
+        basis[hard], rank[hard] = _householder_basis(matrix[hard], rtol)
+    # Factorizations leave rounding noise in rows that were zero: padding must stay exactly 0.
+    return basis * key_mask[..., None], rank
 
 
 def value_space_basis(
