@@ -36,11 +36,6 @@ class QKProblem:
     scale: float
     batch_shape: torch.Size
 
-    @property
-    def work_dtype(self) -> torch.dtype:
-        """float64 for float64 inputs, float32 otherwise: the dtype the rows are computed in."""
-        return torch.float64 if self.query.dtype == torch.float64 else torch.float32
-
     def unflatten(self, tensor: torch.Tensor) -> torch.Tensor:
         """``(B, ...)`` back to ``(*batch, ...)``."""
         return tensor.reshape(*self.batch_shape, *tensor.shape[1:])
