@@ -8,12 +8,20 @@ from captum_effattn.projection.basis import orthonormal_basis, value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.effective import effective_attention
 from captum_effattn.projection.efficient import efficient_attention
+from captum_effattn.projection.from_qk import (
+    attention_rows,
+    effective_attention_from_qk,
+    efficient_attention_from_qk,
+)
 
 __all__ = [
     "ConvergenceWarning",
     "ProjectionCertificate",
+    "attention_rows",
     "effective_attention",
+    "effective_attention_from_qk",
     "efficient_attention",
+    "efficient_attention_from_qk",
     "orthonormal_basis",
     "value_space_basis",
 ]

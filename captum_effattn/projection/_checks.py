@@ -61,6 +61,33 @@ def _require_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_key_mask(key_mask: object, n: int, other: str, device: torch.device) -> KeyMask:
+    """Check a ``(*batch, n)`` key mask of booleans or 0/1 on ``device``; return it as booleans.
+
+    Args:
+        key_mask: the user's mask.
+        n: the number of keys.
+        other: the argument whose device the mask must share, for the message.
+        device: that argument's device.
+    """
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(
+            f"key_mask must be a torch.Tensor of shape (*batch, n); got {type(key_mask)!r}"
+        )
+    if key_mask.dim() < 1 or key_mask.shape[-1] != n:
+        raise ValueError(
+            f"key_mask must have shape (*batch, n) with n = {n} keys; got shape "
+            f"{tuple(key_mask.shape)}"
+        )
+    if key_mask.device != device:
+        raise ValueError(f"{other} is on {device} but key_mask is on {key_mask.device}")
+    if key_mask.dtype != torch.bool:
+        if ((key_mask != 0) & (key_mask != 1)).any():
+            raise ValueError("key_mask must hold only 0/1 (or booleans): 1 marks a real key")
+        key_mask = key_mask != 0
+    return key_mask
+
+
 def check_inputs(
     attn: AttentionRows,
     values: ValueVectors,
@@ -87,21 +114,7 @@ def check_inputs(
     if key_mask is None:
         key_mask = torch.ones(n, dtype=torch.bool, device=attn.device)
     else:
-        if not isinstance(key_mask, torch.Tensor):
-            raise TypeError(
-                f"key_mask must be a torch.Tensor of shape (*batch, n); got {type(key_mask)!r}"
-            )
-        if key_mask.dim() < 1 or key_mask.shape[-1] != n:
-            raise ValueError(
-                f"key_mask must have shape (*batch, n) with n = {n} keys; got shape "
-                f"{tuple(key_mask.shape)}"
-            )
-        if key_mask.device != attn.device:
-            raise ValueError(f"attn is on {attn.device} but key_mask is on {key_mask.device}")
-        if key_mask.dtype != torch.bool:
-            if ((key_mask != 0) & (key_mask != 1)).any():
-                raise ValueError("key_mask must hold only 0/1 (or booleans): 1 marks a real key")
-            key_mask = key_mask != 0
+        key_mask = check_key_mask(key_mask, n, "attn", attn.device)
     try:
         batch_shape = torch.broadcast_shapes(
             attn.shape[:-2], values.shape[:-2], key_mask.shape[:-1]

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._backend import Backend, resolve_backend
 from captum_effattn.projection._certify import output_error, simplex_violation
 from captum_effattn.projection._checks import check_inputs
-from captum_effattn.projection._grouped import GroupedMatrices
 from captum_effattn.projection._layout import Chunk, RowLayout, build_layout
 from captum_effattn.projection.certificate import ProjectionCertificate
 
@@ -28,8 +28,8 @@ class ChunkResult:
     unchanged: torch.Tensor  # (R_c,) rows returned exactly as given (nothing to project)
 
 
-ChunkSolver = Callable[[Chunk, torch.Tensor], ChunkResult]
-"""Solves one chunk, given the chunk and its rows' key masks ``(R_c, n_c)``."""
+ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
+"""Solves one chunk, given the chunk, its rows' key masks ``(R_c, n_c)`` and the backend."""
 
 
 def project_rows(
@@ -43,6 +43,7 @@ def project_rows(
     tol: float,
     simplex_tol: float | None,
     validate_rows: Callable[[RowLayout, torch.Tensor], None] | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, ProjectionCertificate]:
     """Run ``solve_chunk`` over every chunk of the problem and assemble output and certificate.
 
@@ -53,8 +54,10 @@ def project_rows(
         simplex_tol: if set, rows must also be distributions within this tolerance to count as
             converged.
         validate_rows: optional check of the flat rows and their key masks before solving.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`._backend`).
     """
     inputs = check_inputs(attn, values, key_mask, causal)
+    chosen = resolve_backend(backend, inputs.attn.device)
     layout = build_layout(inputs, causal)
     row_masks = layout.row_masks()
     if validate_rows is not None:
@@ -67,10 +70,10 @@ def project_rows(
     with torch.no_grad():
         for chunk in layout.chunks(rank_width):
             mask_c = chunk.key_mask[chunk.group]
-            result = solve_chunk(chunk, mask_c)
+            result = solve_chunk(chunk, mask_c, chosen)
             n_c = result.rows.shape[-1]
             out[chunk.row_ids, :n_c] = result.rows
-            values_c = GroupedMatrices(chunk.values, chunk.group)
+            values_c = chosen.grouped(chunk.values, chunk.group)
             error[chunk.row_ids] = output_error(values_c, result.rows, result.reference)
             iterations[chunk.row_ids] = result.iterations
             unchanged[chunk.row_ids] = result.unchanged

@@ -11,19 +11,21 @@ from __future__ import annotations
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._backend import Backend
 from captum_effattn.projection._driver import ChunkResult, project_rows
-from captum_effattn.projection._grouped import GroupedMatrices
 from captum_effattn.projection._layout import Chunk
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 
 
-def _project_chunk(chunk: Chunk, row_mask: torch.Tensor, rank_rtol: float | None) -> ChunkResult:
+def _project_chunk(
+    chunk: Chunk, row_mask: torch.Tensor, backend: Backend, rank_rtol: float | None
+) -> ChunkResult:
     basis, _ = value_space_basis(chunk.values, chunk.key_mask, with_ones=False, rtol=rank_rtol)
-    ops = GroupedMatrices(basis, chunk.group)
+    ops = backend.grouped(basis, chunk.group)
     a = chunk.rows * row_mask
     return ChunkResult(
-        rows=ops.left(ops.right(a)),
+        rows=ops.project(a),
         reference=a,
         iterations=torch.zeros(len(a), dtype=torch.long, device=a.device),
         unchanged=torch.zeros(len(a), dtype=torch.bool, device=a.device),
@@ -39,6 +41,7 @@ def effective_attention(
     tol: float = 1e-9,
     return_certificate: bool = False,
     rank_rtol: float | None = None,
+    backend: str = "auto",
 ) -> AttentionRows | tuple[AttentionRows, ProjectionCertificate]:
     """Effective attention: each row projected orthogonally onto the head's value space.
 
@@ -55,6 +58,10 @@ def effective_attention(
             ``simplex_violation`` shows how far each row is from a distribution).
         rank_rtol: relative rank tolerance for ``V`` (default ``max(n, d) * eps`` in float64 after
             scaling columns to unit norm).
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, PyTorch
+            otherwise or beyond the kernels' limits), ``"torch"``, or ``"triton"`` (raises
+            :class:`~captum_effattn.kernels.KernelUnavailableError` where the kernels cannot run).
+            Both compute in float64 and agree to rounding.
 
     Returns:
         Rows of shape ``(*batch, q, n)`` in ``attn``'s dtype, detached; with
@@ -64,7 +71,8 @@ def effective_attention(
         TypeError: a non-tensor or non-floating-point input.
         ValueError: shapes that do not fit (``values`` must be ``(*batch, n, d)``, ``key_mask``
             ``(*batch, n)``), leading dimensions that do not broadcast, NaN or inf, ``causal``
-            with ``q != n``, or an example whose keys are all masked.
+            with ``q != n``, an example whose keys are all masked, or an unknown ``backend``.
+        KernelUnavailableError: ``backend="triton"`` where the kernels cannot run.
     """
     rows, certificate = project_rows(
         "effective_attention",
@@ -73,8 +81,11 @@ def effective_attention(
         key_mask,
         causal,
         rank_width=values.shape[-1] if isinstance(values, torch.Tensor) else 1,
-        solve_chunk=lambda chunk, row_mask: _project_chunk(chunk, row_mask, rank_rtol),
+        solve_chunk=lambda chunk, row_mask, chosen: _project_chunk(
+            chunk, row_mask, chosen, rank_rtol
+        ),
         tol=tol,
         simplex_tol=None,
+        backend=backend,
     )
     return (rows, certificate) if return_certificate else rows

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
+from captum_effattn.projection._backend import Backend
 from captum_effattn.projection._checks import DISTRIBUTION_TOL, check_distributions
 from captum_effattn.projection._driver import ChunkResult, project_rows
-from captum_effattn.projection._grouped import GroupedMatrices
 from captum_effattn.projection._interior import interior_point_phase
 from captum_effattn.projection._layout import Chunk
 from captum_effattn.projection._newton import newton_phase
@@ -38,6 +38,7 @@ SIMPLEX_TOL = 1e-12
 def _solve_chunk(
     chunk: Chunk,
     row_mask: torch.Tensor,
+    backend: Backend,
     solver: str,
     max_newton_iter: int,
     max_interior_iter: int,
@@ -53,7 +54,7 @@ def _solve_chunk(
     iterations = torch.zeros(len(a), dtype=torch.long, device=a.device)
     todo = (~unchanged).nonzero()[:, 0]
     if len(todo):
-        ops = GroupedMatrices(basis, chunk.group[todo])
+        ops = backend.grouped(basis, chunk.group[todo])
         c = ops.right(a[todo])
         solved = torch.zeros(len(todo), dtype=torch.bool, device=a.device)
         if solver != "interior":
@@ -95,6 +96,7 @@ def efficient_attention(
     max_interior_iter: int = 200,
     rank_rtol: float | None = None,
     distribution_tol: float | None = None,
+    backend: str = "auto",
 ) -> AttentionRows | tuple[AttentionRows, ProjectionCertificate]:
     """Efficient attention: the minimum-norm valid attention rows with the same head output.
 
@@ -127,6 +129,10 @@ def efficient_attention(
         distribution_tol: how far an input row may be from a distribution (negative entries, mass
             on masked keys, sum minus one). Default by dtype: 1e-6 (float64), 1e-4 (float32),
             5e-3 (float16), 3e-2 (bfloat16).
+        backend: ``"auto"`` (Triton kernels for the solver's matrix products on CUDA tensors when
+            triton is installed, PyTorch otherwise or beyond the kernels' limits), ``"torch"``, or
+            ``"triton"`` (raises :class:`~captum_effattn.kernels.KernelUnavailableError` where
+            the kernels cannot run). Both compute in float64 and agree to rounding.
 
     Returns:
         Rows of shape ``(*batch, q, n)`` (``batch`` broadcast over all inputs) in ``attn``'s dtype,
@@ -135,6 +141,7 @@ def efficient_attention(
     Raises:
         TypeError, ValueError: malformed inputs (see :func:`effective_attention`), or a row that
             is not a probability distribution over its real keys.
+        KernelUnavailableError: ``backend="triton"`` where the kernels cannot run.
 
     Warns:
         ConvergenceWarning: a row missed ``tol``; the certificate says which.
@@ -155,11 +162,12 @@ def efficient_attention(
         key_mask,
         causal,
         rank_width=values.shape[-1] + 1 if isinstance(values, torch.Tensor) else 1,
-        solve_chunk=lambda chunk, row_mask: _solve_chunk(
-            chunk, row_mask, solver, max_newton_iter, max_interior_iter, rank_rtol
+        solve_chunk=lambda chunk, row_mask, chosen: _solve_chunk(
+            chunk, row_mask, chosen, solver, max_newton_iter, max_interior_iter, rank_rtol
         ),
         tol=tol,
         simplex_tol=SIMPLEX_TOL,
         validate_rows=validate,
+        backend=backend,
     )
     return (rows, certificate) if return_certificate else rows

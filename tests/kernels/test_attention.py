@@ -1,0 +1,100 @@
+"""The streamed attention-rows kernel against PyTorch and a materialized float64 softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from captum_effattn.projection import attention_rows
+
+
+def materialized(query, key, key_mask, causal, scaling):
+    """``softmax(Q K^T * scale + mask)`` for every row, in float64, heads repeated as repeat_kv."""
+    heads, kv_heads, n = query.shape[-3], key.shape[-3], key.shape[-2]
+    key = key.double().repeat_interleave(heads // kv_heads, dim=-3)
+    scores = query.double() @ key.mT * scaling
+    visible = torch.ones(query.shape[-2], n, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    if key_mask is not None:
+        visible = visible & key_mask[..., None, None, :]
+    return scores.masked_fill(~visible, -torch.inf).softmax(-1)
+
+
+def inputs(batch, heads, kv_heads, n, d, dtype, gen, hf_layout=False):
+    """Queries and keys; with ``hf_layout`` strided views of ``(B, n, H, d)`` tensors."""
+    if hf_layout:
+        query = torch.randn(batch, n, heads, d, generator=gen).to(dtype).transpose(1, 2)
+        key = torch.randn(batch, n, kv_heads, d, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        query = torch.randn(batch, heads, n, d, generator=gen).to(dtype)
+        key = torch.randn(batch, kv_heads, n, d, generator=gen).to(dtype)
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[-1, n - n // 3 :] = False  # right padding on the last example
+    return query, key, mask
+
+
+# Agreement with the float64 softmax, relative to the largest probability.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}
+
+CASES = [
+    # (batch, heads, kv_heads, n, d, causal, rows)
+    (2, 4, 4, 100, 32, False, [0, 57, 99]),
+    (1, 4, 2, 77, 64, True, [-1, 3, 3, 40]),
+    (2, 2, 1, 130, 128, True, [129, 0]),
+    (1, 3, 3, 20, 32, False, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "n", "d", "causal", "rows"), CASES)
+def test_rows_agree_with_materialized_softmax(
+    batch, heads, kv_heads, n, d, causal, rows, dtype, gen, device
+):
+    query, key, mask = inputs(batch, heads, kv_heads, n, d, dtype, gen, hf_layout=n == 77)
+    scaling = 0.7 / d**0.5
+    full = materialized(query, key, mask, causal, scaling)
+    index = torch.arange(n) if rows is None else torch.tensor(rows) % n
+    expected = full[..., index, :]
+    kernel = attention_rows(
+        query.to(device), key.to(device), mask.to(device), causal,
+        rows=rows, scaling=scaling, backend="triton",
+    ).cpu()  # fmt: skip
+    torch_path = attention_rows(
+        query, key, mask, causal, rows=rows, scaling=scaling, backend="torch"
+    )
+    assert kernel.shape == expected.shape == torch_path.shape
+    assert kernel.dtype == dtype
+    for result in (kernel, torch_path):
+        error = float((result.double() - expected).abs().max())
+        assert error <= TOLERANCE[dtype], f"max error {error:.2e}"
+    # Masked and future keys get exactly zero.
+    assert (kernel[expected == 0] == 0).all()
+
+
+def test_one_row_of_a_long_sequence_is_a_distribution(gen, device):
+    query, key, mask = inputs(1, 2, 1, 700, 64, torch.float32, gen)
+    row = attention_rows(
+        query.to(device), key.to(device), mask.to(device), True, rows=-1, backend="triton"
+    ).cpu()
+    assert row.shape == (1, 2, 1, 700)
+    assert (row[..., ~mask[0]] == 0).all()
+    torch.testing.assert_close(row.double().sum(-1), torch.ones(1, 2, 1, dtype=torch.float64))
+
+
+def test_bfloat16_in_the_interpreter_is_refused(gen, device):
+    if device.type != "cpu":
+        pytest.skip("bfloat16 runs on GPUs")
+    query, key, _ = inputs(1, 2, 2, 30, 32, torch.bfloat16, gen)
+    with pytest.raises(TypeError, match=r"bfloat16 cannot run in Triton's interpreter"):
+        attention_rows(query, key, rows=0, backend="triton")
+
+
+def test_head_width_beyond_the_kernel_limit(gen, device):
+    query, key, _ = inputs(1, 1, 1, 20, 300, torch.float32, gen)
+    with pytest.raises(
+        ValueError, match=r"head width d_k is 300, beyond the kernels' limit of 256"
+    ):
+        attention_rows(query.to(device), key.to(device), rows=0, backend="triton")
