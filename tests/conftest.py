@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Kernel tests run in Triton's interpreter on CPU (set TRITON_INTERPRET=0 on a CUDA machine to
+# test the compiled kernels). It must be set before anything imports triton: transformers does,
+# when test modules are collected, long before tests/kernels/conftest.py is read.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
