@@ -467,9 +467,11 @@ def save_sentiment_classifier(classifier: SentimentClassifier, directory: Path) 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        classifier.model.save_pretrained(staging)
-        classifier.tokenizer.save_pretrained(staging)
+        with _quiet_transformers():
+            classifier.model.save_pretrained(staging)
+            classifier.tokenizer.save_pretrained(staging)
         (staging / METADATA_FILE).write_text(json.dumps(classifier.metadata, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes it private; a cache entry is readable like any other
         staging.rename(directory)  # atomic; fails if another process published first
     finally:
         if staging.exists():

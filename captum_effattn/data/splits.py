@@ -9,6 +9,7 @@ validation size never changes the test split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -129,6 +130,16 @@ def clean_imdb_text(text: str) -> str:
     return " ".join(_HTML_BREAK.sub(" ", text).split())
 
 
+@functools.cache
+def _unique_clean_imdb() -> tuple[Review, ...]:
+    """IMDB reviews with HTML breaks removed, each distinct text once (the source repeats 92)."""
+    unique: dict[str, Review] = {}
+    for review in load_reviews("imdb"):
+        text = clean_imdb_text(review.text)
+        unique.setdefault(text, Review(text=text, label=review.label, source=review.source))
+    return tuple(unique.values())
+
+
 def imdb_heldout(
     size: int = 100, *, seed: int = DEFAULT_SEED, min_words: int = LONG_REVIEW_WORDS
 ) -> list[Review]:
@@ -149,12 +160,9 @@ def imdb_heldout(
     """
     if not isinstance(size, int) or size < 0 or size % 2:
         raise ValueError(f"size must be a non-negative even int (half per label); got {size!r}")
-    unique: dict[str, Review] = {}
-    for review in load_reviews("imdb"):
-        text = clean_imdb_text(review.text)
-        if len(text.split()) >= min_words:
-            unique.setdefault(text, Review(text=text, label=review.label, source=review.source))
-    ranked = _ranked_by_label(list(unique.values()), seed)
+    ranked = _ranked_by_label(
+        [review for review in _unique_clean_imdb() if len(review.text.split()) >= min_words], seed
+    )
     available = min(len(reviews) for reviews in ranked.values())
     if size // 2 > available:
         raise ValueError(

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+import captum_effattn.data
 from captum_effattn.data.classifier import (
     CACHE_ENV,
     LABELS,
@@ -221,12 +222,19 @@ def test_bad_configs_are_refused(change, message):
 
 def test_classifier_logits_keep_the_input_order(tiny_build, tiny_splits):
     built, _, _ = tiny_build
-    texts = [review.text for review in tiny_splits.validation]
-    together = classifier_logits(built.model, built.tokenizer, texts, batch_size=4)
+    texts = [review.text for review in tiny_splits.validation[:8]]
+    together = classifier_logits(built.model, built.tokenizer, texts, batch_size=3)
     one_by_one = torch.cat(
         [classifier_logits(built.model, built.tokenizer, [text]) for text in texts]
     )
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
-    assert together.shape == (16, 2)
+    assert together.shape == (8, 2)
     with pytest.raises(ValueError, match="empty list of texts"):
         classifier_logits(built.model, built.tokenizer, [])
+
+
+def test_the_data_package_exports_the_classifier_lazily():
+    assert captum_effattn.data.load_sentiment_classifier is load_sentiment_classifier
+    assert captum_effattn.data.TrainingConfig is TrainingConfig
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        captum_effattn.data.nope  # noqa: B018

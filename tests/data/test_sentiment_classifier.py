@@ -34,3 +34,13 @@ def test_it_is_the_default_classifier_in_eval_mode(sentiment_classifier):
     assert not sentiment_classifier.model.training
     default_attention = pretrained_minilm_classifier()[0].config._attn_implementation
     assert sentiment_classifier.model.config._attn_implementation == default_attention
+
+
+def test_the_command_line_prints_the_held_out_accuracy(sentiment_classifier, capsys):
+    from captum_effattn.data.classifier import main
+
+    assert main(["--quiet"]) == 0
+    out = capsys.readouterr().out
+    after = sentiment_classifier.metadata["accuracy"]["after"]
+    assert f"after {after['validation']:.4f}  (1000 sentences)" in out
+    assert sentiment_classifier.metadata["directory"] in out
