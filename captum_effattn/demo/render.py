@@ -1,0 +1,138 @@
+"""Show explanations: a table in the terminal and an HTML page of token heatmaps."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import torch
+
+from captum_effattn.demo.explain import METHODS, Explanation
+
+SHORT_TEXT_TOKENS = 24
+TOP_TOKENS = 8
+
+
+def _normalized(scores: torch.Tensor, tokens: Sequence[str]) -> torch.Tensor:
+    """Scores divided by their largest magnitude over the text's own word pieces.
+
+    Attention piles onto [CLS] and [SEP]; scaling by them would flatten every real word. Those
+    tokens can therefore exceed 1 in magnitude.
+    """
+    own = torch.tensor([not (t.startswith("[") and t.endswith("]")) for t in tokens])
+    peak = scores[own].abs().max() if own.any() else scores.abs().max()
+    return scores / peak if peak > 0 else scores
+
+
+def _header(explanation: Explanation, number: int) -> list[str]:
+    text = explanation.text if len(explanation.text) < 160 else explanation.text[:157] + "..."
+    low, high = explanation.effective_sums
+    if explanation.identifiable:
+        views = (
+            "    short input (n <= d + 1): every explained row is identifiable, so the three "
+            "views coincide"
+        )
+    else:
+        views = (
+            f"    effective [CLS] rows sum to {low:.2f}..{high:.2f}: not distributions; efficient "
+            "rows are distributions with the same head outputs"
+        )
+    return [
+        f"[{number}] {text}",
+        f"    true: {explanation.label}; predicted: {explanation.prediction} "
+        f"(p = {explanation.probability:.3f}); {len(explanation.tokens)} word pieces",
+        f"    efficient attention substituted in all heads: logits move by "
+        f"{explanation.logit_change:.1e} (relative); head outputs reproduced to "
+        f"{explanation.head_output_error:.1e}",
+        views,
+    ]
+
+
+def _token_table(explanation: Explanation) -> list[str]:
+    columns = ["token", *METHODS]
+    scaled = {m: _normalized(explanation.scores[m], explanation.tokens) for m in METHODS}
+    rows = [
+        [token, *(f"{float(scaled[m][i]):+.2f}" for m in METHODS)]
+        for i, token in enumerate(explanation.tokens)
+    ]
+    return _format(columns, rows)
+
+
+def _top_table(explanation: Explanation) -> list[str]:
+    columns = ["rank", *METHODS]
+    tops = {
+        m: torch.argsort(explanation.scores[m].abs(), descending=True)[:TOP_TOKENS].tolist()
+        for m in METHODS
+    }
+    rows = [
+        [str(rank + 1), *(explanation.tokens[tops[m][rank]] for m in METHODS)]
+        for rank in range(TOP_TOKENS)
+    ]
+    return _format(columns, rows)
+
+
+def _format(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    line = "    " + "  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True))
+    rule = "    " + "  ".join("-" * w for w in widths)
+    body = [
+        "    " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows
+    ]
+    return [line, rule, *body]
+
+
+def terminal_report(explanations: Sequence[Explanation]) -> str:
+    """Per example: the checks, then token scores (short texts) or each method's top tokens."""
+    lines: list[str] = []
+    for number, explanation in enumerate(explanations, 1):
+        lines += _header(explanation, number)
+        if len(explanation.tokens) <= SHORT_TEXT_TOKENS:
+            lines += ["    token scores, each method scaled to its largest word-piece magnitude:"]
+            lines += _token_table(explanation)
+        else:
+            lines += [f"    top {TOP_TOKENS} word pieces by |score|:"]
+            lines += _top_table(explanation)
+        lines.append("")
+    seconds = {m: sum(e.seconds[m] for e in explanations) / len(explanations) for m in METHODS}
+    lines.append(
+        "mean seconds per example: " + ", ".join(f"{m} {s:.2f}" for m, s in seconds.items())
+    )
+    return "\n".join(lines)
+
+
+def _cell(token: str, value: float) -> str:
+    value = max(-1.0, min(1.0, value))
+    colour = f"rgba(0, 128, 0, {value:.3f})" if value >= 0 else f"rgba(200, 0, 0, {-value:.3f})"
+    return f'<span style="background:{colour}" title="{value:+.3f}">{html.escape(token)}</span>'
+
+
+def html_report(explanations: Sequence[Explanation]) -> str:
+    """A standalone HTML page: one heatmap row of tokens per method and example."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>captum_effattn demo</title>",
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}"
+        "span{padding:1px 2px;margin:1px;border-radius:3px;display:inline-block}"
+        "td{vertical-align:top;padding:4px}th{text-align:left}</style>",
+        "<h1>Efficient attention next to IntegratedGradients and Saliency</h1>",
+        "<p>Green: evidence for the predicted class (attention is never negative); red: against "
+        "(gradient methods only). Each method is scaled to its largest magnitude over the text's "
+        "own word pieces ([CLS] and [SEP] saturate).</p>",
+    ]
+    for number, explanation in enumerate(explanations, 1):
+        parts.append(
+            f"<h2>[{number}] true: {explanation.label}, predicted: "
+            f"{explanation.prediction} (p = {explanation.probability:.3f})</h2>"
+        )
+        parts.append(
+            "<p>"
+            + "<br>".join(html.escape(x) for x in _header(explanation, number)[2:])
+            + "</p><table>"
+        )
+        for method in METHODS:
+            scores = _normalized(explanation.scores[method], explanation.tokens)
+            cells = "".join(
+                _cell(t, float(v)) for t, v in zip(explanation.tokens, scores, strict=True)
+            )
+            parts.append(f"<tr><th>{method}</th><td>{cells}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
