@@ -88,13 +88,6 @@ class ProjectedRows:
     queries: QueryRows
 
 
-def _stack(captured: Sequence[CapturedHeads]):
-    attn = torch.cat([c.attn for c in captured], dim=1)
-    values = torch.cat([c.values for c in captured], dim=1)
-    pairs = tuple((c.layer, head) for c in captured for head in c.heads)
-    return attn, values, pairs
-
-
 def project_matrices(
     attn: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, causal: bool, view: View
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,18 +140,19 @@ def project_rows(
         queries: the rows to project (:func:`select_query_rows`).
         view: the view to apply.
     """
-    attn, values, pairs = _stack(captured)
+    values = torch.cat([c.values for c in captured], dim=1)
+    pairs = tuple((c.layer, head) for c in captured for head in c.heads)
     key_mask, causal = captured[0].key_mask, captured[0].causal
     if queries.all_rows:
+        attn = torch.cat([c.attn for c in captured], dim=1)
         rows, error = project_matrices(attn, values, key_mask, causal, view)
     else:
-        batch, num_pairs, _, length = attn.shape
-        index = queries.positions[:, None, :, None].expand(batch, num_pairs, -1, length)
-        rows = attn.gather(2, index)
+        # Only the explaining rows are ever computed (from the recorded queries and keys).
+        rows = torch.cat([c.rows(queries.positions) for c in captured], dim=1)
         # One row per example: causality folds into the key mask (keys up to the query).
         visible = key_mask
         if causal:
-            keys = torch.arange(length, device=key_mask.device)
+            keys = torch.arange(key_mask.shape[-1], device=key_mask.device)
             visible = key_mask & (keys <= queries.positions)
         rows, error = view.project(rows, values, visible[:, None], False)
     return ProjectedRows(rows=rows, output_error=error, pairs=pairs, queries=queries)

@@ -31,11 +31,13 @@ from typing import Annotated
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_effattn.models import _interface
 from captum_effattn.models._attention import (
     allowed_keys,
     attention_probabilities,
+    padding_and_causal,
     real_keys,
     repeat_kv,
 )
@@ -60,30 +62,90 @@ _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
 class CapturedHeads:
     """What one forward pass computed in the selected heads of one layer.
 
+    The attention probabilities are either recorded during the forward (``materialize=True`` in
+    :func:`capture_attention`) or computed on demand from the recorded queries and keys, the same
+    way, for all rows (:attr:`attn`) or only the rows an explanation needs (:meth:`rows`).
+
     Attributes:
         layer: layer index (non-negative).
-        heads: the selected query heads, ascending; axis 1 of ``attn`` and ``values``.
+        heads: the selected query heads, ascending; axis 1 of every tensor here.
         kv_heads: the key/value head each selected head reads (differs from ``heads`` under
             grouped-query attention).
-        attn: ``(B, H_sel, S_q, S_k)`` post-softmax probabilities in the model's dtype; exactly 0
-            on keys the mask hides (padding, future keys).
         values: ``(B, H_sel, S_k, d_head)`` each head's value vectors, bias included (under
             grouped-query attention, its shared key/value head's, repeated per query head).
         key_mask: ``(B, S_k)`` bool, ``True`` for real keys, read from the model's own mask.
         causal: query ``i`` sees keys ``j <= i + S_k - S_q`` only.
+        query: ``(B, H_sel, S_q, d_head)`` the heads' queries (after any rotary embedding), or
+            ``None`` when the probabilities were materialized.
+        key: ``(B, H_sel, S_k, d_head)`` their keys, likewise.
+        scaling: the score scale the layer used.
+        additive_mask: a float mask the model added to the scores (a user's 4D mask), if any.
+        probabilities: ``(B, H_sel, S_q, S_k)`` recorded probabilities, or ``None``.
     """
 
     layer: int
     heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
-    attn: HeadAttention
     values: HeadValues
     key_mask: RealKeys
     causal: bool
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    scaling: float = 1.0
+    additive_mask: torch.Tensor | None = None
+    probabilities: HeadAttention | None = None
+
+    @property
+    def attn(self) -> HeadAttention:
+        """``(B, H_sel, S_q, S_k)`` post-softmax probabilities in the model's dtype; exactly 0 on
+        keys the mask hides (padding, future keys). Computed once on first use when lazy."""
+        if self.probabilities is not None:
+            return self.probabilities
+        if "_attn" not in self.__dict__:  # frozen: cache outside the dataclass fields
+            allowed = padding_and_causal(self.key_mask, self.causal, self.query.shape[-2])
+            self.__dict__["_attn"] = attention_probabilities(
+                self.query, self.key, allowed, self.additive_mask, self.scaling
+            )
+        return self.__dict__["_attn"]
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Only some query rows: ``positions`` ``(B, Q)`` -> ``(B, H_sel, Q, S_k)``.
+
+        When the probabilities were not materialized, only these rows are computed: memory and
+        time linear in ``S_k`` per row.
+        """
+        batch, heads = self.values.shape[:2]
+        if self.probabilities is not None or "_attn" in self.__dict__:
+            index = positions[:, None, :, None].expand(batch, heads, -1, self.attn.shape[-1])
+            return self.attn.gather(2, index)
+        width = self.query.shape[-1]
+        query = self.query.gather(2, positions[:, None, :, None].expand(batch, heads, -1, width))
+        q_len, k_len = self.query.shape[-2], self.key.shape[-2]
+        allowed = self.key_mask[:, None, None, :]
+        if self.causal:
+            keys = torch.arange(k_len, device=positions.device)
+            allowed = allowed & (keys <= positions[:, None, :, None] + (k_len - q_len))
+        additive = None
+        if self.additive_mask is not None:
+            mask = self.additive_mask.expand(batch, -1, q_len, k_len)
+            additive = mask.gather(
+                2, positions[:, None, :, None].expand(-1, mask.shape[1], -1, k_len)
+            )
+        return attention_probabilities(query, self.key, allowed, additive, self.scaling)
 
     def detach(self) -> CapturedHeads:
         """The same record with tensors cut from the autograd graph."""
-        return replace(self, attn=self.attn.detach(), values=self.values.detach())
+
+        def cut(tensor):
+            return None if tensor is None else tensor.detach()
+
+        return replace(
+            self,
+            values=self.values.detach(),
+            query=cut(self.query),
+            key=cut(self.key),
+            probabilities=cut(self.probabilities),
+        )
 
 
 AttentionTransform = Callable[[CapturedHeads], torch.Tensor]
@@ -155,8 +217,12 @@ class _LayerTap:
         record: AttentionRecord,
         transform: AttentionTransform | None,
         keep_graph: bool,
+        module: nn.Module,
+        materialize: bool,
     ) -> None:
         self.layer = layer
+        self.module = module
+        self.materialize = materialize
         self.heads = heads
         self.kv_heads = tuple(architecture.kv_head(h) for h in heads)
         self.architecture = architecture
@@ -214,19 +280,29 @@ class _LayerTap:
         additive = None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             additive = attention_mask
-        probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
-
         heads = torch.tensor(self.heads, device=query.device)
         kv_heads = torch.tensor(self.kv_heads, device=query.device)
-        captured = CapturedHeads(
-            layer=self.layer,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            attn=probs.index_select(1, heads),
-            values=value.index_select(1, kv_heads),
-            key_mask=self._key_mask(allowed, batch, q_len),
-            causal=self.architecture.causal,
-        )
+        common = {
+            "layer": self.layer,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "values": value.index_select(1, kv_heads),
+            "key_mask": self._key_mask(allowed, batch, q_len),
+            "causal": self.architecture.causal,
+            "scaling": scaling,
+            "additive_mask": additive,
+        }
+        if not self.materialize:
+            # Record queries and keys only; the layer runs transformers' own fast attention.
+            captured = CapturedHeads(
+                query=query.index_select(1, heads), key=key.index_select(1, kv_heads), **common
+            )
+            self.record._add(captured if self.keep_graph else captured.detach())
+            return sdpa_attention_forward(
+                self.module, query, key, value, attention_mask, scaling=scaling, **extra
+            )
+        probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
+        captured = CapturedHeads(probabilities=probs.index_select(1, heads), **common)
         self.record._add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
@@ -268,6 +344,7 @@ def capture_attention(
     transform: AttentionTransform | None = None,
     *,
     keep_graph: bool = False,
+    materialize: bool = True,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -290,6 +367,12 @@ def capture_attention(
             included), computed before replacement.
         keep_graph: keep the recorded tensors attached to the autograd graph (for gradients
             with respect to attention); by default they are detached.
+        materialize: compute the selected layers' attention explicitly during the forward and
+            record the probabilities (also what the layer returns as attention weights). With
+            ``False`` the layers run transformers' ``sdpa`` and only queries, keys and values are
+            recorded: :attr:`CapturedHeads.attn` and :meth:`CapturedHeads.rows` compute the
+            probabilities afterwards, the same way, and a few rows cost memory linear in the
+            sequence length. A ``transform`` needs the probabilities during the forward.
 
     Yields:
         An :class:`AttentionRecord`, filled while the body runs the model (once or several
@@ -297,11 +380,16 @@ def capture_attention(
 
     Raises:
         UnsupportedModelError: the model's architecture is not registered.
-        ValueError: ``selection`` was made for a model of another size; on forward, a mask that
-            is not a padding (+ causal) mask, or a malformed transform result.
+        ValueError: ``selection`` was made for a model of another size; ``transform`` with
+            ``materialize=False``; on forward, a mask that is not a padding (+ causal) mask, or a
+            malformed transform result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
             under capture; after the body, a forward pass that skipped selected layers.
     """
+    if transform is not None and not materialize:
+        raise ValueError(
+            "a transform replaces probabilities during the forward: it needs materialize=True"
+        )
     architecture = describe_model(model)
     if selection is None:
         selection = HeadSelection.parse(
@@ -325,7 +413,14 @@ def capture_attention(
     record = AttentionRecord(architecture, selection)
     taps = {
         architecture.attention_modules[layer]: _LayerTap(
-            layer, heads, architecture, record, transform, keep_graph
+            layer,
+            heads,
+            architecture,
+            record,
+            transform,
+            keep_graph,
+            module=architecture.attention_modules[layer],
+            materialize=materialize,
         )
         for layer, heads in selection.items()
     }

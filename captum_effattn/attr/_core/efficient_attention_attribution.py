@@ -229,7 +229,7 @@ class EfficientAttentionAttribution(Attribution):
         selection: HeadSelection,
     ) -> tuple[CapturedHeads, ...]:
         extra = _format_additional_forward_args(additional_forward_args) or ()
-        with capture_attention(self.model, selection) as record, torch.no_grad():
+        with capture_attention(self.model, selection, materialize=False) as record, torch.no_grad():
             try:
                 self.forward_func(*inputs, *extra)
             except (IndexError, RuntimeError, ValueError) as error:
