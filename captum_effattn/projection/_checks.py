@@ -125,6 +125,13 @@ def check_inputs(
             f"{tuple(attn.shape[:-2])} before (q, n), values has {tuple(values.shape[:-2])} before "
             f"(n, d), key_mask has {tuple(key_mask.shape[:-1])} before (n,)"
         ) from None
+    if batch_shape != attn.shape[:-2]:
+        raise ValueError(
+            f"values and key_mask broadcast to attn's leading dimensions, not the other way: attn "
+            f"has {tuple(attn.shape[:-2])} before (q, n), values {tuple(values.shape[:-2])}, "
+            f"key_mask {tuple(key_mask.shape[:-1])}. The result is shaped like attn; for one row "
+            f"per head pass attn of shape (..., heads, 1, n)"
+        )
     if causal and attn.shape[-2] != n:
         raise ValueError(
             f"causal=True needs full square attention (q == n), since row i attends to keys <= i; "

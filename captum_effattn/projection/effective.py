@@ -47,8 +47,9 @@ def effective_attention(
 
     Args:
         attn: ``(*batch, q, n)`` attention rows (any real rows; ``q == n`` for full matrices).
-        values: ``(*batch, n, d)`` the head's value vectors, bias included; leading dimensions
-            broadcast with ``attn``'s (grouped-query attention: see :func:`efficient_attention`).
+        values: ``(*batch, n, d)`` the head's value vectors, bias included; its leading
+            dimensions broadcast to ``attn``'s (grouped-query attention: see
+            :func:`efficient_attention`).
         key_mask: ``(*batch, n)`` booleans (or 0/1), ``True`` for real keys. Padding keys are
             excluded from the value space and get exactly 0. Default: all keys real.
         causal: row ``i`` is projected onto the span of ``V[:i+1]`` (its own prefix), never onto

@@ -109,8 +109,9 @@ def efficient_attention(
         attn: ``(*batch, q, n)`` post-softmax attention rows; each must be a probability
             distribution over the row's real keys (within ``distribution_tol``; it is renormalized
             in float64). ``q == n`` for full matrices.
-        values: ``(*batch, n, d)`` the head's value vectors, bias included. Leading dimensions
-            broadcast with ``attn``'s: pass ``(B, H_kv, 1, n, d)`` against attention
+        values: ``(*batch, n, d)`` the head's value vectors, bias included. Its leading
+            dimensions broadcast to ``attn``'s (never the other way): pass ``(B, H_kv, 1, n, d)``
+            against attention
             ``(B, H_kv, group, q, n)`` for grouped-query attention (the shared value head is then
             factored once). To account for a rank-deficient output projection, pass ``V W_O^h``.
         key_mask: ``(*batch, n)`` booleans (or 0/1), ``True`` for real keys. Padding keys are
@@ -135,8 +136,8 @@ def efficient_attention(
             the kernels cannot run). Both compute in float64 and agree to rounding.
 
     Returns:
-        Rows of shape ``(*batch, q, n)`` (``batch`` broadcast over all inputs) in ``attn``'s dtype,
-        detached; with ``return_certificate=True`` a tuple ``(rows, certificate)``.
+        Rows shaped like ``attn``, in its dtype, detached; with ``return_certificate=True`` a
+        tuple ``(rows, certificate)``.
 
     Raises:
         TypeError, ValueError: malformed inputs (see :func:`effective_attention`), or a row that

@@ -115,3 +115,15 @@ def test_bad_options(good):
         efficient_attention(attn, values, solver="cvx")
     with pytest.raises(ValueError, match="tol must be positive"):
         efficient_attention(attn, values, tol=0)
+
+
+@pytest.mark.parametrize("project", PROJECTIONS)
+def test_attention_rows_are_not_broadcast_against_values(good, project):
+    """(heads, n) rows with (heads, n, d) values is a classic slip: say how to write it."""
+    attn, values = good
+    rows = attn[:, 0]  # (2, 10): one row per head, missing its q axis
+    with pytest.raises(
+        ValueError, match=r"broadcast to attn's leading dimensions.*\(\.\.\., heads, 1, n\)"
+    ):
+        project(rows, values)
+    assert project(rows[:, None], values).shape == (2, 1, 10)

@@ -1,0 +1,49 @@
+"""The tutorials run as written and show what their text says they show."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).parents[2] / "tutorials"
+pytestmark = pytest.mark.slow
+
+
+def run(name: str, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("TUTORIAL_QUICK", "1")
+    runpy.run_path(str(TUTORIALS / name), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_every_tutorial_is_tested():
+    tested = {"01_why_efficient_attention.py", "02_captum_pipeline.py", "03_comparing_methods.py"}
+    assert {p.name for p in TUTORIALS.glob("*.py")} <= tested
+
+
+def test_why_efficient_attention(capsys, monkeypatch):
+    out = run("01_why_efficient_attention.py", capsys, monkeypatch)
+    effective = re.search(r"effective: head-output change (\S+); sums (\S+)\.\.(\S+);", out)
+    efficient = re.search(r"efficient: head-output change (\S+); sums (\S+)\.\.(\S+);", out)
+    assert float(effective[1]) <= 1e-9
+    assert float(effective[2]) < 0.99  # not a distribution
+    assert float(efficient[1]) <= 1e-9
+    assert float(efficient[2]) == pytest.approx(1)
+    assert float(efficient[3]) == pytest.approx(1)
+    canonical = re.search(r"efficient\(mixture\) vs efficient\(raw\): (\S+)", out)
+    assert float(canonical[1]) <= 1e-9
+    assert "efficient == raw: True" in out
+
+
+def test_captum_pipeline(sentiment_classifier, capsys, monkeypatch):
+    out = run("02_captum_pipeline.py", capsys, monkeypatch)
+    shapes = re.findall(
+        r"^(IntegratedGradients|Saliency|EfficientAttention)\s+(\(.*?\))", out, re.M
+    )
+    assert len(shapes) == 3
+    assert len({shape for _, shape in shapes}) == 1  # one input shape for all three methods
+    assert "holds: True" in out
+    assert float(re.search(r"perturbed attention: relative logit change (\S+)", out)[1]) > 1e-3
+    assert "rollout sums to 1.0000" in out
