@@ -20,10 +20,10 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from captum_effattn import effective_attention, efficient_attention
+from tests.reference import efficient_by_slsqp  # the tests' independent per-row QP solver
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,25 +35,6 @@ def effective_by_full_svd(attn: torch.Tensor, values: torch.Tensor) -> torch.Ten
     null = u[..., :, int(rank.min()) :]
     a = attn.double()
     return a - (a @ null) @ null.mT
-
-
-def slsqp_row(a: np.ndarray, values: np.ndarray) -> np.ndarray:
-    import scipy.optimize
-
-    constraints = np.vstack([np.ones(len(a)), values.T])
-    target = constraints @ a
-    result = scipy.optimize.minimize(
-        lambda x: x @ x,
-        a,
-        jac=lambda x: 2 * x,
-        method="SLSQP",
-        bounds=[(0, None)] * len(a),
-        constraints=[
-            {"type": "eq", "fun": lambda x: constraints @ x - target, "jac": lambda x: constraints}
-        ],
-        options={"ftol": 1e-12, "maxiter": 500},
-    )
-    return result.x
 
 
 def minilm_heads(n: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +89,7 @@ def run_case(source: str, attn, values, sample_rows: int, repeats: int) -> dict:
     for flat in picks:
         h, i = divmod(flat, n)
         row = a64[h, i] / a64[h, i].sum()
-        slsqp_row(row.numpy(), v64[h].numpy())
+        efficient_by_slsqp(row.numpy(), v64[h].numpy())
     per_row = (time.perf_counter() - start) / sample_rows
     its = cert.iterations.flatten().tolist()
     return {

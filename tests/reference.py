@@ -10,6 +10,7 @@ import itertools
 
 import numpy as np
 import scipy.optimize
+import torch
 
 
 def constraint_matrix(values: np.ndarray) -> np.ndarray:
@@ -60,3 +61,16 @@ def efficient_by_slsqp(a: np.ndarray, values: np.ndarray) -> np.ndarray:
 def effective_by_lstsq(a: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Minimum-norm solution of ``x V = a V``: the effective attention row."""
     return np.linalg.lstsq(values.T, values.T @ a, rcond=None)[0]
+
+
+def materialized(query, key, key_mask, causal, scaling):
+    """``softmax(Q K^T * scale + mask)`` for every row, in float64, heads repeated as repeat_kv."""
+    heads, kv_heads, n = query.shape[-3], key.shape[-3], key.shape[-2]
+    key = key.double().repeat_interleave(heads // kv_heads, dim=-3)
+    scores = query.double() @ key.mT * scaling
+    visible = torch.ones(query.shape[-2], n, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    if key_mask is not None:
+        visible = visible & key_mask[..., None, None, :]
+    return scores.masked_fill(~visible, -torch.inf).softmax(-1)

@@ -47,17 +47,11 @@ def _block_rows(order_ptr, start_ptr, count_ptr, block, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _right_kernel(
-    x_ptr, m_ptr, out_ptr, order_ptr, start_ptr, count_ptr, group_ptr,
-    n, k,
-    stride_xr, stride_xn, stride_mg, stride_mn, stride_mk, stride_or, stride_ok,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _coordinates(
+    x_ptr, m_ptr, rows, live, cols, n, k, stride_xr, stride_xn, stride_mn, stride_mk, acc,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    block = tl.program_id(0)
-    rows, live = _block_rows(order_ptr, start_ptr, count_ptr, block, BLOCK_R)
-    m_ptr += tl.load(group_ptr + block).to(tl.int64) * stride_mg
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=out_ptr.dtype.element_ty)
+    """``acc + x M`` for one block of rows, accumulated over tiles of keys."""
     for start in range(0, n, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         x = tl.load(
@@ -71,6 +65,25 @@ def _right_kernel(
             other=0.0,
         )
         acc = tl.dot(x, m, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _right_kernel(
+    x_ptr, m_ptr, out_ptr, order_ptr, start_ptr, count_ptr, group_ptr,
+    n, k,
+    stride_xr, stride_xn, stride_mg, stride_mn, stride_mk, stride_or, stride_ok,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    rows, live = _block_rows(order_ptr, start_ptr, count_ptr, block, BLOCK_R)
+    m_ptr += tl.load(group_ptr + block).to(tl.int64) * stride_mg
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=out_ptr.dtype.element_ty)
+    acc = _coordinates(
+        x_ptr, m_ptr, rows, live, cols, n, k, stride_xr, stride_xn, stride_mn, stride_mk, acc,
+        BLOCK_N,
+    )  # fmt: skip
     tl.store(
         out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_ok,
         acc,
@@ -121,19 +134,10 @@ def _project_kernel(
     cols = tl.arange(0, BLOCK_K)
     # Pass 1: coordinates c = x M (BLOCK_R x k) stay in registers.
     coords = tl.zeros((BLOCK_R, BLOCK_K), dtype=out_ptr.dtype.element_ty)
-    for start in range(0, n, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xr + keys[None, :] * stride_xn,
-            mask=live[:, None] & (keys[None, :] < n),
-            other=0.0,
-        )
-        m = tl.load(
-            m_ptr + keys[:, None] * stride_mn + cols[None, :] * stride_mk,
-            mask=(keys[:, None] < n) & (cols[None, :] < k),
-            other=0.0,
-        )
-        coords = tl.dot(x, m, coords, input_precision="ieee", out_dtype=coords.dtype)
+    coords = _coordinates(
+        x_ptr, m_ptr, rows, live, cols, n, k, stride_xr, stride_xn, stride_mn, stride_mk, coords,
+        BLOCK_N,
+    )  # fmt: skip
     # Pass 2: the projection c M^T, one tile of keys at a time.
     for start in range(0, n, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)

@@ -5,22 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reference import materialized
+
 pytest.importorskip("triton")
 
 from captum_effattn.projection import attention_rows
-
-
-def materialized(query, key, key_mask, causal, scaling):
-    """``softmax(Q K^T * scale + mask)`` for every row, in float64, heads repeated as repeat_kv."""
-    heads, kv_heads, n = query.shape[-3], key.shape[-3], key.shape[-2]
-    key = key.double().repeat_interleave(heads // kv_heads, dim=-3)
-    scores = query.double() @ key.mT * scaling
-    visible = torch.ones(query.shape[-2], n, dtype=torch.bool)
-    if causal:
-        visible = visible.tril()
-    if key_mask is not None:
-        visible = visible & key_mask[..., None, None, :]
-    return scores.masked_fill(~visible, -torch.inf).softmax(-1)
 
 
 def inputs(batch, heads, kv_heads, n, d, dtype, gen, hf_layout=False):

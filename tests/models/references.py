@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from captum_effattn import efficient_attention
+
 
 def _values_from_projection(name: str, output: torch.Tensor, heads: int, head_dim: int):
     if name == "gpt2":  # c_attn projects to [query | key | value]
@@ -81,3 +83,17 @@ def mixed_with_uniform(attn: torch.Tensor, key_mask: torch.Tensor, causal: bool,
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((new - old).double().norm() / old.double().norm())
+
+
+class EfficientSubstitution:
+    """Transform: efficient attention in place of each row; remembers how far rows moved."""
+
+    def __init__(self):
+        self.moved = 0.0
+
+    def __call__(self, captured):
+        rows = efficient_attention(
+            captured.attn, captured.values, captured.key_mask[:, None], captured.causal
+        )
+        self.moved = max(self.moved, float((rows - captured.attn).abs().max()))
+        return rows

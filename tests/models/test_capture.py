@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers as tf
 
-from captum_effattn import efficient_attention
 from captum_effattn.models import capture_attention, describe_model, select_heads
 from tests.models.references import (
+    EfficientSubstitution,
     eager_attentions,
     hooked_values,
     mixed_with_uniform,
@@ -42,20 +42,6 @@ def real_positions(inputs, logits):
     if mask is None or logits.dim() < 3:
         return logits
     return logits[mask.bool()]
-
-
-class EfficientSubstitution:
-    """Transform: efficient attention in place of each row; remembers how far rows moved."""
-
-    def __init__(self):
-        self.moved = 0.0
-
-    def __call__(self, captured):
-        rows = efficient_attention(
-            captured.attn, captured.values, captured.key_mask[:, None], captured.causal
-        )
-        self.moved = max(self.moved, float((rows - captured.attn).abs().max()))
-        return rows
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_effattn import efficient_attention
 from tests.models.references import (
+    EfficientSubstitution,
     eager_attentions,
     hooked_values,
     mixed_with_uniform,
@@ -51,20 +51,6 @@ def hidden(model, batch):
     with torch.no_grad():
         out = model(**batch)
     return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
-
-
-class EfficientSubstitution:
-    """Transform: efficient attention in place of each row; remembers how far rows moved."""
-
-    def __init__(self):
-        self.moved = 0.0
-
-    def __call__(self, captured):
-        rows = efficient_attention(
-            captured.attn, captured.values, captured.key_mask[:, None], captured.causal
-        )
-        self.moved = max(self.moved, float((rows - captured.attn).abs().max()))
-        return rows
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,12 @@ from captum_effattn.projection import (
     efficient_attention,
     efficient_attention_from_qk,
 )
+from tests.reference import materialized
 
 
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(11)
-
-
-def materialized(query, key, key_mask, causal, scaling):
-    heads, kv_heads, n = query.shape[-3], key.shape[-3], key.shape[-2]
-    key = key.double().repeat_interleave(heads // kv_heads, dim=-3)
-    scores = query.double() @ key.mT * scaling
-    visible = torch.ones(query.shape[-2], n, dtype=torch.bool)
-    if causal:
-        visible = visible.tril()
-    if key_mask is not None:
-        visible = visible & key_mask[..., None, None, :]
-    return scores.masked_fill(~visible, -torch.inf).softmax(-1)
 
 
 def qkv(batch, heads, kv_heads, n, d_k, d_v, gen, dtype=torch.float64):
