@@ -1,0 +1,329 @@
+"""Score several attribution methods with several metrics on the same texts: a tidy table."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, Saliency
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from captum_effattn.attr import EfficientAttentionAttribution
+from captum_effattn.metrics.base import Metric, MetricContext, MetricInfo, get_metric
+from captum_effattn.metrics.perturbations import explanation_function
+from captum_effattn.metrics.scores import default_metrics
+from captum_effattn.metrics.token_gate import GatedInputs, TokenGate
+
+MethodSpec = Any
+"""An ``Attribution`` built on the token gate, an ``(attribution, attribute_kwargs)`` pair, or a
+factory ``gate -> attribution or pair`` (Captum's classes are factories: ``Saliency``)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named attribution method with the keyword arguments of its ``attribute`` calls."""
+
+    name: str
+    attribution: Any
+    attribute_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def attribute(self, inputs: GatedInputs, target: Tensor) -> Tensor:
+        """``(B, S)`` token scores."""
+        result = self.attribution.attribute(
+            inputs.gate,
+            target=target,
+            additional_forward_args=inputs.additional_forward_args,
+            **self.attribute_kwargs,
+        )
+        return result.detach()
+
+    def explanation_function(self) -> Callable[..., Any]:
+        return explanation_function(self.attribution, **self.attribute_kwargs)
+
+
+def standard_methods(
+    gate: TokenGate, ig_steps: int = 50, extended: bool = False
+) -> dict[str, MethodSpec]:
+    """The methods this package compares, built on ``gate``.
+
+    Raw, effective and efficient attention (``EfficientAttentionAttribution``, default query and
+    all heads), IntegratedGradients (``n_steps=ig_steps``, the zero gate as baseline: every token
+    replaced by the baseline token) and Saliency (Captum's default absolute gradients); with
+    ``extended=True`` also InputXGradient and FeatureAblation (one forward pass per token).
+    """
+    attention = EfficientAttentionAttribution(gate, model=gate.model)
+    methods: dict[str, MethodSpec] = {
+        f"{view} attention": (attention, {"view": view})
+        for view in ("raw", "effective", "efficient")
+    }
+    methods["IntegratedGradients"] = (IntegratedGradients(gate), {"n_steps": ig_steps})
+    methods["Saliency"] = Saliency(gate)
+    if extended:
+        methods["InputXGradient"] = InputXGradient(gate)
+        methods["FeatureAblation"] = FeatureAblation(gate)
+    return methods
+
+
+def _resolve_method(name: str, spec: MethodSpec, gate: TokenGate) -> Method:
+    if not hasattr(spec, "attribute") and not isinstance(spec, tuple) and callable(spec):
+        spec = spec(gate)
+    attribution, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+    if not hasattr(attribution, "attribute"):
+        raise TypeError(
+            f"method {name!r} is {type(attribution).__name__}, not a Captum attribution (an "
+            "object with .attribute), an (attribution, kwargs) pair, or a factory of one"
+        )
+    return Method(name, attribution, dict(kwargs))
+
+
+def resolve_targets(
+    gate: Callable[..., Tensor], inputs: GatedInputs, targets: Any
+) -> tuple[Tensor, Tensor]:
+    """``((B,) target classes, (B, C) logits)``.
+
+    Args:
+        targets: a sequence or tensor of ``B`` class indices, ``"predicted"`` (the model's own
+            answer), or ``None`` for a single-logit model.
+
+    Raises:
+        ValueError: ``targets`` is missing for a multi-class model, has the wrong length, or
+            names a class the model does not have.
+    """
+    with torch.no_grad():
+        logits = gate(inputs.gate, *inputs.additional_forward_args)
+    batch = inputs.gate.shape[0]
+    classes = 1 if logits.dim() == 1 else logits.shape[-1]
+    if isinstance(targets, str):
+        if targets != "predicted":
+            raise ValueError(f"targets must be class indices or 'predicted'; got {targets!r}")
+        return logits.argmax(-1) if classes > 1 else torch.zeros(batch, dtype=torch.long), logits
+    if targets is None:
+        if classes > 1:
+            raise ValueError(
+                f"the model returns {classes} classes per example: pass targets (one class index "
+                "per text) or targets='predicted'"
+            )
+        return torch.zeros(batch, dtype=torch.long), logits
+    target = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+    if target.shape[0] != batch:
+        raise ValueError(f"got {target.shape[0]} targets for {batch} texts")
+    if int(target.min()) < 0 or int(target.max()) >= classes:
+        raise ValueError(f"targets {target.tolist()} out of range for {classes} classes")
+    return target.to(logits.device), logits
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_methods` measured.
+
+    Attributes:
+        records: one dict per (example, method, metric): ``example`` (index into the texts),
+            ``method``, ``metric`` (the metric's label, with its parameters), ``value``,
+            ``lower_is_better``, ``seconds`` (the method's attribution time per example in its
+            batch), ``target``.
+        metrics: the metrics' metadata, in order.
+        methods: the method names, in order.
+    """
+
+    records: list[dict[str, Any]]
+    metrics: tuple[MetricInfo, ...]
+    methods: tuple[str, ...]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per (method, metric): ``mean``, ``std`` (sample; 0 for one example), ``n``,
+        ``lower_is_better``, and ``seconds`` (mean attribution time per example)."""
+        rows = []
+        for method in self.methods:
+            for info in self.metrics:
+                values = [
+                    r["value"]
+                    for r in self.records
+                    if r["method"] == method and r["metric"] == info.label
+                ]
+                seconds = [r["seconds"] for r in self.records if r["method"] == method]
+                rows.append(
+                    {
+                        "method": method,
+                        "metric": info.label,
+                        "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values),
+                        "lower_is_better": info.lower_is_better,
+                        "seconds": statistics.fmean(seconds),
+                    }
+                )
+        return rows
+
+    def format(self) -> str:
+        """The summary as a plain-text table: a row per method, mean ± std per metric."""
+        summary = {(row["method"], row["metric"]): row for row in self.summary()}
+        headers = [
+            "method",
+            *(f"{i.name} {'↓' if i.lower_is_better else '↑'}" for i in self.metrics),
+        ]
+        headers.append("s/example")
+        lines = []
+        for method in self.methods:
+            cells = [method]
+            for info in self.metrics:
+                row = summary[(method, info.label)]
+                cells.append(f"{row['mean']:.4f} ± {row['std']:.4f}")
+            cells.append(f"{summary[(method, self.metrics[0].label)]['seconds']:.3f}")
+            lines.append(cells)
+        widths = [max(len(str(c)) for c in column) for column in zip(headers, *lines, strict=True)]
+        render = [
+            "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+            for cells in [headers, *lines]
+        ]
+        settings = [f"{i.label}: {i.description}" for i in self.metrics]
+        return "\n".join([*render, "", *settings])
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write :attr:`records` as CSV."""
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(self.records[0]))
+            writer.writeheader()
+            writer.writerows(self.records)
+
+
+def _batches(
+    texts: Sequence[str] | GatedInputs, gate: TokenGate, batch_size: int, max_length: int
+) -> list[tuple[int, GatedInputs]]:
+    count = len(texts)
+    starts = range(0, count, batch_size)
+    if isinstance(texts, GatedInputs):
+        return [(start, texts.slice(start, start + batch_size)) for start in starts]
+    return [
+        (start, gate.encode(texts[start : start + batch_size], max_length=max_length))
+        for start in starts
+    ]
+
+
+def compare_methods(
+    model: TokenGate | nn.Module,
+    texts: Sequence[str] | GatedInputs,
+    targets: Sequence[int] | Tensor | str | None,
+    methods: Mapping[str, MethodSpec],
+    metrics: Sequence[Metric | str] | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    seed: int = 0,
+    max_examples_per_batch: int = 64,
+    progress: bool = True,
+) -> Comparison:
+    r"""Score every method with every metric on the same texts.
+
+    Args:
+        model (TokenGate or nn.Module): the classifier in token-gate space, or a Hugging Face
+            classifier (wrapped as ``TokenGate(model, tokenizer)``).
+        texts (list[str] or GatedInputs): the texts (tokenized here, ``max_length`` word pieces),
+            or token ids already in :class:`GatedInputs` (see
+            :func:`~captum_effattn.metrics.gated_inputs`).
+        targets: one class index per text, ``"predicted"``, or ``None`` (single-logit models).
+        methods (dict[str, ...]): name -> a Captum attribution built on the token gate, an
+            ``(attribution, attribute_kwargs)`` pair, or a factory ``gate -> either`` (for
+            example ``Saliency`` itself); :func:`standard_methods` builds the usual five.
+        metrics (list, optional): metric instances or registered names. Default: one of each
+            (:func:`~captum_effattn.metrics.default_metrics`).
+        tokenizer: needed when ``model`` is a module and ``texts`` are strings.
+        batch_size (int): texts per ``attribute`` call.
+        max_length (int): word pieces kept per text.
+        seed (int): seeds every perturbation; each batch's perturbations are the same for
+            every method, and the whole table is the same on a rerun.
+        max_examples_per_batch (int): perturbed examples per forward pass inside the metrics.
+        progress (bool): show a progress bar.
+
+    Returns:
+        :class:`Comparison`: ``records`` (one per example, method, metric, with the attribution
+        time per example), ``summary()``, ``format()``, ``to_csv()``.
+
+    Raises:
+        ValueError: an empty text, targets missing for a multi-class model, a method whose
+            attributions are not ``(B, S)``.
+    """
+    gate = model if isinstance(model, TokenGate) else TokenGate(model, tokenizer)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    resolved = [_resolve_method(name, spec, gate) for name, spec in methods.items()]
+    scorers = [get_metric(m) for m in (default_metrics() if metrics is None else metrics)]
+    batches = _batches(texts, gate, batch_size, max_length)
+    all_targets = None if targets is None or isinstance(targets, str) else list(targets)
+    if all_targets is not None and len(all_targets) != len(texts):
+        raise ValueError(f"got {len(all_targets)} targets for {len(texts)} texts")
+
+    torch.manual_seed(seed)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(batches) * len(resolved), disable=not progress, desc="compare")
+    with warnings.catch_warnings():
+        # Saliency-like methods set requires_grad on the gate themselves and say so every call.
+        warnings.filterwarnings("ignore", message=".*did not already require gradients")
+        for index, (start, inputs) in enumerate(batches):
+            wanted = targets if all_targets is None else all_targets[start : start + len(inputs)]
+            target, _ = resolve_targets(gate, inputs, wanted)
+            for method in resolved:
+                records += _score(
+                    method,
+                    scorers,
+                    gate,
+                    inputs,
+                    target,
+                    start,
+                    seed + index,
+                    max_examples_per_batch,
+                )
+                bar.update()
+    bar.close()
+    return Comparison(records, tuple(s.info for s in scorers), tuple(m.name for m in resolved))
+
+
+def _score(
+    method: Method,
+    scorers: Sequence[Metric],
+    gate: TokenGate,
+    inputs: GatedInputs,
+    target: Tensor,
+    start: int,
+    seed: int,
+    max_examples_per_batch: int,
+) -> list[dict[str, Any]]:
+    """The records of one method on one batch (examples ``start``, ``start + 1``, ...)."""
+    began = time.perf_counter()
+    attributions = method.attribute(inputs, target)
+    seconds = (time.perf_counter() - began) / len(target)
+    if tuple(attributions.shape) != tuple(inputs.gate.shape):
+        raise ValueError(
+            f"method {method.name!r} returned attributions of shape "
+            f"{tuple(attributions.shape)}; expected (B, S) = {tuple(inputs.gate.shape)}"
+        )
+    context = MetricContext(
+        forward_func=gate,
+        inputs=inputs,
+        target=target,
+        attributions=attributions,
+        explain=method.explanation_function(),
+        seed=seed,
+        max_examples_per_batch=max_examples_per_batch,
+    )
+    return [
+        {
+            "example": start + i,
+            "method": method.name,
+            "metric": scorer.info.label,
+            "value": value,
+            "lower_is_better": scorer.info.lower_is_better,
+            "seconds": seconds,
+            "target": int(target[i]),
+        }
+        for scorer in scorers
+        for i, value in enumerate(scorer(context).tolist())
+    ]
