@@ -73,7 +73,8 @@ def standard_methods(
 
 
 def _resolve_method(name: str, spec: MethodSpec, gate: TokenGate) -> Method:
-    if not hasattr(spec, "attribute") and not isinstance(spec, tuple) and callable(spec):
+    is_factory = isinstance(spec, type) or (callable(spec) and not hasattr(spec, "attribute"))
+    if is_factory and not isinstance(spec, tuple):
         spec = spec(gate)
     attribution, kwargs = spec if isinstance(spec, tuple) else (spec, {})
     if not hasattr(attribution, "attribute"):

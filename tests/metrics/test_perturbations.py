@@ -35,9 +35,10 @@ def test_token_removal_splits_the_gate_into_kept_and_removed_tokens():
 def test_token_removal_keeps_the_tuple_convention():
     perturb = token_removal(0.5)
     removed, kept = perturb((torch.ones(2, S), torch.ones(2, 4)))
-    assert isinstance(removed, tuple) and isinstance(kept, tuple)
+    assert isinstance(removed, tuple)
+    assert isinstance(kept, tuple)
     assert [t.shape for t in kept] == [(2, S), (2, 4)]
-    single_removed, single_kept = perturb(torch.ones(2, S))
+    _, single_kept = perturb(torch.ones(2, S))
     assert isinstance(single_kept, torch.Tensor)
 
 
@@ -99,7 +100,8 @@ def test_explanation_function_returns_what_it_was_given():
     saliency = explanation_function(Saliency(logit_1))
     assert isinstance(saliency(torch.ones(2, S)), torch.Tensor)
     single = saliency((torch.ones(2, S),))
-    assert isinstance(single, tuple) and single[0].shape == (2, S)
+    assert isinstance(single, tuple)
+    assert single[0].shape == (2, S)
     assert not single[0].requires_grad
 
 

@@ -140,7 +140,9 @@ def test_bad_gate_inputs_get_specific_errors(bert, batch):
         ValueError, match=r"gate has shape \(2, 15\); expected \(B, S\) = \(2, 16\)"
     ):
         gate(torch.ones(2, 15), ids, mask)
-    with pytest.raises(ValueError, match="the token gate must be a float tensor; got torch.int64"):
+    with pytest.raises(
+        ValueError, match=r"the token gate must be a float tensor; got torch\.int64"
+    ):
         gate(torch.ones(ids.shape, dtype=torch.long), ids, mask)
     with pytest.raises(ValueError, match=r"baseline token id in \[0, 99\).*got 99"):
         TokenGate(bert, baseline_token_id=99)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import runpy
 from pathlib import Path
@@ -47,3 +48,29 @@ def test_captum_pipeline(sentiment_classifier, capsys, monkeypatch):
     assert "holds: True" in out
     assert float(re.search(r"perturbed attention: relative logit change (\S+)", out)[1]) > 1e-3
     assert "rollout sums to 1.0000" in out
+
+
+def test_comparing_methods(sentiment_classifier, capsys, monkeypatch):
+    out = run("03_comparing_methods.py", capsys, monkeypatch)
+    gate = re.search(r"^gate: (\(.*?\))", out, re.M)[1]
+    assert re.search(rf"^IntegratedGradients: {re.escape(gate)}$", out, re.M)
+    assert re.search(rf"^EfficientAttention: {re.escape(gate)}$", out, re.M)
+    plain = re.findall(r"infidelity \[(.*?)\] sensitivity_max \[(.*?)\]", out)
+    assert len(plain) == 2
+    for infidelities, sensitivities in plain:
+        values = [float(v) for v in f"{infidelities}, {sensitivities}".split(", ")]
+        assert len(values) == 4
+        assert all(math.isfinite(v) and v >= 0 for v in values)
+    header = re.search(r"^method\s+(.*)$", out, re.M)[1].split()
+    assert [h for h in header if h not in "↑↓"] == [
+        "infidelity",
+        "sensitivity_max",
+        "comprehensiveness",
+        "sufficiency",
+        "deletion_auc",
+        "insertion_auc",
+        "s/example",
+    ]
+    methods = ["raw attention", "effective attention", "efficient attention"]
+    for method in [*methods, "IntegratedGradients", "Saliency"]:
+        assert re.search(rf"^{method}\s+-?\d", out, re.M), method
