@@ -112,6 +112,15 @@ def probabilities_of_gates(
     return torch.cat(chunks).reshape(versions, batch).T
 
 
+def _erase(
+    gate: Tensor, attributions: TokenScores, removable: Tensor, counts: Tensor, keep_top: bool
+) -> Tensor:
+    """``(K, B, S)`` gates: the top ``counts[k, b]`` tokens removed, or (keep_top) kept alone."""
+    top = top_token_masks(attributions, removable, counts)
+    erase = (removable[None] & ~top) if keep_top else top
+    return gate[None] * (~erase).to(gate.dtype)
+
+
 def check_fractions(fractions: Sequence[float], what: str) -> tuple[float, ...]:
     """``fractions`` as a tuple of floats in ``(0, 1]``, else a ValueError naming ``what``."""
     fractions = tuple(float(f) for f in fractions)
@@ -137,12 +146,11 @@ def erasure_curve(
     keeps only them (``keep_top=True``: sufficiency).
     """
     bins = check_fractions(bins, "bins")
-    top = top_token_masks(attributions, removable, top_token_counts(removable, bins, True))
-    erase = (removable[None] & ~top) if keep_top else top
-    args = tuple(additional_forward_args)
-    versions = torch.cat([gate[None], gate[None] * (~erase).to(gate.dtype)])
+    counts = top_token_counts(removable, bins, at_least_one=True)
+    erased = _erase(gate, attributions, removable, counts, keep_top)
+    versions = torch.cat([gate[None], erased])
     probabilities = probabilities_of_gates(
-        forward_func, versions, target, args, max_examples_per_batch
+        forward_func, versions, target, tuple(additional_forward_args), max_examples_per_batch
     )
     return probabilities[:, :1] - probabilities[:, 1:]
 
@@ -167,9 +175,7 @@ def perturbation_curve(
         raise ValueError(f"steps must be a positive number of curve segments; got {steps}")
     fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     counts = top_token_counts(removable, fractions.tolist(), at_least_one=False)
-    top = top_token_masks(attributions, removable, counts)
-    erase = (removable[None] & ~top) if insertion else top
-    versions = gate[None] * (~erase).to(gate.dtype)
+    versions = _erase(gate, attributions, removable, counts, keep_top=insertion)
     probabilities = probabilities_of_gates(
         forward_func, versions, target, tuple(additional_forward_args), max_examples_per_batch
     )

@@ -149,11 +149,20 @@ class SensitivityMax:
 class _Erasure:
     """AOPC over bins of top tokens removed (comprehensiveness) or kept alone (sufficiency)."""
 
+    name: str
     keep_top: bool
+    lower_is_better: bool
+    action: str
 
     def __init__(self, bins: Sequence[float] = ERASER_BINS):
         self.bins = check_fractions(bins, "bins")
-        self.info = self._info(self.bins)
+        self.info = MetricInfo(
+            name=self.name,
+            lower_is_better=self.lower_is_better,
+            range=(-1.0, 1.0),
+            description=f"drop of the target probability when {self.action} (AOPC over bins)",
+            parameters={"bins": self.bins},
+        )
 
     def __call__(self, context: MetricContext) -> Tensor:
         inputs = context.inputs
@@ -175,36 +184,16 @@ class _Erasure:
 class Comprehensiveness(_Erasure):
     """ERASER comprehensiveness, AOPC over ``bins`` (fractions of the removable tokens)."""
 
-    keep_top = False
-
-    @staticmethod
-    def _info(bins: tuple[float, ...]) -> MetricInfo:
-        return MetricInfo(
-            name="comprehensiveness",
-            lower_is_better=False,
-            range=(-1.0, 1.0),
-            description="drop of the target probability when the top tokens are removed "
-            "(AOPC over bins)",
-            parameters={"bins": bins},
-        )
+    name, keep_top, lower_is_better = "comprehensiveness", False, False
+    action = "the top tokens are removed"
 
 
 @register_metric("sufficiency")
 class Sufficiency(_Erasure):
     """ERASER sufficiency, AOPC over ``bins`` (fractions of the removable tokens)."""
 
-    keep_top = True
-
-    @staticmethod
-    def _info(bins: tuple[float, ...]) -> MetricInfo:
-        return MetricInfo(
-            name="sufficiency",
-            lower_is_better=True,
-            range=(-1.0, 1.0),
-            description="drop of the target probability when only the top tokens are kept "
-            "(AOPC over bins)",
-            parameters={"bins": bins},
-        )
+    name, keep_top, lower_is_better = "sufficiency", True, True
+    action = "only the top tokens are kept"
 
 
 class _CurveArea:
