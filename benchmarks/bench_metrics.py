@@ -44,6 +44,12 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="8 sentences, 4 reviews")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("rotten_tomatoes", "imdb"),
+        default=["rotten_tomatoes", "imdb"],
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -63,7 +69,8 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, IG n_steps {args.ig_steps}, "
         f"batch size {args.batch_size}"
     )
-    for name, (reviews, max_length) in datasets.items():
+    for name in args.datasets:
+        reviews, max_length = datasets[name]
         started = time.perf_counter()
         result = compare_methods(
             gate,

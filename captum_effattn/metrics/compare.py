@@ -56,7 +56,8 @@ def standard_methods(
 
     Raw, effective and efficient attention (``EfficientAttentionAttribution``, default query and
     all heads), IntegratedGradients (``n_steps=ig_steps``, the zero gate as baseline: every token
-    replaced by the baseline token) and Saliency (Captum's default absolute gradients); with
+    replaced by the baseline token; ``internal_batch_size=ig_steps`` bounds its memory to one
+    example's path at a time) and Saliency (Captum's default absolute gradients); with
     ``extended=True`` also InputXGradient and FeatureAblation (one forward pass per token).
     """
     attention = EfficientAttentionAttribution(gate, model=gate.model)
@@ -64,7 +65,10 @@ def standard_methods(
         f"{view} attention": (attention, {"view": view})
         for view in ("raw", "effective", "efficient")
     }
-    methods["IntegratedGradients"] = (IntegratedGradients(gate), {"n_steps": ig_steps})
+    # One example's path per internal batch: without it, sensitivity_max hands IG its batch times
+    # the perturbation samples at once, n_steps copies of each (24 GB at 4 x 5 x 50 x 256 tokens).
+    ig_kwargs = {"n_steps": ig_steps, "internal_batch_size": ig_steps}
+    methods["IntegratedGradients"] = (IntegratedGradients(gate), ig_kwargs)
     methods["Saliency"] = Saliency(gate)
     if extended:
         methods["InputXGradient"] = InputXGradient(gate)
