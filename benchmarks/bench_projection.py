@@ -112,11 +112,12 @@ def run_case(source: str, attn, values, sample_rows: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n in {64, 128}, few samples")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="n")
     parser.add_argument("--layer", type=int, default=1, help="MiniLM layer for the real heads")
     parser.add_argument("--sample-rows", type=int, default=6, help="rows timed with SLSQP")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sizes = (64, 128) if args.quick else (64, 128, 256, 512)
+    sizes = (64, 128) if args.quick else tuple(args.sizes)
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64 solver\n")
     rows = []
