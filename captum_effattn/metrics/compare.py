@@ -89,10 +89,8 @@ def _resolve_method(name: str, spec: MethodSpec, gate: TokenGate) -> Method:
     return Method(name, attribution, dict(kwargs))
 
 
-def resolve_targets(
-    gate: Callable[..., Tensor], inputs: GatedInputs, targets: Any
-) -> tuple[Tensor, Tensor]:
-    """``((B,) target classes, (B, C) logits)``.
+def resolve_targets(gate: Callable[..., Tensor], inputs: GatedInputs, targets: Any) -> Tensor:
+    """``(B,)`` the class to explain for each example.
 
     Args:
         targets: a sequence or tensor of ``B`` class indices, ``"predicted"`` (the model's own
@@ -109,20 +107,20 @@ def resolve_targets(
     if isinstance(targets, str):
         if targets != "predicted":
             raise ValueError(f"targets must be class indices or 'predicted'; got {targets!r}")
-        return logits.argmax(-1) if classes > 1 else torch.zeros(batch, dtype=torch.long), logits
+        return logits.argmax(-1) if classes > 1 else torch.zeros(batch, dtype=torch.long)
     if targets is None:
         if classes > 1:
             raise ValueError(
                 f"the model returns {classes} classes per example: pass targets (one class index "
                 "per text) or targets='predicted'"
             )
-        return torch.zeros(batch, dtype=torch.long), logits
+        return torch.zeros(batch, dtype=torch.long)
     target = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
     if target.shape[0] != batch:
         raise ValueError(f"got {target.shape[0]} targets for {batch} texts")
     if int(target.min()) < 0 or int(target.max()) >= classes:
         raise ValueError(f"targets {target.tolist()} out of range for {classes} classes")
-    return target.to(logits.device), logits
+    return target.to(logits.device)
 
 
 @dataclass
@@ -274,7 +272,7 @@ def compare_methods(
         warnings.filterwarnings("ignore", message=".*did not already require gradients")
         for index, (start, inputs) in enumerate(batches):
             wanted = targets if all_targets is None else all_targets[start : start + len(inputs)]
-            target, _ = resolve_targets(gate, inputs, wanted)
+            target = resolve_targets(gate, inputs, wanted)
             for method in resolved:
                 records += _score(
                     method,
