@@ -22,6 +22,10 @@ from captum_effattn.metrics.perturbations import explanation_function
 from captum_effattn.metrics.scores import default_metrics
 from captum_effattn.metrics.token_gate import GatedInputs, TokenGate
 
+IG_INTERNAL_BATCH = 64
+"""Inputs per IntegratedGradients forward pass in :func:`standard_methods` (at least n_steps;
+Captum warns and raises it to the number of examples when that is larger)."""
+
 MethodSpec = Any
 """An ``Attribution`` built on the token gate, an ``(attribution, attribute_kwargs)`` pair, or a
 factory ``gate -> attribution or pair`` (Captum's classes are factories: ``Saliency``)."""
@@ -56,8 +60,8 @@ def standard_methods(
 
     Raw, effective and efficient attention (``EfficientAttentionAttribution``, default query and
     all heads), IntegratedGradients (``n_steps=ig_steps``, the zero gate as baseline: every token
-    replaced by the baseline token; ``internal_batch_size=ig_steps`` bounds its memory to one
-    example's path at a time) and Saliency (Captum's default absolute gradients); with
+    replaced by the baseline token; at most ``max(ig_steps, 64)`` inputs per internal batch)
+    and Saliency (Captum's default absolute gradients); with
     ``extended=True`` also InputXGradient and FeatureAblation (one forward pass per token).
     """
     attention = EfficientAttentionAttribution(gate, model=gate.model)
@@ -65,9 +69,9 @@ def standard_methods(
         f"{view} attention": (attention, {"view": view})
         for view in ("raw", "effective", "efficient")
     }
-    # One example's path per internal batch: without it, sensitivity_max hands IG its batch times
-    # the perturbation samples at once, n_steps copies of each (24 GB at 4 x 5 x 50 x 256 tokens).
-    ig_kwargs = {"n_steps": ig_steps, "internal_batch_size": ig_steps}
+    # Bounded internal batches: without them, sensitivity_max hands IG its batch times the
+    # perturbation samples at once, n_steps copies of each (24 GB at 4 x 5 x 50 x 256 tokens).
+    ig_kwargs = {"n_steps": ig_steps, "internal_batch_size": max(ig_steps, IG_INTERNAL_BATCH)}
     methods["IntegratedGradients"] = (IntegratedGradients(gate), ig_kwargs)
     methods["Saliency"] = Saliency(gate)
     if extended:
