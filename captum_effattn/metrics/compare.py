@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from captum_effattn.attr import EfficientAttentionAttribution
 from captum_effattn.metrics.base import Metric, MetricContext, MetricInfo, get_metric
+from captum_effattn.metrics.eraser import check_target_range
 from captum_effattn.metrics.perturbations import explanation_function
 from captum_effattn.metrics.scores import default_metrics
 from captum_effattn.metrics.token_gate import GatedInputs, TokenGate
@@ -122,8 +123,7 @@ def resolve_targets(gate: Callable[..., Tensor], inputs: GatedInputs, targets: A
     target = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
     if target.shape[0] != batch:
         raise ValueError(f"got {target.shape[0]} targets for {batch} texts")
-    if int(target.min()) < 0 or int(target.max()) >= classes:
-        raise ValueError(f"targets {target.tolist()} out of range for {classes} classes")
+    check_target_range(target, classes, "targets")
     return target.to(logits.device)
 
 

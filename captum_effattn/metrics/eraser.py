@@ -56,10 +56,15 @@ def target_probability(logits: Tensor, target: Tensor | None) -> Tensor:
             f"the model returns {classes} classes per example: pass target (the class to explain "
             "for each example, e.g. the predicted one)"
         )
-    if target.numel() and not (int(target.min()) >= 0 and int(target.max()) < classes):
-        raise ValueError(f"target {target.tolist()} out of range for {classes} classes")
+    check_target_range(target, classes)
     probabilities = logits.double().softmax(-1)
     return probabilities.gather(-1, target.reshape(-1, 1).to(logits.device))[:, 0]
+
+
+def check_target_range(target: Tensor, classes: int, what: str = "target") -> None:
+    """Raise a ValueError unless every entry of ``target`` is a class in ``[0, classes)``."""
+    if target.numel() and not (int(target.min()) >= 0 and int(target.max()) < classes):
+        raise ValueError(f"{what} {target.tolist()} out of range for {classes} classes")
 
 
 def top_token_counts(removable: Tensor, fractions: Sequence[float], at_least_one: bool) -> Tensor:

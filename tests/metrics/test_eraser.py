@@ -192,3 +192,10 @@ def test_steps_must_be_positive():
 def test_attributions_of_the_wrong_shape_are_an_error():
     with pytest.raises(ValueError, match=r"attributions have shape \(1, 10, 4\); .*\(1, 10\)"):
         context(torch.ones(S, 4))
+
+
+def test_infidelity_names_a_target_the_model_does_not_have():
+    from captum_effattn.metrics import Infidelity
+
+    with pytest.raises(ValueError, match=r"target \[5\] out of range for 2 classes"):
+        Infidelity(n_perturb_samples=2)(context(WEIGHTS.clone(), target=5))
