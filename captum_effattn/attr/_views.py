@@ -113,7 +113,10 @@ def project_matrices(
     else:
         # Left padding under causal attention: the padding rows see no real key at all, so each
         # example is projected on its own real span.
-        rows, error = attn.clone(), torch.zeros(attn.shape[:-1], dtype=torch.float64)
+        rows, error = (
+            attn.clone(),
+            torch.zeros(attn.shape[:-1], dtype=torch.float64, device=attn.device),
+        )
         for b, mask in enumerate(key_mask):
             real = mask.nonzero()[:, 0]
             first, last = int(real[0]), int(real[-1]) + 1

@@ -120,7 +120,11 @@ def check_sufficiency(
     scale = (
         plain.reshape(batch, -1).double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
     )
-    head_error = torch.stack(errors).amax(0) if errors else torch.zeros(batch, dtype=torch.float64)
+    head_error = (
+        torch.stack(errors).amax(0)
+        if errors
+        else torch.zeros(batch, dtype=torch.float64, device=plain.device)
+    )
     return SufficiencyReport(
         view=name, relative_change=change / scale, head_output_error=head_error
     )

@@ -112,15 +112,15 @@ def resolve_targets(gate: Callable[..., Tensor], inputs: GatedInputs, targets: A
     if isinstance(targets, str):
         if targets != "predicted":
             raise ValueError(f"targets must be class indices or 'predicted'; got {targets!r}")
-        return logits.argmax(-1) if classes > 1 else torch.zeros(batch, dtype=torch.long)
+        return logits.argmax(-1) if classes > 1 else logits.new_zeros(batch, dtype=torch.long)
     if targets is None:
         if classes > 1:
             raise ValueError(
                 f"the model returns {classes} classes per example: pass targets (one class index "
                 "per text) or targets='predicted'"
             )
-        return torch.zeros(batch, dtype=torch.long)
-    target = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        return logits.new_zeros(batch, dtype=torch.long)
+    target = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
     if target.shape[0] != batch:
         raise ValueError(f"got {target.shape[0]} targets for {batch} texts")
     check_target_range(target, classes, "targets")

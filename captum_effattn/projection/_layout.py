@@ -68,12 +68,14 @@ class RowLayout:
         Args:
             rank_width: columns of the bases the solver will build (``d`` or ``d + 1``).
         """
-        keys = torch.arange(self.n, device=self.rows.device)
+        device = self.rows.device
+        keys = torch.arange(self.n, device=device)
         group_mask = self.source_mask[self.group_source] & (keys < self.group_prefix[:, None])
-        # Keys past a group's last real key play no part: trim them per chunk.
-        last_key = torch.where(group_mask, keys, -1).amax(-1) + 1
+        # Keys past a group's last real key play no part: trim them per chunk. The bookkeeping is
+        # a few integers per group: keep it on the CPU (no device sync per group on CUDA).
+        last_key = (torch.where(group_mask, keys, -1).amax(-1) + 1).cpu()
         order = torch.argsort(last_key, stable=True)
-        rows_per_group = torch.bincount(self.row_group, minlength=len(self.group_source))
+        rows_per_group = torch.bincount(self.row_group, minlength=len(self.group_source)).cpu()
         by_group = torch.argsort(self.row_group, stable=True)
         row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
         r = rank_width
@@ -97,10 +99,11 @@ class RowLayout:
                 ]
             )
             local = torch.repeat_interleave(torch.arange(len(groups)), rows_per_group[groups])
+            groups = groups.to(device)
             yield Chunk(
                 row_ids=row_ids,
                 rows=self.rows[row_ids, :n_c],
-                group=local.to(self.rows.device),
+                group=local.to(device),
                 values=self.source_values[self.group_source[groups], :n_c],
                 key_mask=group_mask[groups, :n_c],
             )
