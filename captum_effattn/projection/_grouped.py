@@ -42,9 +42,16 @@ class GroupedMatrices:
         present, counts = torch.unique(group, return_counts=True)
         self._shared = uses_shared_layout(len(group), len(present))
         if self._shared:
-            order = torch.argsort(group, stable=True)
             self._groups = present.tolist()
-            self._rows_of_group = order.split(counts.tolist())
+            if bool((group[1:] >= group[:-1]).all()):
+                # Rows already sorted by group (as the solver lays them out): slices, no copies.
+                ends = counts.cumsum(0).tolist()
+                self._rows_of_group = [
+                    slice(end - count, end) for end, count in zip(ends, counts.tolist(), strict=True)
+                ]
+            else:
+                order = torch.argsort(group, stable=True)
+                self._rows_of_group = order.split(counts.tolist())
         else:
             self._per_row = matrices[group]
 
@@ -59,24 +66,28 @@ class GroupedMatrices:
         """The same maps for a subset of the rows (``rows``: indices or a boolean mask)."""
         return GroupedMatrices(self.matrices, self.group[rows], self._cache)
 
-    def _by_group(self, inputs: torch.Tensor, out_width: int, product) -> torch.Tensor:
-        out = inputs.new_empty(len(inputs), out_width)
+    def _by_group(self, inputs: torch.Tensor, operand) -> torch.Tensor:
+        """``inputs_j @ operand(g)`` for each row ``j`` of group ``g``."""
+        if len(self._groups) == 1:
+            return inputs @ operand(self._groups[0])
+        out = inputs.new_empty(len(inputs), operand(self._groups[0]).shape[-1])
         for g, rows in zip(self._groups, self._rows_of_group, strict=True):
-            out[rows] = product(inputs[rows], g)
+            if isinstance(rows, slice):
+                torch.mm(inputs[rows], operand(g), out=out[rows])
+            else:
+                out[rows] = inputs[rows] @ operand(g)
         return out
 
     def left(self, coords: torch.Tensor) -> torch.Tensor:
         """``M_g @ coords_j`` for each row: ``(R, k) -> (R, n)``."""
         if self._shared:
-            return self._by_group(
-                coords, self.matrices.shape[-2], lambda c, g: c @ self.matrices[g].T
-            )
+            return self._by_group(coords, lambda g: self.matrices[g].T)
         return torch.bmm(self._per_row, coords[..., None])[..., 0]
 
     def right(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows_j @ M_g`` for each row: ``(R, n) -> (R, k)``."""
         if self._shared:
-            return self._by_group(rows, self.width, lambda x, g: x @ self.matrices[g])
+            return self._by_group(rows, lambda g: self.matrices[g])
         return torch.bmm(rows[:, None, :], self._per_row)[:, 0]
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
@@ -93,8 +104,32 @@ class GroupedMatrices:
                     *m.shape[:-1], k * k
                 )
             outer = self._cache["outer"]
-            return self._by_group(weights, k * k, lambda w, g: w @ outer[g]).reshape(-1, k, k)
+            return self._by_group(weights, lambda g: outer[g]).reshape(-1, k, k)
         return torch.bmm((self._per_row * weights[..., None]).mT, self._per_row)
+
+
+def gram_change(
+    matrices: torch.Tensor, group: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+) -> torch.Tensor:
+    """``M_g^T diag(new_j - old_j) M_g`` for each row, from the entries that differ only.
+
+    What an active-set step changes is a few keys per row: summing their outer products costs
+    ``changes * k^2`` where recomputing :meth:`GroupedMatrices.gram` costs ``R * n * k^2``.
+
+    Args:
+        matrices: ``(G, n, k)``; group: ``(R,)``; old, new: ``(R, n)`` weights.
+
+    Returns:
+        ``(R, k, k)``.
+    """
+    k = matrices.shape[-1]
+    row, key = (new != old).nonzero(as_tuple=True)
+    vectors = matrices[group[row], key]
+    signed = (new[row, key] - old[row, key])[:, None, None] * vectors[:, :, None]
+    change = new.new_zeros(len(new), k * k)
+    return change.index_add_(0, row, (signed * vectors[:, None, :]).reshape(-1, k * k)).reshape(
+        -1, k, k
+    )
 
 
 class TritonGroupedMatrices:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection._grouped import GroupedMatrices, gram_change
 
 # Levenberg-Marquardt-style regularization of the (possibly singular) generalized Hessian:
 # mu = REGULARIZATION * ||gradient|| + FLOOR. Small enough for superlinear convergence, large
 # enough to keep steps finite on supports that do not span the basis.
 REGULARIZATION = 1e-2
 REGULARIZATION_FLOOR = 1e-14
+# The support's Gram matrix is updated from the keys that entered or left it while they are fewer
+# than this fraction of all entries, and recomputed otherwise (the first steps move many keys).
+INCREMENTAL_GRAM_FRACTION = 1 / 64
 
 
 def exact_step(u: torch.Tensor, w: torch.Tensor, slope0: torch.Tensor) -> torch.Tensor:
@@ -81,28 +84,41 @@ def newton_phase(
     R, r = c.shape
     iterations = torch.zeros(R, dtype=torch.long, device=c.device)
     converged = torch.zeros(R, dtype=torch.bool, device=c.device)
+    # The unfinished rows' state is kept compact and written back only when rows finish:
+    # scattering into the full arrays every step cost more than the steps' arithmetic.
     active = torch.arange(R, device=c.device)
-    ops = basis
+    ops, c_active, theta_active = basis, c, theta.clone()
     eye = torch.eye(r, dtype=c.dtype, device=c.device)
+    support = gram = None  # the last support and its Gram matrix B^T diag(support) B
     for step_count in range(max_iter + 1):
-        u = ops.left(theta[active])
-        gradient = c[active] - ops.right(u.clamp_min(0))
+        u = ops.left(theta_active)
+        gradient = c_active - ops.right(u.clamp_min(0))
         norm = gradient.norm(dim=-1)
         done = norm <= tol
-        converged[active[done]] = True
-        if done.all():
-            break
-        if step_count == max_iter:
+        if step_count == max_iter or done.all():
+            converged[active[done]] = True
             break
         if done.any():
-            keep = ~done
+            finished, keep = active[done], ~done
+            theta[finished], converged[finished] = theta_active[done], True
+            iterations[finished] = step_count
             active, u, gradient, norm = active[keep], u[keep], gradient[keep], norm[keep]
-            ops = basis.subset(active)
+            c_active, theta_active = c_active[keep], theta_active[keep]
+            if gram is not None:
+                support, gram = support[keep], gram[keep]
+            ops = ops.subset(keep)
+        new_support = (u > 0).to(u.dtype)
+        moved = None if gram is None else int((new_support != support).sum())
+        if moved is not None and moved < INCREMENTAL_GRAM_FRACTION * u.numel():
+            gram = gram + gram_change(ops.matrices, ops.group, support, new_support)
+        else:
+            gram = ops.gram(new_support)
+        support = new_support
         mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
-        hessian = ops.gram((u > 0).to(u.dtype)) + mu[:, None, None] * eye
+        hessian = gram + mu[:, None, None] * eye
         factor, _ = torch.linalg.cholesky_ex(hessian)
         direction = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
-        step = exact_step(u, ops.left(direction), (direction * c[active]).sum(-1))
-        theta[active] += step[:, None] * direction
-        iterations[active] += 1
+        step = exact_step(u, ops.left(direction), (direction * c_active).sum(-1))
+        theta_active += step[:, None] * direction
+    theta[active], iterations[active] = theta_active, step_count
     return theta, iterations, converged

@@ -12,15 +12,25 @@ from captum_effattn._typing import KeyMask, RowBases
 CHOLESKY_ORTHOGONALITY = 1e-4
 
 
+def _right_inverse_transpose(matrix: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``matrix @ factor^{-T}`` for the Cholesky factor ``L`` of ``G = L L^T``, as
+    ``matrix @ (G^{-1} L)``: batched triangular solves cost ~100 us per small matrix on CPU
+    (measured 6 ms for 72 heads of 64 x 33), the Cholesky inverse and two products ~1 ms. The
+    second pass of CholeskyQR2 runs on a near-identity Gram, where both are exact to rounding."""
+    return matrix @ (torch.cholesky_inverse(factor) @ factor)
+
+
 def _cholesky_qr2(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two passes of Cholesky QR; returns ``(basis, trusted)`` with ``trusted`` per group."""
-    factor, info = torch.linalg.cholesky_ex(matrix.mT @ matrix)
-    first = torch.linalg.solve_triangular(factor, matrix.mT, upper=False).mT
-    gram = first.mT @ first
+    gram = matrix.mT @ matrix
     identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    factor = torch.where((info == 0)[:, None, None], factor, identity)
+    first = _right_inverse_transpose(matrix, factor)
+    gram = first.mT @ first
     trusted = (info == 0) & ((gram - identity).abs().amax((-2, -1)) <= CHOLESKY_ORTHOGONALITY)
     factor, info = torch.linalg.cholesky_ex(torch.where(trusted[:, None, None], gram, identity))
-    basis = torch.linalg.solve_triangular(factor, first.mT, upper=False).mT
+    basis = _right_inverse_transpose(first, factor)
     return basis, trusted & (info == 0)
 
 

@@ -92,7 +92,7 @@ def efficient_attention(
     tol: float = 1e-9,
     return_certificate: bool = False,
     solver: str = "auto",
-    max_newton_iter: int = 30,
+    max_newton_iter: int = 50,
     max_interior_iter: int = 200,
     rank_rtol: float | None = None,
     distribution_tol: float | None = None,
