@@ -46,8 +46,9 @@ class GroupedMatrices:
             if bool((group[1:] >= group[:-1]).all()):
                 # Rows already sorted by group (as the solver lays them out): slices, no copies.
                 ends = counts.cumsum(0).tolist()
+                sizes = counts.tolist()
                 self._rows_of_group = [
-                    slice(end - count, end) for end, count in zip(ends, counts.tolist(), strict=True)
+                    slice(end - size, end) for end, size in zip(ends, sizes, strict=True)
                 ]
             else:
                 order = torch.argsort(group, stable=True)
