@@ -13,6 +13,7 @@ from captum_effattn.projection._backend import Backend, resolve_backend
 from captum_effattn.projection._certify import output_error, simplex_violation
 from captum_effattn.projection._checks import check_inputs
 from captum_effattn.projection._layout import Chunk, RowLayout, build_layout
+from captum_effattn.projection._threads import threads_for
 from captum_effattn.projection.certificate import ProjectionCertificate
 
 
@@ -70,11 +71,14 @@ def project_rows(
     with torch.no_grad():
         for chunk in layout.chunks(rank_width):
             mask_c = chunk.key_mask[chunk.group]
-            result = solve_chunk(chunk, mask_c, chosen)
+            work = chunk.rows.numel() * rank_width
+            with threads_for(work, chunk.rows.device):
+                result = solve_chunk(chunk, mask_c, chosen)
+                values_c = chosen.grouped(chunk.values, chunk.group)
+                error_c = output_error(values_c, result.rows, result.reference)
             n_c = result.rows.shape[-1]
             out[chunk.row_ids, :n_c] = result.rows
-            values_c = chosen.grouped(chunk.values, chunk.group)
-            error[chunk.row_ids] = output_error(values_c, result.rows, result.reference)
+            error[chunk.row_ids] = error_c
             iterations[chunk.row_ids] = result.iterations
             unchanged[chunk.row_ids] = result.unchanged
     violation = simplex_violation(out, row_masks)

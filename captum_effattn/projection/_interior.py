@@ -124,47 +124,51 @@ def interior_point_phase(
     eye = torch.eye(r, dtype=c.dtype, device=c.device)
     iterations = torch.zeros(R, dtype=torch.long, device=c.device)
     converged = torch.zeros(R, dtype=torch.bool, device=c.device)
+    # Unfinished rows are kept compact and written back when they finish (as in newton_phase).
     active = torch.arange(R, device=c.device)
     ops = basis
+    xa, za, theta_a, ma, ca = x.clone(), z.clone(), theta, mask, c
+    n_a, dead_a = n_real[:, 0], torch.diag_embed(dead_columns.to(c.dtype))
     for step_count in range(max_iter + 1):
-        xa, za, ma, ca = x[active], z[active], mask[active], c[active]
-        dual_residual = (xa - ops.left(theta[active]) - za) * ma
+        dual_residual = (xa - ops.left(theta_a) - za) * ma
         primal_residual = ops.right(xa * ma) - ca
-        gap = (xa * za * ma).sum(-1) / n_real[active, 0]
+        gap = (xa * za * ma).sum(-1) / n_a
         done = (
             (primal_residual.norm(dim=-1) <= tol)
             & (dual_residual.norm(dim=-1) <= tol)
             & (gap <= tol * 1e-8)
         )
-        converged[active[done]] = True
         if done.all() or step_count == max_iter:
+            converged[active[done]] = True
             break
         if done.any():
-            keep = ~done
+            finished, keep = active[done], ~done
+            x[finished], z[finished], converged[finished] = xa[done], za[done], True
+            iterations[finished] = step_count
             active = active[keep]
-            xa, za, ma, ca = xa[keep], za[keep], ma[keep], ca[keep]
+            xa, za, theta_a, ma, ca = xa[keep], za[keep], theta_a[keep], ma[keep], ca[keep]
+            n_a, dead_a = n_a[keep], dead_a[keep]
             dual_residual, primal_residual, gap = (
                 dual_residual[keep],
                 primal_residual[keep],
                 gap[keep],
             )
-            ops = basis.subset(active)
+            ops = ops.subset(keep)
         weight = xa / (xa + za) * ma
-        dead = torch.diag_embed(dead_columns[active].to(c.dtype))
-        factor, _ = torch.linalg.cholesky_ex(ops.gram(weight) + dead + RIDGE * eye)
+        factor, _ = torch.linalg.cholesky_ex(ops.gram(weight) + dead_a + RIDGE * eye)
         system = _NewtonSystem(ops, factor, weight, xa, za, ma, dual_residual, primal_residual)
         # Predictor (affine scaling), then Mehrotra's centring-corrector with the same factor.
         d_x, d_z, d_theta = system.direction(xa * za * ma)
         affine = torch.minimum(_max_step(xa, d_x, 1.0), _max_step(za, d_z, 1.0))[:, None]
-        gap_affine = ((xa + affine * d_x) * (za + affine * d_z) * ma).sum(-1) / n_real[active, 0]
+        gap_affine = ((xa + affine * d_x) * (za + affine * d_z) * ma).sum(-1) / n_a
         centring = (gap_affine / gap).clamp(0, 1) ** 3
         d_x, d_z, d_theta = system.direction((xa * za + d_x * d_z - (centring * gap)[:, None]) * ma)
         step = torch.minimum(
             _max_step(xa, d_x, FRACTION_TO_BOUNDARY), _max_step(za, d_z, FRACTION_TO_BOUNDARY)
         )[:, None]
-        x[active] = xa + step * d_x
-        z[active] = za + step * d_z
-        theta[active] += step * d_theta
-        iterations[active] += 1
+        xa = xa + step * d_x
+        za = za + step * d_z
+        theta_a = theta_a + step * d_theta
+    x[active], z[active], iterations[active] = xa, za, step_count
     x = x * mask
     return crossover(basis, c, x, z * mask), iterations, converged

@@ -69,22 +69,26 @@ def orthonormal_basis(
         ``rank[g]`` columns are orthonormal and the rest exactly zero, and ``rank`` of shape
         ``(G,)``. Rows of masked keys are exactly zero.
     """
-    matrix = matrix.to(torch.float64) * key_mask[..., None]
+    matrix = matrix.to(torch.float64)
+    if not bool(key_mask.all()):
+        matrix = matrix * key_mask[..., None]
     norms = matrix.norm(dim=-2, keepdim=True)
     matrix = matrix / torch.where(norms > 0, norms, torch.ones_like(norms))
     n, k = matrix.shape[-2:]
-    width = min(n, k)
-    basis = matrix.new_zeros(*matrix.shape[:-1], width)
     rank = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
-    trusted = torch.zeros_like(rank, dtype=torch.bool)
     if n >= k:
         fast, trusted = _cholesky_qr2(matrix)
-        basis[trusted], rank[trusted] = fast[trusted], k
+        if bool(trusted.all()):
+            # Cholesky QR multiplies rows by a matrix: zero (padding) rows stay exactly zero.
+            return fast, rank.fill_(k)
+        basis, rank = fast * trusted[:, None, None], torch.where(trusted, k, rank)
+    else:
+        basis, trusted = matrix.new_zeros(*matrix.shape[:-1], n), rank.bool()
     hard = (~trusted).nonzero()[:, 0]
-    if len(hard):
-        basis[hard], rank[hard] = _householder_basis(matrix[hard], rtol)
-    # Factorizations leave rounding noise in rows that were zero: padding must stay exactly 0.
-    return basis * key_mask[..., None], rank
+    householder, rank[hard] = _householder_basis(matrix[hard], rtol)
+    # Householder QR leaves rounding noise in rows that were zero: padding must stay exactly 0.
+    basis[hard] = householder * key_mask[hard][..., None]
+    return basis, rank
 
 
 def value_space_basis(
