@@ -83,7 +83,9 @@ def orthonormal_basis(
             return fast, rank.fill_(k)
         basis, rank = fast * trusted[:, None, None], torch.where(trusted, k, rank)
     else:
-        basis, trusted = matrix.new_zeros(*matrix.shape[:-1], n), rank.bool()
+        # Fewer keys than columns: Cholesky QR cannot apply, every group takes Householder QR.
+        basis = matrix.new_zeros(*matrix.shape[:-1], n)
+        trusted = torch.zeros_like(rank, dtype=torch.bool)
     hard = (~trusted).nonzero()[:, 0]
     householder, rank[hard] = _householder_basis(matrix[hard], rtol)
     # Householder QR leaves rounding noise in rows that were zero: padding must stay exactly 0.
