@@ -1,0 +1,48 @@
+"""The Newton phase's exact line search: the maximizing step, with or without a partial sort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from captum_effattn.projection._newton import exact_step
+
+
+def phi(t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``t s - 1/2 ||relu(u + t w)||^2`` for each row, at steps ``t`` of shape ``(R, T)``."""
+    moved = (u[:, None, :] + t[..., None] * w[:, None, :]).clamp_min(0)
+    return t * s[:, None] - 0.5 * (moved**2).sum(-1)
+
+
+def _problem(rows: int, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    u[: rows // 3, : n // 2] = 0  # keys exactly at the boundary
+    w = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    w = w * (torch.rand(rows, n, generator=gen) > 0.3)  # keys the direction does not move
+    s = 3 * torch.randn(rows, generator=gen, dtype=torch.float64)
+    return u, w, s
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    n=st.integers(1, 80),
+    candidates=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_partial_sort_gives_the_same_step(rows, n, candidates, seed):
+    u, w, s = _problem(rows, n, seed)
+    assert torch.equal(exact_step(u, w, s, candidates), exact_step(u, w, s))
+
+
+@pytest.mark.parametrize("candidates", [None, 4])
+def test_the_step_maximizes_phi(candidates):
+    u, w, s = _problem(30, 50, 3)
+    t = exact_step(u, w, s, candidates)
+    assert (t >= 0).all()
+    grid = torch.linspace(0, 1, 401, dtype=torch.float64)[None, :] * (2 * t[:, None] + 1)
+    best_on_grid = phi(grid, u, w, s).amax(-1)
+    assert (phi(t[:, None], u, w, s)[:, 0] >= best_on_grid - 1e-9).all()
