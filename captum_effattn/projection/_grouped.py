@@ -128,9 +128,8 @@ def gram_change(
     vectors = matrices[group[row], key]
     signed = (new[row, key] - old[row, key])[:, None, None] * vectors[:, :, None]
     change = new.new_zeros(len(new), k * k)
-    return change.index_add_(0, row, (signed * vectors[:, None, :]).reshape(-1, k * k)).reshape(
-        -1, k, k
-    )
+    change.index_add_(0, row, (signed * vectors[:, None, :]).reshape(-1, k * k))
+    return change.reshape(-1, k, k)
 
 
 class TritonGroupedMatrices:

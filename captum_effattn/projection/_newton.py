@@ -88,36 +88,20 @@ def exact_step(
     safe_w = torch.where(moving, w, torch.ones_like(w))
     breaks = torch.where(moving, -u / safe_w, torch.full_like(u, torch.inf))
     sign = enters.to(u.dtype) - leaves.to(u.dtype)
-    slope_terms, curvature_terms = sign * w * u, sign * w * w
-    partial = candidates is not None and candidates < u.shape[-1]
-    if partial:
+    # Per row: what each breakpoint adds to phi's slope and curvature, and their values at t = 0.
+    terms = (sign * w * u, sign * w * w, alpha0, beta0, slope0)
+    if candidates is not None and candidates < u.shape[-1]:
         nearest, order = torch.topk(breaks, candidates, dim=-1, largest=False, sorted=True)
+        complete = torch.isinf(nearest[:, -1])  # every breakpoint of the row is among them
     else:
         nearest, order = torch.sort(breaks, dim=-1)
-    step, found = _step_on_segments(
-        nearest,
-        order,
-        slope_terms,
-        curvature_terms,
-        alpha0,
-        beta0,
-        slope0,
-        complete=torch.isinf(nearest[:, -1])
-        if partial
-        else torch.ones_like(slope0, dtype=torch.bool),
-    )
+        complete = torch.ones_like(slope0, dtype=torch.bool)
+    step, found = _step_on_segments(nearest, order, *terms, complete=complete)
     if not bool(found.all()):
         rest = (~found).nonzero()[:, 0]
         every, order = torch.sort(breaks[rest], dim=-1)
         step[rest], _ = _step_on_segments(
-            every,
-            order,
-            slope_terms[rest],
-            curvature_terms[rest],
-            alpha0[rest],
-            beta0[rest],
-            slope0[rest],
-            complete=torch.ones_like(rest, dtype=torch.bool),
+            every, order, *(term[rest] for term in terms), complete=torch.ones_like(found[rest])
         )
     return step
 
