@@ -13,7 +13,8 @@ INSTALL_HINT = "pip install 'captum-effattn[gpu]' (Linux; triton==3.7.1 pairs wi
 
 
 class KernelUnavailableError(RuntimeError):
-    """``backend="triton"`` was forced where the Triton kernels cannot run."""
+    """``backend="triton"`` or ``"numba"`` was forced where it cannot run (package missing,
+    tensors on a device it does not compute on, sizes beyond the kernels' limits)."""
 
 
 def triton_available() -> bool:

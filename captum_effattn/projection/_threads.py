@@ -7,17 +7,30 @@ a MiniLM input ran twice as fast on one thread. Large chunks still gain from thr
 chunks below :data:`SINGLE_THREAD_WORK` switch, and the caller's setting is restored on exit,
 also when the solve raises. ``torch.set_num_threads`` is process-wide: other threads computing
 at the same moment run on one thread too while a small chunk is solved.
+
+Work that runs outside PyTorch's pool (the compiled Newton phase) asks :func:`allowed_threads`
+for the caller's setting, which stays what it was outside the single-thread block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 SINGLE_THREAD_WORK = 8_000_000
 """Rows x keys x basis width of a chunk below which it is solved on one thread."""
+
+_CALLER_THREADS: ContextVar[int | None] = ContextVar("caller_threads", default=None)
+
+
+def allowed_threads() -> int:
+    """The threads the caller gave PyTorch (``torch.get_num_threads()`` outside
+    :func:`threads_for`'s single-thread block, and the setting from before it inside)."""
+    caller = _CALLER_THREADS.get()
+    return torch.get_num_threads() if caller is None else caller
 
 
 @contextmanager
@@ -28,7 +41,9 @@ def threads_for(work: int, device: torch.device) -> Iterator[None]:
         yield
         return
     torch.set_num_threads(1)
+    token = _CALLER_THREADS.set(before)
     try:
         yield
     finally:
+        _CALLER_THREADS.reset(token)
         torch.set_num_threads(before)

@@ -25,7 +25,6 @@ from captum_effattn.projection._checks import DISTRIBUTION_TOL, check_distributi
 from captum_effattn.projection._driver import ChunkResult, project_rows
 from captum_effattn.projection._interior import interior_point_phase
 from captum_effattn.projection._layout import Chunk
-from captum_effattn.projection._newton import newton_phase
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 
@@ -40,7 +39,7 @@ def _solve_chunk(
     row_mask: torch.Tensor,
     backend: Backend,
     solver: str,
-    max_newton_iter: int,
+    max_newton_iter: int | None,
     max_interior_iter: int,
     rank_rtol: float | None,
 ) -> ChunkResult:
@@ -58,7 +57,8 @@ def _solve_chunk(
         c = ops.right(a[todo])
         solved = torch.zeros(len(todo), dtype=torch.bool, device=a.device)
         if solver != "interior":
-            theta, newton_its, solved = newton_phase(ops, c, c.clone(), max_newton_iter, NEWTON_TOL)
+            steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
+            theta, newton_its, solved = backend.newton(ops, c, c.clone(), steps, NEWTON_TOL)
             x[todo] = ops.left(theta).clamp_min(0)
             iterations[todo] = newton_its
         hard = (~solved).nonzero()[:, 0]
@@ -92,7 +92,7 @@ def efficient_attention(
     tol: float = 1e-9,
     return_certificate: bool = False,
     solver: str = "auto",
-    max_newton_iter: int = 50,
+    max_newton_iter: int | None = None,
     max_interior_iter: int = 200,
     rank_rtol: float | None = None,
     distribution_tol: float | None = None,
@@ -123,17 +123,20 @@ def efficient_attention(
             error, simplex violation, iterations and convergence flag.
         solver: ``"auto"`` (semismooth Newton, then interior point for rows Newton does not
             finish), ``"newton"`` or ``"interior"`` alone (for benchmarks and tests).
-        max_newton_iter: Newton steps per row at most before handing the row over.
+        max_newton_iter: Newton steps per row at most before handing the row over to the
+            interior point. Default: 200 with the compiled (numba) Newton phase, 50 otherwise.
         max_interior_iter: interior-point iterations per row at most.
         rank_rtol: relative tolerance for the rank of ``[V, 1]`` (default ``max(n, d + 1) * eps``
             in float64, after scaling columns to unit norm).
         distribution_tol: how far an input row may be from a distribution (negative entries, mass
             on masked keys, sum minus one). Default by dtype: 1e-6 (float64), 1e-4 (float32),
             5e-3 (float16), 3e-2 (bfloat16).
-        backend: ``"auto"`` (Triton kernels for the solver's matrix products on CUDA tensors when
-            triton is installed, PyTorch otherwise or beyond the kernels' limits), ``"torch"``, or
-            ``"triton"`` (raises :class:`~captum_effattn.kernels.KernelUnavailableError` where
-            the kernels cannot run). Both compute in float64 and agree to rounding.
+        backend: ``"auto"`` (for CPU tensors the Newton phase compiled with numba when numba is
+            installed; for CUDA tensors Triton kernels for the solver's matrix products when
+            triton is installed; PyTorch otherwise or beyond the kernels' limits), ``"torch"``,
+            ``"numba"`` or ``"triton"`` (these raise
+            :class:`~captum_effattn.kernels.KernelUnavailableError` where they cannot run). All
+            compute in float64 and agree to rounding.
 
     Returns:
         Rows shaped like ``attn``, in its dtype, detached; with ``return_certificate=True`` a
@@ -142,7 +145,7 @@ def efficient_attention(
     Raises:
         TypeError, ValueError: malformed inputs (see :func:`effective_attention`), or a row that
             is not a probability distribution over its real keys.
-        KernelUnavailableError: ``backend="triton"`` where the kernels cannot run.
+        KernelUnavailableError: ``backend="numba"`` or ``"triton"`` where it cannot run.
 
     Warns:
         ConvergenceWarning: a row missed ``tol``; the certificate says which.

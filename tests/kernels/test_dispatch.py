@@ -17,7 +17,7 @@ from captum_effattn.projection import (
     efficient_attention,
     efficient_attention_from_qk,
 )
-from captum_effattn.projection._backend import Backend, resolve_backend
+from captum_effattn.projection._backend import Backend
 from tests.projection.problems import attention_rows, value_vectors
 
 
@@ -94,13 +94,11 @@ def test_effective_from_qk_runs_the_fused_projection(gen, device):
     agree(kernel, reference, 1e-12)
 
 
-def test_auto_stays_on_pytorch_for_cpu_tensors():
-    assert resolve_backend("auto", torch.device("cpu")) == Backend("torch", forced=False)
-
-
 def test_unknown_backend(gen):
     attn = attention_rows(2, 5, generator=gen)
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\)"):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \('auto', 'torch', 'numba', 'triton'\)"
+    ):
         efficient_attention(attn, value_vectors(5, 2, generator=gen), backend="cuda")
 
 

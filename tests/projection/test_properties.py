@@ -7,7 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from captum_effattn import effective_attention, efficient_attention
+from captum_effattn.projection._compiled_newton import numba_available
 
+# The CPU backends: batched PyTorch, and the compiled Newton phase where numba is installed.
+CPU_BACKENDS = ["torch", "numba"] if numba_available() else ["torch"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -48,10 +51,12 @@ def _output_error(x, attn, values):
 
 
 @SETTINGS
-@given(problems())
-def test_efficient_rows_are_distributions_with_the_same_output(problem):
+@given(problems(), st.sampled_from(CPU_BACKENDS))
+def test_efficient_rows_are_distributions_with_the_same_output(problem, backend):
     attn, values, key_mask, causal, visible = problem
-    x, cert = efficient_attention(attn, values, key_mask, causal, return_certificate=True)
+    x, cert = efficient_attention(
+        attn, values, key_mask, causal, return_certificate=True, backend=backend
+    )
     assert x.shape == attn.shape
     assert (x >= 0).all()
     assert (x[~visible] == 0).all()

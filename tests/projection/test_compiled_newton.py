@@ -1,0 +1,148 @@
+"""The compiled (numba) Newton phase: the same iteration as the batched PyTorch one, row by row."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from captum_effattn import efficient_attention
+from captum_effattn.kernels import KernelUnavailableError
+from captum_effattn.projection._backend import Backend, resolve_backend
+from captum_effattn.projection._compiled_newton import compiled_newton_phase, numba_available
+from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection._newton import newton_phase
+from captum_effattn.projection.basis import value_space_basis
+from tests.projection.problems import attention_rows, head_output_error, value_vectors
+
+pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
+
+
+def _dual_problem(groups: int, rows_per_group: int, n: int, d: int, padded: int, seed: int):
+    """Bases of ``[1, V]`` for ``groups`` heads and the coordinates ``c = B^T a`` of their rows."""
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen)
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[:, n - padded :] = False
+    basis, _ = value_space_basis(values, key_mask, with_ones=True)
+    group = torch.arange(groups).repeat_interleave(rows_per_group)
+    attn = attention_rows(len(group), n, sharpness=3.0, generator=gen) * key_mask[group]
+    attn = attn / attn.sum(-1, keepdim=True)
+    ops = GroupedMatrices(basis, group)
+    return ops, ops.right(attn)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.integers(1, 4),
+    rows_per_group=st.integers(1, 6),
+    n=st.integers(2, 60),
+    d=st.integers(1, 12),
+    padded=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_same_steps_as_the_batched_newton_phase(groups, rows_per_group, n, d, padded, seed):
+    """Same iteration: the same number of steps per row and the same dual point to rounding."""
+    padded = min(padded, n - 1)
+    ops, c = _dual_problem(groups, rows_per_group, n, d, padded, seed)
+    theta, steps, converged = newton_phase(ops, c, c.clone(), 50, 1e-13)
+    theta_c, steps_c, converged_c = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
+    assert torch.equal(converged_c, converged)
+    # Rounding may move a borderline row's last step by one: the paths are not bit-identical.
+    assert (steps_c - steps).abs().max() <= 1
+    x, x_c = ops.left(theta).clamp_min(0), ops.left(theta_c).clamp_min(0)
+    torch.testing.assert_close(x_c[converged], x[converged], atol=1e-11, rtol=0)
+
+
+def test_converges_where_the_optimum_is_degenerate():
+    """n much larger than d: most keys leave the support; the gradient tolerance is met."""
+    ops, c = _dual_problem(3, 8, 200, 6, 10, seed=5)
+    theta, steps, converged = compiled_newton_phase(ops, c, c.clone(), 200, 1e-13)
+    assert converged.all()
+    residual = c - ops.right(ops.left(theta).clamp_min(0))
+    assert residual.norm(dim=-1).max() <= 1e-13
+    assert (steps > 1).any()
+
+
+def test_the_starting_point_is_not_modified():
+    ops, c = _dual_problem(2, 3, 30, 4, 0, seed=1)
+    start = c.clone()
+    compiled_newton_phase(ops, c, start, 50, 1e-13)
+    assert torch.equal(start, c)
+
+
+def test_threads_share_the_rows_without_changing_any(monkeypatch):
+    """Rows are independent: one thread or several, in small blocks, the same bits."""
+    import captum_effattn.projection._compiled_newton as compiled
+
+    ops, c = _dual_problem(4, 9, 80, 8, 3, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(compiled, "BLOCK_ROWS", 1)
+        shared = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
+    finally:
+        torch.set_num_threads(before)
+    for one, other in zip(alone, shared, strict=True):
+        assert torch.equal(one, other)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_efficient_attention_agrees_across_cpu_backends(causal):
+    gen = torch.Generator().manual_seed(7)
+    n, d = 48, 6
+    attn = attention_rows(2, 3, n, n, sharpness=3.0, generator=gen)
+    values = value_vectors(2, 3, n, d, generator=gen)
+    key_mask = torch.ones(2, 1, n, dtype=torch.bool)
+    key_mask[1, :, n - 7 :] = False
+    attn = attn * key_mask[..., None, :]
+    if causal:
+        attn = attn.tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    results = {
+        backend: efficient_attention(
+            attn, values, key_mask, causal, backend=backend, return_certificate=True
+        )
+        for backend in ("torch", "numba")
+    }
+    (x_torch, cert_torch), (x_numba, cert_numba) = results["torch"], results["numba"]
+    assert cert_torch.all_converged
+    assert cert_numba.all_converged
+    torch.testing.assert_close(x_numba, x_torch, atol=1e-10, rtol=0)
+    assert head_output_error(x_numba, attn, values).max() <= 1e-9
+
+
+def test_auto_compiles_newton_for_cpu_tensors():
+    assert resolve_backend("auto", torch.device("cpu")) == Backend("numba", forced=False)
+    assert resolve_backend("numba", torch.device("cpu")).newton_steps == 200
+
+
+def test_numba_is_refused_for_tensors_off_the_cpu():
+    with pytest.raises(KernelUnavailableError, match=r"backend='numba' .* got tensors on meta"):
+        resolve_backend("numba", torch.device("meta"))
+
+
+WITHOUT_NUMBA = """
+import sys
+sys.modules["numba"] = None
+import torch
+from captum_effattn.projection._backend import resolve_backend
+print(resolve_backend("auto", torch.device("cpu")).name)
+from captum_effattn import efficient_attention
+attn = torch.full((2, 40), 1 / 40, dtype=torch.float64)
+efficient_attention(attn, torch.randn(40, 3, dtype=torch.float64), backend="numba")
+"""
+
+
+def test_without_numba_auto_falls_back_and_forcing_it_says_how_to_install():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_NUMBA], capture_output=True, text=True)
+    assert result.stdout.strip() == "torch"
+    assert "backend='numba' needs the numba package: pip install 'captum-effattn[numba]'" in (
+        result.stderr
+    )
