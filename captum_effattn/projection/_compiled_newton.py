@@ -17,7 +17,6 @@ importable. The first call compiles (a few seconds, cached on disk afterwards).
 from __future__ import annotations
 
 import importlib.util
-import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -27,8 +26,6 @@ import torch
 from captum_effattn.projection._newton import REGULARIZATION, REGULARIZATION_FLOOR
 from captum_effattn.projection._threads import allowed_threads
 
-# Reassociation lets LLVM vectorize the dot products (sums in a different order, same accuracy).
-FAST_MATH = {"reassoc", "contract"}
 # Rows per block handed to a thread: small enough to balance a few slow rows, large enough that
 # handing a block over (~20 us) stays small next to solving it.
 BLOCK_ROWS = 4
@@ -47,155 +44,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 @cache
 def _kernels():
-    """Compile (or load from numba's on-disk cache) the per-row solver."""
-    from numba import njit
-
-    @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-    def cholesky_solve(hessian, rhs, factor, out):  # pragma: no cover - compiled
-        """Solve ``hessian @ out = rhs`` (SPD, lower Cholesky in ``factor``); False if not PD."""
-        r = hessian.shape[0]
-        for j in range(r):
-            total = hessian[j, j]
-            for k in range(j):
-                total -= factor[j, k] * factor[j, k]
-            if not total > 0.0:
-                return False
-            pivot = math.sqrt(total)
-            factor[j, j] = pivot
-            for i in range(j + 1, r):
-                total = hessian[i, j]
-                for k in range(j):
-                    total -= factor[i, k] * factor[j, k]
-                factor[i, j] = total / pivot
-        for i in range(r):  # L y = rhs
-            total = rhs[i]
-            for k in range(i):
-                total -= factor[i, k] * out[k]
-            out[i] = total / factor[i, i]
-        for i in range(r - 1, -1, -1):  # L^T out = y
-            total = out[i]
-            for k in range(i + 1, r):
-                total -= factor[k, i] * out[k]
-            out[i] = total / factor[i, i]
-        return True
-
-    @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-    def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compiled
-        """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see ``_newton.exact_step``)."""
-        n = u.shape[0]
-        alpha = 0.0
-        beta = 0.0
-        moving = 0
-        for i in range(n):
-            ui, wi = u[i], w[i]
-            if ui > 0.0 or (ui == 0.0 and wi > 0.0):
-                alpha += wi * ui
-                beta += wi * wi
-            if (wi > 0.0 and ui < 0.0) or (wi < 0.0 and ui > 0.0):
-                breaks[moving] = -ui / wi
-                order_buffer[moving] = i
-                moving += 1
-        order = np.argsort(breaks[:moving])
-        for m in range(moving):
-            t = breaks[order[m]]
-            if slope0 - alpha - beta * t <= 0.0:
-                break
-            i = order_buffer[order[m]]
-            sign = 1.0 if w[i] > 0.0 else -1.0
-            alpha += sign * w[i] * u[i]
-            beta += sign * w[i] * w[i]
-        step = (slope0 - alpha) / max(beta, 2.2250738585072014e-308)
-        return max(step, 0.0)
-
-    @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-    def newton_rows(
-        bases, group, c, theta, max_iter, tol, regularization, floor, iterations, converged
-    ):  # pragma: no cover - compiled
-        rows, r = c.shape
-        n = bases.shape[1]
-        u = np.empty(n)
-        w = np.empty(n)
-        breaks = np.empty(n)
-        order_buffer = np.empty(n, dtype=np.int64)
-        support = np.zeros(n, dtype=np.bool_)
-        gram = np.zeros((r, r))
-        hessian = np.empty((r, r))
-        factor = np.zeros((r, r))
-        gradient = np.empty(r)
-        direction = np.empty(r)
-        for row in range(rows):
-            basis = bases[group[row]]
-            th = theta[row]
-            target = c[row]
-            support[:] = False
-            gram[:, :] = 0.0
-            size = 0
-            step_count = 0
-            while True:
-                for i in range(n):
-                    total = 0.0
-                    for k in range(r):
-                        total += basis[i, k] * th[k]
-                    u[i] = total
-                gradient[:] = target
-                for i in range(n):
-                    if u[i] > 0.0:
-                        for k in range(r):
-                            gradient[k] -= basis[i, k] * u[i]
-                norm = math.sqrt(np.sum(gradient * gradient))
-                if norm <= tol:
-                    converged[row] = True
-                    break
-                if step_count == max_iter:
-                    break
-                # The support's Gram matrix: from the keys that moved when they are few.
-                changes = 0
-                new_size = 0
-                for i in range(n):
-                    inside = u[i] > 0.0
-                    new_size += inside
-                    changes += inside != support[i]
-                if 2 * changes < new_size:
-                    for i in range(n):
-                        inside = u[i] > 0.0
-                        if inside != support[i]:
-                            sign = 1.0 if inside else -1.0
-                            for p in range(r):
-                                scaled = sign * basis[i, p]
-                                for q in range(r):
-                                    gram[p, q] += scaled * basis[i, q]
-                            support[i] = inside
-                else:
-                    gram[:, :] = 0.0
-                    for i in range(n):
-                        inside = u[i] > 0.0
-                        support[i] = inside
-                        if inside:
-                            for p in range(r):
-                                scaled = basis[i, p]
-                                for q in range(r):
-                                    gram[p, q] += scaled * basis[i, q]
-                size = new_size
-                mu = regularization * norm + floor
-                while True:
-                    hessian[:, :] = gram
-                    for p in range(r):
-                        hessian[p, p] += mu
-                    if cholesky_solve(hessian, gradient, factor, direction):
-                        break
-                    mu *= 10.0  # rounding made the regularized matrix indefinite: damp more
-                for i in range(n):
-                    total = 0.0
-                    for k in range(r):
-                        total += basis[i, k] * direction[k]
-                    w[i] = total
-                slope0 = np.sum(direction * target)
-                step = exact_step(u, w, slope0, breaks, order_buffer)
-                for k in range(r):
-                    th[k] += step * direction[k]
-                step_count += 1
-            iterations[row] = step_count
-        return size
+    """The compiled per-row solver (compiled on first use, then loaded from numba's disk cache)."""
+    from captum_effattn.projection._newton_numba import newton_rows
 
     return newton_rows
 
