@@ -13,6 +13,11 @@ from numba import njit
 
 # Reassociation lets LLVM vectorize the dot products (sums in a different order, same accuracy).
 FAST_MATH = {"reassoc", "contract"}
+# Bracket growths the line search tries (T = 4^k) before sweeping every breakpoint.
+MAX_BRACKETS = 32
+# ``u = B theta`` is carried along the steps (``u + t w``) and recomputed every this many steps,
+# so rounding cannot pile up.
+REFRESH_STEPS = 8
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -46,9 +51,33 @@ def cholesky_solve(hessian, rhs, factor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def line_slope(u, w, slope0, t):  # pragma: no cover - compiled
+    """``phi'(t) = s - sum_i w_i relu(u_i + t w_i)``."""
+    slope = slope0
+    for i in range(u.shape[0]):
+        moved = u[i] + t * w[i]
+        if moved > 0.0:
+            slope -= w[i] * moved
+    return slope
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compiled
-    """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see ``_newton.exact_step``)."""
+    """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see ``_newton.exact_step``).
+
+    ``phi'`` is non-increasing: a bracket ``[0, T]`` with ``phi'(T) <= 0`` (``T`` = 1, the full
+    Newton step, then 4, 16, ...) holds the maximizer, so only the breakpoints below ``T`` are
+    sorted and swept. Near convergence they are a handful of the row's keys. ``phi`` must be
+    bounded above, as it is along every Newton direction (the dual is bounded: P(a) is not empty).
+    """
     n = u.shape[0]
+    bound = 1.0
+    for _ in range(MAX_BRACKETS):
+        if line_slope(u, w, slope0, bound) <= 0.0:
+            break
+        bound *= 4.0
+    else:
+        bound = np.inf
     alpha = 0.0
     beta = 0.0
     moving = 0
@@ -58,9 +87,11 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
             alpha += wi * ui
             beta += wi * wi
         if (wi > 0.0 and ui < 0.0) or (wi < 0.0 and ui > 0.0):
-            breaks[moving] = -ui / wi
-            order_buffer[moving] = i
-            moving += 1
+            t = -ui / wi
+            if t < bound:
+                breaks[moving] = t
+                order_buffer[moving] = i
+                moving += 1
     order = np.argsort(breaks[:moving])
     for m in range(moving):
         t = breaks[order[m]]
@@ -98,6 +129,8 @@ def newton_rows(
     breaks = np.empty(n)
     order_buffer = np.empty(n, dtype=np.int64)
     support = np.zeros(n, dtype=np.bool_)
+    key_used = np.zeros(n, dtype=np.bool_)
+    column_used = np.zeros(r, dtype=np.bool_)
     gram = np.zeros((r, r))
     hessian = np.empty((r, r))
     factor = np.zeros((r, r))
@@ -110,12 +143,22 @@ def newton_rows(
         support[:] = False
         gram[:, :] = 0.0
         step_count = 0
+        # Which keys (rows of B) and columns are not identically zero (padding keys, columns
+        # beyond the rank): the Gram matrix of all keys is the identity on the used columns.
+        column_used[:] = False
+        for i in range(n):
+            key_used[i] = False
+            for k in range(r):
+                if basis[i, k] != 0.0:
+                    key_used[i] = True
+                    column_used[k] = True
         while True:
-            for i in range(n):
-                total = 0.0
-                for k in range(r):
-                    total += basis[i, k] * th[k]
-                u[i] = total
+            if step_count % REFRESH_STEPS == 0:
+                for i in range(n):
+                    total = 0.0
+                    for k in range(r):
+                        total += basis[i, k] * th[k]
+                    u[i] = total
             gradient[:] = target
             for i in range(n):
                 if u[i] > 0.0:
@@ -145,13 +188,20 @@ def newton_rows(
                                 gram[p, q] += scaled * basis[i, q]
                         support[i] = inside
             else:
+                # B^T B is the identity on the basis's non-zero columns: when fewer keys lie
+                # outside the support than inside, subtract theirs from it instead.
+                outside = size < n - size
                 gram[:, :] = 0.0
+                if not outside:
+                    for p in range(r):
+                        gram[p, p] = 1.0 if column_used[p] else 0.0
                 for i in range(n):
                     inside = u[i] > 0.0
                     support[i] = inside
-                    if inside:
+                    if inside == outside and key_used[i]:
+                        sign = 1.0 if inside else -1.0
                         for p in range(r):
-                            scaled = basis[i, p]
+                            scaled = sign * basis[i, p]
                             for q in range(r):
                                 gram[p, q] += scaled * basis[i, q]
             mu = regularization * norm + floor
@@ -171,5 +221,7 @@ def newton_rows(
             step = exact_step(u, w, slope0, breaks, order_buffer)
             for k in range(r):
                 th[k] += step * direction[k]
+            for i in range(n):
+                u[i] += step * w[i]
             step_count += 1
         iterations[row] = step_count

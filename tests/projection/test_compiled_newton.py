@@ -15,7 +15,7 @@ from captum_effattn.kernels import KernelUnavailableError
 from captum_effattn.projection._backend import Backend, resolve_backend
 from captum_effattn.projection._compiled_newton import compiled_newton_phase, numba_available
 from captum_effattn.projection._grouped import GroupedMatrices
-from captum_effattn.projection._newton import newton_phase
+from captum_effattn.projection._newton import exact_step, newton_phase
 from captum_effattn.projection.basis import value_space_basis
 from tests.projection.problems import attention_rows, head_output_error, value_vectors
 
@@ -56,6 +56,30 @@ def test_same_steps_as_the_batched_newton_phase(groups, rows_per_group, n, d, pa
     assert (steps_c - steps).abs().max() <= 1
     x, x_c = ops.left(theta).clamp_min(0), ops.left(theta_c).clamp_min(0)
     torch.testing.assert_close(x_c[converged], x[converged], atol=1e-11, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 80), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
+    """Sorting only the breakpoints below the bracket gives the full sort's step."""
+    import numpy as np
+
+    from captum_effattn.projection._newton_numba import exact_step as compiled_step
+
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    u[:2, : n // 2] = 0  # keys exactly at the boundary
+    w = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    w = w * (torch.rand(8, n, generator=gen) > 0.3)
+    # A key the direction raises bounds phi from above, as for every Newton direction (the dual
+    # is bounded because P(a) is not empty).
+    w[:, -1] = w[:, -1].abs() + 0.1
+    s = scale * torch.randn(8, generator=gen, dtype=torch.float64).abs()
+    expected = exact_step(u, w, s)
+    breaks, order = np.empty(n), np.empty(n, dtype=np.int64)
+    for row in range(8):
+        step = compiled_step(u[row].numpy(), w[row].numpy(), float(s[row]), breaks, order)
+        assert step == pytest.approx(float(expected[row]), rel=1e-12, abs=1e-300)
 
 
 def test_converges_where_the_optimum_is_degenerate():
