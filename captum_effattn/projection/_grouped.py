@@ -53,6 +53,10 @@ class GroupedMatrices:
             else:
                 order = torch.argsort(group, stable=True)
                 self._rows_of_group = order.split(counts.tolist())
+        elif len(group) == len(matrices) and bool(
+            (group == torch.arange(len(group), device=group.device)).all()
+        ):
+            self._per_row = matrices  # one row per group, in order (e.g. [CLS] rows): no copy
         else:
             self._per_row = matrices[group]
 
