@@ -100,6 +100,11 @@ class Backend:
         return NEWTON[self.name](ops, c, theta, max_iter, tol)
 
     @property
+    def batched_newton(self) -> bool:
+        """Whether the Newton phase runs as batched PyTorch operations (many small solves)."""
+        return NEWTON[self.name] is newton_phase
+
+    @property
     def newton_steps(self) -> int:
         """Default cap on Newton steps per row."""
         return NEWTON_STEPS[self.name]

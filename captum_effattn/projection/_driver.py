@@ -72,6 +72,9 @@ def project_rows(
         for chunk in layout.chunks(rank_width):
             mask_c = chunk.key_mask[chunk.group]
             work = chunk.rows.numel() * rank_width
+            if not chosen.batched_newton:
+                # Newton runs compiled, outside PyTorch: the chunk's PyTorch work is its bases.
+                work = max(work, chunk.key_mask.numel() * rank_width**2)
             with threads_for(work, chunk.rows.device):
                 result = solve_chunk(chunk, mask_c, chosen)
                 values_c = chosen.grouped(chunk.values, chunk.group)
