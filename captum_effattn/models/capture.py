@@ -219,8 +219,10 @@ class _LayerTap:
         keep_graph: bool,
         module: nn.Module,
         materialize: bool,
+        key_masks: _KeyMaskMemo,
     ) -> None:
         self.layer = layer
+        self.key_masks = key_masks
         self.module = module
         self.materialize = materialize
         self.heads = heads
@@ -280,14 +282,14 @@ class _LayerTap:
         additive = None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             additive = attention_mask
-        heads = torch.tensor(self.heads, device=query.device)
-        kv_heads = torch.tensor(self.kv_heads, device=query.device)
         common = {
             "layer": self.layer,
             "heads": self.heads,
             "kv_heads": self.kv_heads,
-            "values": value.index_select(1, kv_heads),
-            "key_mask": self._key_mask(allowed, batch, q_len),
+            "values": _select_heads(value, self.kv_heads),
+            "key_mask": self.key_masks.get(
+                attention_mask, lambda: self._key_mask(allowed, batch, q_len)
+            ),
             "causal": self.architecture.causal,
             "scaling": scaling,
             "additive_mask": additive,
@@ -295,16 +297,19 @@ class _LayerTap:
         if not self.materialize:
             # Record queries and keys only; the layer runs transformers' own fast attention.
             captured = CapturedHeads(
-                query=query.index_select(1, heads), key=key.index_select(1, kv_heads), **common
+                query=_select_heads(query, self.heads),
+                key=_select_heads(key, self.kv_heads),
+                **common,
             )
             self.record._add(captured if self.keep_graph else captured.detach())
             return sdpa_attention_forward(
                 self.module, query, key, value, attention_mask, scaling=scaling, **extra
             )
         probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
-        captured = CapturedHeads(probabilities=probs.index_select(1, heads), **common)
+        captured = CapturedHeads(probabilities=_select_heads(probs, self.heads), **common)
         self.record._add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
+            heads = torch.tensor(self.heads, device=query.device)
             probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
         output = probs @ repeat_kv(value, group)
         return output.transpose(1, 2).contiguous(), probs
@@ -324,6 +329,28 @@ class _LayerTap:
                 f"layer {self.layer}; got dtype {replaced.dtype} on {replaced.device}"
             )
         return replaced
+
+
+def _select_heads(states: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """``states[:, heads]`` for ``(B, H, ...)`` tensors; no copy when ``heads`` is every head."""
+    if heads == tuple(range(states.shape[1])):
+        return states
+    return states.index_select(1, torch.tensor(heads, device=states.device))
+
+
+class _KeyMaskMemo:
+    """The real keys of the last attention mask seen: the layers of one forward share one mask."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+        self._version = -1
+        self._keys: torch.Tensor | None = None
+
+    def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # The same tensor, not modified in place since (holding it keeps its id from being reused).
+        if mask is None or mask is not self._mask or mask._version != self._version:
+            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), compute()
+        return self._keys
 
 
 def _require_eval_mode(model: nn.Module) -> None:
@@ -411,6 +438,7 @@ def capture_attention(
             "one model cannot be nested"
         )
     record = AttentionRecord(architecture, selection)
+    key_masks = _KeyMaskMemo()
     taps = {
         architecture.attention_modules[layer]: _LayerTap(
             layer,
@@ -421,6 +449,7 @@ def capture_attention(
             keep_graph,
             module=architecture.attention_modules[layer],
             materialize=materialize,
+            key_masks=key_masks,
         )
         for layer, heads in selection.items()
     }

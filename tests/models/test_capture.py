@@ -250,6 +250,21 @@ def test_a_custom_mask_that_is_not_padding_is_refused():
         model(input_ids=inputs["input_ids"], attention_mask=banded)
 
 
+def test_a_mask_changed_in_place_between_forwards_is_read_again():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", padding=None)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    with torch.no_grad(), capture_attention(model) as record:
+        model(input_ids=inputs["input_ids"], attention_mask=mask)
+        mask[1, ..., 12:] = False  # the same tensor, now padding the second example's last keys
+        model(input_ids=inputs["input_ids"], attention_mask=mask)
+    first, second = record.calls
+    assert all(c.key_mask.all() for c in first)
+    expected = mask[:, 0, 0]
+    assert all(torch.equal(c.key_mask, expected) for c in second)
+    assert all(c.attn[1, :, :, 12:].abs().max() == 0 for c in second)
+
+
 def test_gradients_flow_as_without_capture():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert")
