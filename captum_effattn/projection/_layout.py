@@ -79,24 +79,24 @@ class RowLayout:
         by_group = torch.argsort(self.row_group, stable=True)
         row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
         r = rank_width
+        # Python integers for the per-group loop (indexing a tensor per group costs microseconds).
+        order_list, last_list = order.tolist(), last_key.tolist()
+        count_list, start_list = rows_per_group.tolist(), row_start.tolist()
         start = 0
-        while start < len(order):
+        while start < len(order_list):
             stop, bytes_used = start, 0
-            while stop < len(order):
-                g = int(order[stop])
-                n_c = int(last_key[g])
-                cost = 8 * n_c * (r * r + 3 * r) + 8 * int(rows_per_group[g]) * n_c * 16
+            while stop < len(order_list):
+                g = order_list[stop]
+                cost = 8 * last_list[g] * (r * r + 3 * r) + 8 * count_list[g] * last_list[g] * 16
                 if stop > start and bytes_used + cost > CHUNK_BYTES:
                     break
                 bytes_used += cost
                 stop += 1
+            chosen = order_list[start:stop]
             groups = order[start:stop]
-            n_c = int(last_key[groups].max())
+            n_c = max(last_list[g] for g in chosen)
             row_ids = torch.cat(
-                [
-                    by_group[int(row_start[g]) : int(row_start[g] + rows_per_group[g])]
-                    for g in groups
-                ]
+                [by_group[start_list[g] : start_list[g] + count_list[g]] for g in chosen]
             )
             local = torch.repeat_interleave(torch.arange(len(groups)), rows_per_group[groups])
             groups = groups.to(device)
