@@ -133,19 +133,22 @@ def project_matrices(
     return rows, error.to(attn.device) * key_mask[:, None, :]
 
 
-def project_rows(
+def project_layers(
     captured: Sequence[CapturedHeads], queries: QueryRows, view: View
-) -> ProjectedRows:
-    """Project the query rows ``queries`` of every captured head with ``view``.
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Project the query rows ``queries`` of some captured layers' heads with ``view``, in one
+    batch.
 
     Args:
-        captured: one :class:`CapturedHeads` per selected layer, from a single forward pass.
+        captured: selected layers of a single forward pass (any subset, any order).
         queries: the rows to project (:func:`select_query_rows`).
         view: the view to apply.
+
+    Returns:
+        Per layer, ``(rows, output_error)`` of shapes ``(B, H_sel, Q, S)`` and ``(B, H_sel, Q)``.
     """
-    values = torch.cat([c.values for c in captured], dim=1)
-    pairs = tuple((c.layer, head) for c in captured for head in c.heads)
     key_mask, causal = captured[0].key_mask, captured[0].causal
+    values = torch.cat([c.values for c in captured], dim=1)
     if queries.all_rows:
         attn = torch.cat([c.attn for c in captured], dim=1)
         rows, error = project_matrices(attn, values, key_mask, causal, view)
@@ -158,4 +161,32 @@ def project_rows(
             keys = torch.arange(key_mask.shape[-1], device=key_mask.device)
             visible = key_mask & (keys <= queries.positions)
         rows, error = view.project(rows, values, visible[:, None], False)
-    return ProjectedRows(rows=rows, output_error=error, pairs=pairs, queries=queries)
+    sizes = [len(c.heads) for c in captured]
+    return list(zip(rows.split(sizes, dim=1), error.split(sizes, dim=1), strict=True))
+
+
+def stack_layers(
+    captured: Sequence[CapturedHeads],
+    queries: QueryRows,
+    projected: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> ProjectedRows:
+    """Stack the per-layer results of :func:`project_layers` along the heads axis."""
+    return ProjectedRows(
+        rows=torch.cat([rows for rows, _ in projected], dim=1),
+        output_error=torch.cat([error for _, error in projected], dim=1),
+        pairs=tuple((c.layer, head) for c in captured for head in c.heads),
+        queries=queries,
+    )
+
+
+def project_rows(
+    captured: Sequence[CapturedHeads], queries: QueryRows, view: View
+) -> ProjectedRows:
+    """Project the query rows ``queries`` of every captured head with ``view``.
+
+    Args:
+        captured: one :class:`CapturedHeads` per selected layer, from a single forward pass.
+        queries: the rows to project (:func:`select_query_rows`).
+        view: the view to apply.
+    """
+    return stack_layers(captured, queries, project_layers(captured, queries, view))

@@ -161,9 +161,15 @@ class AttentionRecord:
         selection: the :class:`HeadSelection` that was captured.
     """
 
-    def __init__(self, architecture: ModelArchitecture, selection: HeadSelection) -> None:
+    def __init__(
+        self,
+        architecture: ModelArchitecture,
+        selection: HeadSelection,
+        on_layer: Callable[[CapturedHeads], None] | None = None,
+    ) -> None:
         self.architecture = architecture
         self.selection = selection
+        self._on_layer = on_layer
         self._calls: list[list[CapturedHeads]] = []
 
     @property
@@ -193,6 +199,8 @@ class AttentionRecord:
         if not self._calls or captured.layer <= self._calls[-1][-1].layer:
             self._calls.append([])
         self._calls[-1].append(captured)
+        if self._on_layer is not None:
+            self._on_layer(captured)
 
     def _check_complete(self) -> None:
         for number, call in enumerate(self._calls):
@@ -302,6 +310,17 @@ class _LayerTap:
                 **common,
             )
             self.record._add(captured if self.keep_graph else captured.detach())
+            if (
+                additive is None
+                and attention_mask is not None
+                and q_len == k_len
+                and attention_mask.shape[-2:] == (q_len, k_len)
+                and self.key_masks.all_real()
+            ):
+                # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
+                # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
+                attention_mask = None
+                extra = {**extra, "is_causal": self.architecture.causal}
             return sdpa_attention_forward(
                 self.module, query, key, value, attention_mask, scaling=scaling, **extra
             )
@@ -345,12 +364,20 @@ class _KeyMaskMemo:
         self._mask: torch.Tensor | None = None
         self._version = -1
         self._keys: torch.Tensor | None = None
+        self._all_real: bool | None = None
 
     def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         # The same tensor, not modified in place since (holding it keeps its id from being reused).
         if mask is None or mask is not self._mask or mask._version != self._version:
             self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), compute()
+            self._all_real = None
         return self._keys
+
+    def all_real(self) -> bool:
+        """Whether every key of the mask last passed to :meth:`get` is real (no padding)."""
+        if self._all_real is None:
+            self._all_real = bool(self._keys.all())
+        return self._all_real
 
 
 def _require_eval_mode(model: nn.Module) -> None:
@@ -372,6 +399,7 @@ def capture_attention(
     *,
     keep_graph: bool = False,
     materialize: bool = True,
+    on_layer: Callable[[CapturedHeads], None] | None = None,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -400,6 +428,9 @@ def capture_attention(
             recorded: :attr:`CapturedHeads.attn` and :meth:`CapturedHeads.rows` compute the
             probabilities afterwards, the same way, and a few rows cost memory linear in the
             sequence length. A ``transform`` needs the probabilities during the forward.
+        on_layer: called with each selected layer's :class:`CapturedHeads` as soon as it is
+            recorded, while the forward pass goes on to the next layers (work on early layers
+            can overlap the rest of the forward). What it raises propagates out of the forward.
 
     Yields:
         An :class:`AttentionRecord`, filled while the body runs the model (once or several
@@ -437,7 +468,7 @@ def capture_attention(
             f"this {architecture.model_class} is already under capture_attention; captures of "
             "one model cannot be nested"
         )
-    record = AttentionRecord(architecture, selection)
+    record = AttentionRecord(architecture, selection, on_layer)
     key_masks = _KeyMaskMemo()
     taps = {
         architecture.attention_modules[layer]: _LayerTap(

@@ -17,6 +17,7 @@ from captum.attr._utils.attribution import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_effattn.attr._pipeline import LayerPipeline
 from captum_effattn.attr._queries import QuerySpec, select_query_rows
 from captum_effattn.attr._reductions import (
     attention_rollout,
@@ -24,7 +25,7 @@ from captum_effattn.attr._reductions import (
     mean_over_queries,
 )
 from captum_effattn.attr._spread import spread_to_input
-from captum_effattn.attr._views import View, get_view, project_matrices, project_rows
+from captum_effattn.attr._views import View, get_view, project_matrices, stack_layers
 from captum_effattn.models import (
     CapturedHeads,
     HeadSelection,
@@ -161,11 +162,25 @@ class EfficientAttentionAttribution(Attribution):
             _require_rectangular(selection, "reduce=None")
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = _format_tensor_into_tuples(inputs)
-        captured = self._capture(inputs_tuple, additional_forward_args, selection)
-        key_mask, causal = captured[0].key_mask, captured[0].causal
-        queries = select_query_rows(query, key_mask, causal)
+        rollout = reduction is not None and reduction.combine is None
+        # Rows are projected layer by layer while the forward pass runs the later layers.
+        pipeline = None if rollout else LayerPipeline(query, attention_view)
+        try:
+            captured = self._capture(
+                inputs_tuple,
+                additional_forward_args,
+                selection,
+                on_layer=None if pipeline is None else pipeline.submit,
+            )
+            key_mask, causal = captured[0].key_mask, captured[0].causal
+            queries = select_query_rows(query, key_mask, causal)
+            if pipeline is not None:
+                projected = stack_layers(captured, queries, pipeline.results(captured, queries))
+        finally:
+            if pipeline is not None:
+                pipeline.close()
 
-        if reduction is not None and reduction.combine is None:
+        if rollout:
             matrices, errors = self._project_matrices(captured, attention_view)
             flow = attention_rollout(matrices.double().mean(2))
             index = queries.positions[..., None].expand(-1, -1, flow.shape[-1])
@@ -173,7 +188,6 @@ class EfficientAttentionAttribution(Attribution):
             scores = mean_over_queries(rows, queries.real)[:, 0].to(matrices.dtype)
             delta = _per_example_max(errors * key_mask[:, None, None, :])
         else:
-            projected = project_rows(captured, queries, attention_view)
             per_head = mean_over_queries(projected.rows, queries.real)
             delta = _per_example_max(projected.output_error * queries.real[:, None, :])
             if reduction is None:
@@ -227,9 +241,15 @@ class EfficientAttentionAttribution(Attribution):
         inputs: tuple[Tensor, ...],
         additional_forward_args: Any,
         selection: HeadSelection,
+        on_layer: Callable[[CapturedHeads], None] | None = None,
     ) -> tuple[CapturedHeads, ...]:
         extra = _format_additional_forward_args(additional_forward_args) or ()
-        with capture_attention(self.model, selection, materialize=False) as record, torch.no_grad():
+        with (
+            capture_attention(
+                self.model, selection, materialize=False, on_layer=on_layer
+            ) as record,
+            torch.no_grad(),
+        ):
             try:
                 self.forward_func(*inputs, *extra)
             except (IndexError, RuntimeError, ValueError) as error:

@@ -1,0 +1,94 @@
+"""Layers projected on a worker thread while the forward pass runs give what projecting after it
+gives, and no work outlives the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_effattn import EfficientAttentionAttribution
+from captum_effattn.attr._pipeline import LayerPipeline
+from captum_effattn.attr._queries import select_query_rows
+from captum_effattn.attr._views import get_view, project_rows
+from captum_effattn.models import capture_attention, select_heads
+from tests.attr.helpers import text_setup
+from tests.models.tiny import NUM_HEADS, NUM_LAYERS
+
+
+def _pipelined_and_after(name, query, view, padding="right"):
+    model, forward, ids, mask = text_setup(name, padding)
+    pipeline = LayerPipeline(query, get_view(view))
+    selection = select_heads(model, heads={0: "all", 1: [1, 3], 2: "all"})
+    try:
+        with (
+            capture_attention(model, selection, materialize=False, on_layer=pipeline.submit) as rec,
+            torch.no_grad(),
+        ):
+            forward(ids, mask)
+        captured = rec.layers
+        queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+        pipelined = pipeline.results(captured, queries)
+    finally:
+        pipeline.close()
+    return pipelined, project_rows(captured, queries, get_view(view))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("query", ["auto", "all", 3])
+@pytest.mark.parametrize("view", ["efficient", "effective", "raw"])
+def test_pipelined_rows_equal_rows_projected_after_the_forward(name, query, view):
+    pipelined, after = _pipelined_and_after(name, query, view)
+    sizes = [NUM_HEADS, 2, NUM_HEADS]  # layer 1: heads 1 and 3 only
+    assert [rows.shape[1] for rows, _ in pipelined] == sizes
+    rows = torch.cat([rows for rows, _ in pipelined], dim=1)
+    errors = torch.cat([error for _, error in pipelined], dim=1)
+    torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
+    torch.testing.assert_close(errors, after.output_error, rtol=0, atol=1e-9)
+    if view == "efficient":
+        assert (errors <= 1e-9).all()
+
+
+def test_each_layer_is_handed_over_before_the_next_one_runs():
+    model, forward, ids, mask = text_setup("bert")
+    events = []
+    layers = model.bert.encoder.layer
+    handles = [
+        layer.attention.self.register_forward_pre_hook(lambda *_, i=i: events.append(("runs", i)))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with (
+            capture_attention(
+                model, on_layer=lambda c: events.append(("handed", c.layer)), materialize=False
+            ),
+            torch.no_grad(),
+        ):
+            forward(ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert events == [(kind, i) for i in range(NUM_LAYERS) for kind in ("runs", "handed")]
+
+
+def test_closing_waits_for_every_batch_even_when_results_are_never_asked():
+    model, forward, ids, mask = text_setup("llama")
+    pipeline = LayerPipeline("all", get_view("efficient"))
+    with capture_attention(model, materialize=False, on_layer=pipeline.submit), torch.no_grad():
+        forward(ids, mask)
+    jobs = list(pipeline._jobs)
+    assert jobs
+    pipeline.close()
+    assert all(job.done() for job in jobs)
+
+
+def test_a_query_that_does_not_resolve_submits_nothing():
+    model, forward, ids, mask = text_setup("bert")
+    pipeline = LayerPipeline(99, get_view("efficient"))
+    with capture_attention(model, materialize=False, on_layer=pipeline.submit), torch.no_grad():
+        forward(ids, mask)
+    assert pipeline._jobs == []
+    # The attribution then raises the query's own error.
+    with pytest.raises(ValueError, match="query position 99 is out of range"):
+        EfficientAttentionAttribution(forward, model=model).attribute(
+            ids, additional_forward_args=(mask,), query=99
+        )
