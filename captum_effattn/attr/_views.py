@@ -45,17 +45,19 @@ class View:
         name: the registry key.
         project: see :data:`Projection`.
         distribution: whether the rows it returns are probability distributions.
+        solves: whether it solves a problem per row (work worth overlapping with the forward).
     """
 
     name: str
     project: Projection
     distribution: bool
+    solves: bool = True
 
 
 VIEWS: dict[str, View] = {
     view.name: view
     for view in (
-        View("raw", _raw, distribution=True),
+        View("raw", _raw, distribution=True, solves=False),
         View("effective", _certified(effective_attention), distribution=False),
         View("efficient", _certified(efficient_attention), distribution=True),
     )

@@ -2,7 +2,8 @@
 
 - ``"torch"``: batched PyTorch everywhere.
 - ``"numba"`` (CPU tensors, the ``numba`` extra): the semismooth Newton phase of efficient
-  attention compiled row by row (:mod:`._compiled_newton`); everything else as ``"torch"``.
+  attention compiled row by row (:mod:`._compiled_newton`), run on ``[1, V]`` itself where it is
+  well conditioned (no orthonormal bases); everything else as ``"torch"``.
 - ``"triton"`` (CUDA tensors, the ``gpu`` extra): Triton kernels for the solver's matrix products
   and the streamed attention rows, falling back to PyTorch where a problem exceeds the kernels'
   limits (rows wider than :data:`~captum_effattn.kernels._support.MAX_WIDTH`).
@@ -26,7 +27,11 @@ from captum_effattn.kernels._support import (
     require_triton,
     triton_available,
 )
-from captum_effattn.projection._compiled_newton import compiled_newton_phase, numba_available
+from captum_effattn.projection._compiled_newton import (
+    compiled_newton_phase,
+    compiled_value_newton,
+    numba_available,
+)
 from captum_effattn.projection._grouped import GroupedMatrices, TritonGroupedMatrices
 from captum_effattn.projection._newton import newton_phase
 
@@ -60,6 +65,8 @@ ATTENTION_ROWS = {
     "triton": _attention_rows_triton,
 }
 NEWTON = {"torch": newton_phase, "numba": compiled_newton_phase, "triton": newton_phase}
+# Efficient attention solved without orthonormal bases where it can be (None: always with them).
+VALUE_NEWTON = {"torch": None, "numba": compiled_value_newton, "triton": None}
 # Newton steps per row before the interior point takes over, when the caller does not say: a
 # compiled step costs microseconds, so letting Newton finish beats the interior point's ~10 ms.
 NEWTON_STEPS = {"torch": 50, "numba": 200, "triton": 50}
@@ -98,6 +105,12 @@ class Backend:
     def newton(self, ops, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float):
         """The semismooth Newton phase (see :func:`._newton.newton_phase`)."""
         return NEWTON[self.name](ops, c, theta, max_iter, tol)
+
+    @property
+    def value_newton(self):
+        """Efficient-attention rows by Newton on ``[1, V]`` itself
+        (:func:`._compiled_newton.compiled_value_newton`), or ``None`` on this backend."""
+        return VALUE_NEWTON[self.name]
 
     @property
     def batched_newton(self) -> bool:

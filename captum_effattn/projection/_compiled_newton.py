@@ -26,6 +26,10 @@ import torch
 from captum_effattn.projection._newton import REGULARIZATION, REGULARIZATION_FLOOR
 from captum_effattn.projection._threads import allowed_threads
 
+# ``||L^{-1}||_F`` above which ``[1, V]`` (unit columns, Gram ``L L^T``) goes to the orthonormal
+# route: the gradient's rounding error grows with it, and 1e3 keeps it near 1e-14 against the
+# 1e-13 tolerance. MiniLM's heads sit far below (see tests/projection/test_value_newton.py).
+MAX_INVERSE_NORM = 1e3
 # Rows per block handed to a thread: small enough to balance a few slow rows, large enough that
 # handing a block over (~20 us) stays small next to solving it.
 BLOCK_ROWS = 4
@@ -44,10 +48,25 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 @cache
 def _kernels():
-    """The compiled per-row solver (compiled on first use, then loaded from numba's disk cache)."""
-    from captum_effattn.projection._newton_numba import newton_rows
+    """The compiled per-row solvers (compiled on first use, then loaded from numba's disk cache)."""
+    from captum_effattn.projection import _newton_numba
 
-    return newton_rows
+    return _newton_numba
+
+
+def _numpy(tensor: torch.Tensor, dtype=np.float64) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+
+
+def _in_blocks(solve, rows: int) -> None:
+    """``solve(block)`` over slices of ``rows``, on the threads the caller allows PyTorch."""
+    workers = min(allowed_threads(), -(-rows // BLOCK_ROWS))
+    if workers <= 1:
+        solve(slice(None))
+        return
+    blocks = [slice(i, i + BLOCK_ROWS) for i in range(0, rows, BLOCK_ROWS)]
+    for _ in _pool(workers).map(solve, blocks):
+        pass  # re-raises a block's exception here
 
 
 def compiled_newton_phase(
@@ -69,12 +88,9 @@ def compiled_newton_phase(
     Returns:
         ``(theta, iterations, converged)``, each per row.
     """
-    newton_rows = _kernels()
-    bases, group = ops.matrices, ops.group
-    bases_np = np.ascontiguousarray(bases.detach().cpu().numpy(), dtype=np.float64)
-    c_np = np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float64)
+    newton_rows = _kernels().newton_rows
+    bases_np, c_np, group_np = _numpy(ops.matrices), _numpy(c), _numpy(ops.group, np.int64)
     theta_np = np.array(theta.detach().cpu().numpy(), dtype=np.float64, order="C", copy=True)
-    group_np = np.ascontiguousarray(group.detach().cpu().numpy(), dtype=np.int64)
     iterations = np.zeros(len(c_np), dtype=np.int64)
     converged = np.zeros(len(c_np), dtype=np.bool_)
 
@@ -92,15 +108,62 @@ def compiled_newton_phase(
             converged[rows],
         )
 
-    workers = min(allowed_threads(), -(-len(c_np) // BLOCK_ROWS))
-    if workers <= 1:
-        solve(slice(None))
-    else:
-        blocks = [slice(i, i + BLOCK_ROWS) for i in range(0, len(c_np), BLOCK_ROWS)]
-        for _ in _pool(workers).map(solve, blocks):
-            pass  # re-raises a block's exception here
+    _in_blocks(solve, len(c_np))
     return (
         torch.from_numpy(theta_np),
         torch.from_numpy(iterations),
         torch.from_numpy(converged),
     )
+
+
+def compiled_value_newton(
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    group: torch.Tensor,
+    rows: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Efficient-attention rows by compiled Newton in the coordinates of ``[1, V]`` itself.
+
+    The same steps as :func:`compiled_newton_phase` on an orthonormal basis of the same space,
+    without building one (see ``_newton_numba.value_newton_rows``): the batched QR that basis
+    costs is a third of a [CLS]-row projection. Rows whose ``[1, V]`` is not well conditioned, or
+    has no more columns than real keys, or that do not converge within ``max_iter``, come back
+    unsolved for the general path.
+
+    Args:
+        values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
+        group: ``(R,)`` group of each row.
+        rows: ``(R, n)`` attention distributions (float64).
+        max_iter, tol: as in :func:`compiled_newton_phase`.
+
+    Returns:
+        ``(x, iterations, solved)``: ``x`` ``(R, n)`` the un-normalized rows ``relu(W th)`` (zero
+        where not solved), iterations and solved flags per row.
+    """
+    kernel = _kernels().value_newton_rows
+    values_np, mask_np = _numpy(values), _numpy(key_mask, np.bool_)
+    rows_np, group_np = _numpy(rows), _numpy(group, np.int64)
+    x = np.zeros_like(rows_np)
+    iterations = np.zeros(len(rows_np), dtype=np.int64)
+    solved = np.zeros(len(rows_np), dtype=np.bool_)
+
+    def solve(block: slice) -> None:
+        kernel(
+            values_np,
+            mask_np,
+            group_np[block],
+            rows_np[block],
+            max_iter,
+            tol,
+            REGULARIZATION,
+            REGULARIZATION_FLOOR,
+            MAX_INVERSE_NORM,
+            x[block],
+            iterations[block],
+            solved[block],
+        )
+
+    _in_blocks(solve, len(rows_np))
+    return torch.from_numpy(x), torch.from_numpy(iterations), torch.from_numpy(solved)

@@ -95,6 +95,9 @@ class RowLayout:
             chosen = order_list[start:stop]
             groups = order[start:stop]
             n_c = max(last_list[g] for g in chosen)
+            if n_c == self.n and chosen == list(range(len(order_list))):
+                yield self._whole(group_mask)  # one chunk of everything, in order: no copies
+                return
             row_ids = torch.cat(
                 [by_group[start_list[g] : start_list[g] + count_list[g]] for g in chosen]
             )
@@ -108,6 +111,24 @@ class RowLayout:
                 key_mask=group_mask[groups, :n_c],
             )
             start = stop
+
+    def _whole(self, group_mask: torch.Tensor) -> Chunk:
+        """Every group as one chunk; the rows and values as they are when already in order (the
+        common case of one group per head: [CLS] rows, full matrices)."""
+        device = self.rows.device
+        groups = len(self.group_source)
+        row_ids = torch.argsort(self.row_group, stable=True)
+        in_order = bool((self.row_group[1:] >= self.row_group[:-1]).all())
+        one_per_source = groups == len(self.source_values) and bool(
+            (self.group_source == torch.arange(groups, device=device)).all()
+        )
+        return Chunk(
+            row_ids=row_ids,
+            rows=self.rows if in_order else self.rows[row_ids],
+            group=self.row_group if in_order else self.row_group[row_ids],
+            values=self.source_values if one_per_source else self.source_values[self.group_source],
+            key_mask=group_mask,
+        )
 
 
 def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:

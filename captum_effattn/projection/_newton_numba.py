@@ -21,11 +21,11 @@ REFRESH_STEPS = 8
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def cholesky_solve(hessian, rhs, factor, out):  # pragma: no cover - compiled
-    """Solve ``hessian @ out = rhs`` (SPD, lower Cholesky in ``factor``); False if not PD."""
-    r = hessian.shape[0]
+def cholesky_factor(matrix, factor):  # pragma: no cover - compiled
+    """Lower Cholesky factor of the SPD ``matrix`` into ``factor``; False if not PD."""
+    r = matrix.shape[0]
     for j in range(r):
-        total = hessian[j, j]
+        total = matrix[j, j]
         for k in range(j):
             total -= factor[j, k] * factor[j, k]
         if not total > 0.0:
@@ -33,18 +33,32 @@ def cholesky_solve(hessian, rhs, factor, out):  # pragma: no cover - compiled
         pivot = math.sqrt(total)
         factor[j, j] = pivot
         for i in range(j + 1, r):
-            total = hessian[i, j]
+            total = matrix[i, j]
             for k in range(j):
                 total -= factor[i, k] * factor[j, k]
             factor[i, j] = total / pivot
-    for i in range(r):  # L y = rhs
+    return True
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def lower_solve(factor, rhs, out):  # pragma: no cover - compiled
+    """``out = L^{-1} rhs`` for the lower triangle ``L`` of ``factor``."""
+    for i in range(factor.shape[0]):
         total = rhs[i]
         for k in range(i):
             total -= factor[i, k] * out[k]
         out[i] = total / factor[i, i]
-    for i in range(r - 1, -1, -1):  # L^T out = y
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def cholesky_solve(matrix, rhs, factor, out):  # pragma: no cover - compiled
+    """Solve ``matrix @ out = rhs`` (SPD, lower Cholesky in ``factor``); False if not PD."""
+    if not cholesky_factor(matrix, factor):
+        return False
+    lower_solve(factor, rhs, out)  # L y = rhs
+    for i in range(factor.shape[0] - 1, -1, -1):  # L^T out = y
         total = out[i]
-        for k in range(i + 1, r):
+        for k in range(i + 1, factor.shape[0]):
             total -= factor[k, i] * out[k]
         out[i] = total / factor[i, i]
     return True
@@ -106,6 +120,140 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def newton_row(
+    basis,
+    key_used,
+    full_gram,
+    regularizer,
+    metric,
+    target,
+    th,
+    max_iter,
+    tol,
+    regularization,
+    floor,
+    work,
+    keys,
+    steps_buffers,
+):  # pragma: no cover - compiled
+    """Newton steps on ``max th^T target - 1/2 ||relu(M th)||^2`` for one row until the gradient's
+    norm, measured as ``||metric^{-1} gradient||``, is at most ``tol``.
+
+    ``M`` (``basis``, ``(n, r)``) is an orthonormal basis (``full_gram`` = identity on its used
+    columns, ``regularizer`` = ``metric`` = identity) or the unit columns of ``[1, V]`` themselves
+    (``full_gram`` = ``regularizer`` = their Gram matrix ``G``, ``metric`` = its Cholesky factor
+    ``L``). Newton's method is invariant under the change of coordinates ``th = L^T theta``; with
+    the Levenberg-Marquardt term taken as ``mu * G`` and the gradient measured through ``L`` both
+    run the same steps in key space (``M th`` is the same vector).
+
+    Args:
+        key_used: ``(n,)`` keys whose row of ``M`` is not zero.
+        th: ``(r,)`` starting point, updated in place.
+        work: ``(5, r)`` scratch; keys: ``(3, n)`` scratch; steps_buffers: ``(breaks, order,
+            support, gram, hessian, factor)``.
+
+    Returns:
+        ``(steps, converged)``.
+    """
+    n, r = basis.shape
+    breaks, order_buffer, support, gram, hessian, factor = steps_buffers
+    gradient, direction, scaled_gradient = work[0], work[1], work[2]
+    u, w = keys[0], keys[1]
+    support[:] = False
+    gram[:, :] = 0.0
+    step_count = 0
+    while True:
+        if step_count % REFRESH_STEPS == 0:
+            for i in range(n):
+                total = 0.0
+                for k in range(r):
+                    total += basis[i, k] * th[k]
+                u[i] = total
+        gradient[:] = target
+        for i in range(n):
+            if u[i] > 0.0:
+                for k in range(r):
+                    gradient[k] -= basis[i, k] * u[i]
+        lower_solve(metric, gradient, scaled_gradient)
+        norm = math.sqrt(np.sum(scaled_gradient * scaled_gradient))
+        if norm <= tol:
+            return step_count, True
+        if step_count == max_iter:
+            return step_count, False
+        # The support's Gram matrix (its lower triangle: all the Cholesky factorization reads),
+        # from the keys that moved when they are few.
+        changes = 0
+        size = 0
+        for i in range(n):
+            inside = u[i] > 0.0
+            size += inside
+            changes += inside != support[i]
+        if 2 * changes < size:
+            for i in range(n):
+                inside = u[i] > 0.0
+                if inside != support[i]:
+                    sign = 1.0 if inside else -1.0
+                    for p in range(r):
+                        scaled = sign * basis[i, p]
+                        for q in range(p + 1):
+                            gram[p, q] += scaled * basis[i, q]
+                    support[i] = inside
+        else:
+            # The Gram matrix of all keys is known: when fewer keys lie outside the support than
+            # inside, subtract theirs from it instead.
+            outside = size < n - size
+            if outside:
+                gram[:, :] = 0.0
+            else:
+                gram[:, :] = full_gram
+            for i in range(n):
+                inside = u[i] > 0.0
+                support[i] = inside
+                if inside == outside and key_used[i]:
+                    sign = 1.0 if inside else -1.0
+                    for p in range(r):
+                        scaled = sign * basis[i, p]
+                        for q in range(p + 1):
+                            gram[p, q] += scaled * basis[i, q]
+        mu = regularization * norm + floor
+        while True:
+            for p in range(r):
+                for q in range(p + 1):
+                    hessian[p, q] = gram[p, q] + mu * regularizer[p, q]
+            if cholesky_solve(hessian, gradient, factor, direction):
+                break
+            mu *= 10.0  # rounding made the regularized matrix indefinite: damp more
+        for i in range(n):
+            total = 0.0
+            for k in range(r):
+                total += basis[i, k] * direction[k]
+            w[i] = total
+        slope0 = np.sum(direction * target)
+        step = exact_step(u, w, slope0, breaks, order_buffer)
+        for k in range(r):
+            th[k] += step * direction[k]
+        for i in range(n):
+            u[i] += step * w[i]
+        step_count += 1
+
+
+@njit(cache=True, nogil=True)
+def _buffers(n, r):  # pragma: no cover - compiled
+    return (
+        np.empty((5, r)),
+        np.empty((3, n)),
+        (
+            np.empty(n),
+            np.empty(n, dtype=np.int64),
+            np.zeros(n, dtype=np.bool_),
+            np.zeros((r, r)),
+            np.empty((r, r)),
+            np.zeros((r, r)),
+        ),
+    )
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def newton_rows(
     bases, group, c, theta, max_iter, tol, regularization, floor, iterations, converged
 ):  # pragma: no cover - compiled
@@ -124,104 +272,176 @@ def newton_rows(
     """
     rows, r = c.shape
     n = bases.shape[1]
-    u = np.empty(n)
-    w = np.empty(n)
-    breaks = np.empty(n)
-    order_buffer = np.empty(n, dtype=np.int64)
-    support = np.zeros(n, dtype=np.bool_)
+    work, keys, steps_buffers = _buffers(n, r)
     key_used = np.zeros(n, dtype=np.bool_)
-    column_used = np.zeros(r, dtype=np.bool_)
-    gram = np.zeros((r, r))
-    hessian = np.empty((r, r))
-    factor = np.zeros((r, r))
-    gradient = np.empty(r)
-    direction = np.empty(r)
+    full_gram = np.zeros((r, r))
+    identity = np.eye(r)
     for row in range(rows):
         basis = bases[group[row]]
-        th = theta[row]
-        target = c[row]
-        support[:] = False
-        gram[:, :] = 0.0
-        step_count = 0
         # Which keys (rows of B) and columns are not identically zero (padding keys, columns
         # beyond the rank): the Gram matrix of all keys is the identity on the used columns.
-        column_used[:] = False
+        full_gram[:, :] = 0.0
         for i in range(n):
             key_used[i] = False
             for k in range(r):
                 if basis[i, k] != 0.0:
                     key_used[i] = True
-                    column_used[k] = True
-        while True:
-            if step_count % REFRESH_STEPS == 0:
-                for i in range(n):
-                    total = 0.0
-                    for k in range(r):
-                        total += basis[i, k] * th[k]
-                    u[i] = total
-            gradient[:] = target
-            for i in range(n):
-                if u[i] > 0.0:
-                    for k in range(r):
-                        gradient[k] -= basis[i, k] * u[i]
-            norm = math.sqrt(np.sum(gradient * gradient))
-            if norm <= tol:
-                converged[row] = True
-                break
-            if step_count == max_iter:
-                break
-            # The support's Gram matrix: from the keys that moved when they are few.
-            changes = 0
-            size = 0
-            for i in range(n):
-                inside = u[i] > 0.0
-                size += inside
-                changes += inside != support[i]
-            if 2 * changes < size:
-                for i in range(n):
-                    inside = u[i] > 0.0
-                    if inside != support[i]:
-                        sign = 1.0 if inside else -1.0
-                        for p in range(r):
-                            scaled = sign * basis[i, p]
-                            for q in range(r):
-                                gram[p, q] += scaled * basis[i, q]
-                        support[i] = inside
-            else:
-                # B^T B is the identity on the basis's non-zero columns: when fewer keys lie
-                # outside the support than inside, subtract theirs from it instead.
-                outside = size < n - size
+                    full_gram[k, k] = 1.0
+        iterations[row], converged[row] = newton_row(
+            basis,
+            key_used,
+            full_gram,
+            identity,
+            identity,
+            c[row],
+            theta[row],
+            max_iter,
+            tol,
+            regularization,
+            floor,
+            work,
+            keys,
+            steps_buffers,
+        )
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def unit_columns(values, key_mask, out):  # pragma: no cover - compiled
+    """``out = [1, V]`` on the real keys (zero rows on padding), columns scaled to unit norm.
+
+    Returns False, leaving the row to the general path, when the real keys do not outnumber the
+    columns (the row may be identifiable as it stands, or the columns dependent) or a column is
+    zero.
+    """
+    n, d = values.shape
+    real = 0
+    for i in range(n):
+        real += key_mask[i]
+    if real <= d + 1:
+        return False
+    out[:, :] = 0.0
+    ones = 1.0 / math.sqrt(real)
+    for i in range(n):
+        if key_mask[i]:
+            out[i, 0] = ones
+            for k in range(d):
+                out[i, k + 1] = values[i, k]
+    for k in range(1, d + 1):
+        total = 0.0
+        for i in range(n):
+            total += out[i, k] * out[i, k]
+        if not total > 0.0:
+            return False
+        scale = 1.0 / math.sqrt(total)
+        for i in range(n):
+            out[i, k] *= scale
+    return True
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def inverse_frobenius(factor, scratch):  # pragma: no cover - compiled
+    """``||L^{-1}||_F`` for the lower triangular ``L`` in ``factor``."""
+    r = factor.shape[0]
+    total = 0.0
+    for j in range(r):
+        scratch[:] = 0.0
+        scratch[j] = 1.0
+        lower_solve(factor, scratch, scratch)
+        for i in range(j, r):
+            total += scratch[i] * scratch[i]
+    return math.sqrt(total)
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def value_newton_rows(
+    values,
+    key_mask,
+    group,
+    rows,
+    max_iter,
+    tol,
+    regularization,
+    floor,
+    max_inverse_norm,
+    x,
+    iterations,
+    converged,
+):  # pragma: no cover - compiled
+    """Efficient attention rows by Newton in the coordinates of ``W = [1, V]`` (unit columns).
+
+    No orthonormal basis is built: ``W``'s Gram matrix ``G = L L^T`` and its Cholesky factor
+    serve as the metric of :func:`newton_row`, which then takes exactly the steps it takes with an
+    orthonormal basis of the same space. Groups whose ``W`` is not comfortably of full column rank
+    (``||L^{-1}||_F > max_inverse_norm``: rounding in the gradient grows with it) are left out.
+
+    Args:
+        values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
+        group: ``(R,)`` group of each row (consecutive rows of a group share its factorization).
+        rows: ``(R, n)`` attention distributions ``a``.
+        max_iter, tol, regularization, floor: as in :func:`newton_rows`.
+        x: ``(R, n)`` filled with ``relu(W th)`` (not normalized) for converged rows.
+        iterations: ``(R,)`` steps taken; converged: ``(R,)`` True for rows solved here (False:
+            not attempted, or not converged within ``max_iter``).
+    """
+    n_rows, n = rows.shape
+    r = values.shape[2] + 1
+    work, keys, steps_buffers = _buffers(n, r)
+    matrix = np.empty((n, r))
+    gram = np.empty((r, r))
+    metric = np.zeros((r, r))
+    target = np.empty(r)
+    th = np.empty(r)
+    current = -1
+    usable = False
+    for row in range(n_rows):
+        g = group[row]
+        if g != current:
+            current = g
+            usable = unit_columns(values[g], key_mask[g], matrix)
+            if usable:
                 gram[:, :] = 0.0
-                if not outside:
-                    for p in range(r):
-                        gram[p, p] = 1.0 if column_used[p] else 0.0
                 for i in range(n):
-                    inside = u[i] > 0.0
-                    support[i] = inside
-                    if inside == outside and key_used[i]:
-                        sign = 1.0 if inside else -1.0
-                        for p in range(r):
-                            scaled = sign * basis[i, p]
-                            for q in range(r):
-                                gram[p, q] += scaled * basis[i, q]
-            mu = regularization * norm + floor
-            while True:
-                hessian[:, :] = gram
+                    for p in range(r):
+                        scaled = matrix[i, p]
+                        for q in range(p + 1):
+                            gram[p, q] += scaled * matrix[i, q]
                 for p in range(r):
-                    hessian[p, p] += mu
-                if cholesky_solve(hessian, gradient, factor, direction):
-                    break
-                mu *= 10.0  # rounding made the regularized matrix indefinite: damp more
+                    for q in range(p):
+                        gram[q, p] = gram[p, q]
+                usable = cholesky_factor(gram, metric)
+            if usable:
+                usable = inverse_frobenius(metric, work[3]) <= max_inverse_norm
+        converged[row] = False
+        iterations[row] = 0
+        if not usable:
+            continue
+        a = rows[row]
+        for k in range(r):
+            total = 0.0
+            for i in range(n):
+                total += matrix[i, k] * a[i]
+            target[k] = total
+        # Start where the orthonormal route starts: W th = the projection of a onto span(W).
+        cholesky_solve(gram, target, steps_buffers[5], th)
+        iterations[row], converged[row] = newton_row(
+            matrix,
+            key_mask[g],
+            gram,
+            gram,
+            metric,
+            target,
+            th,
+            max_iter,
+            tol,
+            regularization,
+            floor,
+            work,
+            keys,
+            steps_buffers,
+        )
+        if converged[row]:
             for i in range(n):
                 total = 0.0
                 for k in range(r):
-                    total += basis[i, k] * direction[k]
-                w[i] = total
-            slope0 = np.sum(direction * target)
-            step = exact_step(u, w, slope0, breaks, order_buffer)
-            for k in range(r):
-                th[k] += step * direction[k]
-            for i in range(n):
-                u[i] += step * w[i]
-            step_count += 1
-        iterations[row] = step_count
+                    total += matrix[i, k] * th[k]
+                x[row, i] = total if total > 0.0 else 0.0

@@ -43,6 +43,49 @@ def _solve_chunk(
     max_interior_iter: int,
     rank_rtol: float | None,
 ) -> ChunkResult:
+    steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
+    if backend.value_newton is None or solver == "interior":
+        return _solve_with_bases(
+            chunk, row_mask, backend, solver, steps, max_interior_iter, rank_rtol
+        )
+    # Compiled Newton in the coordinates of [1, V]: no bases for the rows it solves.
+    raw = chunk.rows * row_mask
+    a = raw / raw.sum(-1, keepdim=True)
+    x, iterations, solved = backend.value_newton(
+        chunk.values, chunk.key_mask, chunk.group, a, steps, NEWTON_TOL
+    )
+    x = x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    result = ChunkResult(
+        rows=x, reference=a, iterations=iterations, unchanged=torch.zeros_like(solved)
+    )
+    rest = (~solved).nonzero()[:, 0]
+    if len(rest):
+        used, group = torch.unique(chunk.group[rest], return_inverse=True)
+        left = Chunk(
+            row_ids=chunk.row_ids[rest],
+            rows=chunk.rows[rest],
+            group=group,
+            values=chunk.values[used],
+            key_mask=chunk.key_mask[used],
+        )
+        general = _solve_with_bases(
+            left, row_mask[rest], backend, solver, steps, max_interior_iter, rank_rtol
+        )
+        for field in ("rows", "reference", "iterations", "unchanged"):
+            getattr(result, field)[rest] = getattr(general, field)
+    return result
+
+
+def _solve_with_bases(
+    chunk: Chunk,
+    row_mask: torch.Tensor,
+    backend: Backend,
+    solver: str,
+    newton_steps: int,
+    max_interior_iter: int,
+    rank_rtol: float | None,
+) -> ChunkResult:
+    """Orthonormal bases of ``[1, V]``, then Newton and the interior point on their coordinates."""
     basis, rank = value_space_basis(chunk.values, chunk.key_mask, with_ones=True, rtol=rank_rtol)
     n_real = row_mask.sum(-1)
     raw = chunk.rows * row_mask
@@ -57,8 +100,7 @@ def _solve_chunk(
         c = ops.right(a[todo])
         solved = torch.zeros(len(todo), dtype=torch.bool, device=a.device)
         if solver != "interior":
-            steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
-            theta, newton_its, solved = backend.newton(ops, c, c.clone(), steps, NEWTON_TOL)
+            theta, newton_its, solved = backend.newton(ops, c, c.clone(), newton_steps, NEWTON_TOL)
             x[todo] = ops.left(theta).clamp_min(0)
             iterations[todo] = newton_its
         hard = (~solved).nonzero()[:, 0]

@@ -92,3 +92,46 @@ def test_a_query_that_does_not_resolve_submits_nothing():
         EfficientAttentionAttribution(forward, model=model).attribute(
             ids, additional_forward_args=(mask,), query=99
         )
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("view", "limit", "during"),
+    [("efficient", 256, 1), ("effective", 256, 1), ("raw", 256, 2), ("efficient", 16, 2)],
+)
+def test_small_cpu_forwards_leave_a_core_to_the_worker_and_get_it_back(
+    two_threads, monkeypatch, view, limit, during
+):
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "SPLIT_MAX_TOKENS", limit)
+    model, forward, ids, mask = text_setup("bert")  # 2 x 16 tokens
+    seen = []
+
+    def recording(ids, mask):
+        logits = forward(ids, mask)
+        seen.append(torch.get_num_threads())  # after the layers ran: the split is on
+        return logits
+
+    explainer = EfficientAttentionAttribution(recording, model=model)
+    explainer.attribute(ids, additional_forward_args=(mask,), view=view)
+    assert seen == [during]
+    assert torch.get_num_threads() == 2
+
+    def failing(ids, mask):
+        recording(ids, mask)
+        raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        EfficientAttentionAttribution(failing, model=model).attribute(
+            ids, additional_forward_args=(mask,), view=view
+        )
+    assert seen == [during, during]
+    assert torch.get_num_threads() == 2

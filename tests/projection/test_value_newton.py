@@ -1,0 +1,114 @@
+"""Compiled Newton in the coordinates of ``[1, V]``: the steps of the orthonormal route, no bases,
+and every row it leaves out still solved by the general path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from captum_effattn import efficient_attention
+from captum_effattn.projection._compiled_newton import (
+    compiled_newton_phase,
+    compiled_value_newton,
+    numba_available,
+)
+from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.basis import value_space_basis
+from tests.projection.problems import attention_rows, head_output_error, value_vectors
+
+pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
+
+
+def _output_error(x, a, values):
+    """``||x V - a V|| / ||a V||`` per row, each row with its own ``V`` (``(R, n, d)``)."""
+    return head_output_error(x[:, None], a[:, None], values)[:, 0]
+
+
+def _problem(groups, rows_per_group, n, d, padded, seed):
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen)
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[:, n - padded :] = False
+    group = torch.arange(groups).repeat_interleave(rows_per_group)
+    attn = attention_rows(len(group), n, sharpness=3.0, generator=gen) * key_mask[group]
+    return values, key_mask, group, attn / attn.sum(-1, keepdim=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    groups=st.integers(1, 4),
+    rows_per_group=st.integers(1, 5),
+    n=st.integers(2, 70),
+    d=st.integers(1, 12),
+    padded=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_same_steps_and_rows_as_newton_on_an_orthonormal_basis(
+    groups, rows_per_group, n, d, padded, seed
+):
+    padded = min(padded, n - 1)
+    values, key_mask, group, a = _problem(groups, rows_per_group, n, d, padded, seed)
+    x, steps, solved = compiled_value_newton(values, key_mask, group, a, 200, 1e-13)
+    real = key_mask[group].sum(-1)
+    # Rows whose keys do not outnumber [1, V]'s columns are the general path's (maybe unchanged).
+    assert not solved[real <= d + 1].any()
+    assert solved[real > d + 1].all()  # random Gaussian values: well conditioned
+    basis, _ = value_space_basis(values, key_mask, with_ones=True)
+    ops = GroupedMatrices(basis, group)
+    c = ops.right(a)
+    theta, steps_b, converged_b = compiled_newton_phase(ops, c, c.clone(), 200, 1e-13)
+    x_b = ops.left(theta).clamp_min(0)
+    assert converged_b[solved].all()
+    assert ((steps - steps_b).abs() <= 1)[solved].all()
+    torch.testing.assert_close(x[solved], x_b[solved], atol=1e-11, rtol=0)
+    assert (x[~solved] == 0).all()
+    # A solution: non-negative, the same head output (and sum) as a.
+    if solved.any():
+        x_s = x[solved] / x[solved].sum(-1, keepdim=True)
+        assert _output_error(x_s, a[solved], values[group[solved]]).max() <= 1e-10
+        assert (x_s[~key_mask[group[solved]]] == 0).all()
+
+
+def _against_torch(attn, values, key_mask=None):
+    x_numba, cert = efficient_attention(
+        attn, values, key_mask, backend="numba", return_certificate=True
+    )
+    x_torch = efficient_attention(attn, values, key_mask, backend="torch")
+    assert cert.all_converged
+    torch.testing.assert_close(x_numba, x_torch, atol=1e-10, rtol=0)
+    return x_numba
+
+
+def test_rank_deficient_and_ill_conditioned_heads_go_to_the_general_path():
+    gen = torch.Generator().manual_seed(3)
+    n, d = 40, 6
+    values = value_vectors(4, n, d, generator=gen)
+    values[1, :, 5] = values[1, :, 4]  # rank deficient: two equal columns
+    values[2, :, 5] = values[2, :, 4] + 1e-7 * values[2, :, 3]  # nearly so
+    values[3, :, 0] = 2.5  # a column parallel to the all-ones column
+    attn = attention_rows(4 * 3, n, sharpness=3.0, generator=gen).reshape(4, 3, n)
+    key_mask = torch.ones(4, n, dtype=torch.bool)
+    rows = attn.reshape(-1, n) / attn.reshape(-1, n).sum(-1, keepdim=True)
+    _, _, solved = compiled_value_newton(
+        values, key_mask, torch.arange(4).repeat_interleave(3), rows, 200, 1e-13
+    )
+    assert solved.tolist() == [True] * 3 + [False] * 9
+    # One call mixes both routes: each row lands where it belongs.
+    x = _against_torch(attn, values)
+    assert _output_error(x.reshape(-1, n), rows, values.repeat_interleave(3, 0)).max() <= 1e-9
+
+
+def test_short_and_padded_rows_next_to_long_ones():
+    gen = torch.Generator().manual_seed(5)
+    n, d = 30, 4
+    values = value_vectors(3, n, d, generator=gen)
+    key_mask = torch.ones(3, n, dtype=torch.bool)
+    key_mask[1, 5:] = False  # 5 real keys = d + 1: identifiable, returned unchanged
+    key_mask[2, 3:] = False  # fewer real keys than columns
+    attn = attention_rows(3, n, sharpness=2.0, generator=gen) * key_mask
+    attn = (attn / attn.sum(-1, keepdim=True))[:, None]
+    x = _against_torch(attn, values, key_mask)
+    torch.testing.assert_close(x[1:], attn[1:], atol=1e-15, rtol=0)
+    assert (x[0] - attn[0]).abs().max() > 1e-3
