@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Kernel tests run in Triton's interpreter on CPU (set TRITON_INTERPRET=0 on a CUDA machine to
@@ -51,3 +52,12 @@ def sentiment_classifier():
     from captum_effattn.data.classifier import load_sentiment_classifier
 
     return load_sentiment_classifier(progress=False)
+
+
+@pytest.fixture
+def two_threads():
+    """PyTorch on two CPU threads for the test (the setting is put back afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -94,14 +94,6 @@ def test_a_query_that_does_not_resolve_submits_nothing():
         )
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(
     ("view", "limit", "during"),
     [("efficient", 256, 1), ("effective", 256, 1), ("raw", 256, 2), ("efficient", 16, 2)],

@@ -11,14 +11,6 @@ from captum_effattn.projection._threads import SINGLE_THREAD_WORK, threads_for
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_small_work_runs_on_one_thread_and_restores(two_threads):
     with threads_for(1000, CPU):
         assert torch.get_num_threads() == 1
