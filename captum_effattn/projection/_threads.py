@@ -5,8 +5,10 @@ The solver's batched LAPACK calls on many small matrices (Cholesky, QR, eigh of 
 ``64 x 33`` took 6 ms with two threads and 0.3 ms with one, and a whole [CLS]-row projection of
 a MiniLM input ran twice as fast on one thread. Large chunks still gain from threads, so only
 chunks below :data:`SINGLE_THREAD_WORK` switch, and the caller's setting is restored on exit,
-also when the solve raises. ``torch.set_num_threads`` is process-wide: other threads computing
-at the same moment run on one thread too while a small chunk is solved.
+also when the solve raises. With PyTorch's OpenMP backend ``torch.set_num_threads`` holds for
+the calling thread only (measured: a 1500 x 1500 product on the main thread kept its two-thread
+speed while another thread had set one), so other threads computing at the same moment keep
+theirs.
 
 Work that runs outside PyTorch's pool (the compiled Newton phase) asks :func:`allowed_threads`
 for the caller's setting, which stays what it was outside the single-thread block.
