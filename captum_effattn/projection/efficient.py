@@ -44,7 +44,8 @@ def _solve_chunk(
     rank_rtol: float | None,
 ) -> ChunkResult:
     steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
-    if backend.value_newton is None or solver == "interior":
+    # A caller's own rank tolerance is for the bases' rank decisions: keep that route then.
+    if backend.value_newton is None or solver == "interior" or rank_rtol is not None:
         return _solve_with_bases(
             chunk, row_mask, backend, solver, steps, max_interior_iter, rank_rtol
         )
@@ -71,8 +72,9 @@ def _solve_chunk(
         general = _solve_with_bases(
             left, row_mask[rest], backend, solver, steps, max_interior_iter, rank_rtol
         )
-        for field in ("rows", "reference", "iterations", "unchanged"):
+        for field in ("rows", "reference", "unchanged"):
             getattr(result, field)[rest] = getattr(general, field)
+        result.iterations[rest] += general.iterations  # steps taken on both routes
     return result
 
 
