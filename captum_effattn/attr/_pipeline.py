@@ -31,7 +31,7 @@ from functools import cache
 import torch
 
 from captum_effattn.attr._queries import QueryRows, QuerySpec, select_query_rows
-from captum_effattn.attr._views import View, project_layers
+from captum_effattn.attr._views import LayerResult, View, project_layers
 from captum_effattn.models import CapturedHeads
 
 # The worker runs at the lowest CPU priority: on large inputs the forward pass keeps every core
@@ -44,8 +44,6 @@ WORKER_NICENESS = 19
 # tokens: 22 / 34 / 56 ms with the split, 27 / 39 / 61 ms without; at 512 tokens the split
 # cost 15 ms.
 SPLIT_MAX_TOKENS = 256
-LayerResult = tuple[torch.Tensor, torch.Tensor]
-"""``(rows (B, H_sel, Q, S), output_error (B, H_sel, Q))`` of one layer."""
 
 
 def _start_worker() -> None:

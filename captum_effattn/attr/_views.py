@@ -72,6 +72,10 @@ def get_view(name: str) -> View:
         raise ValueError(f"view must be one of {tuple(VIEWS)}; got {name!r}") from None
 
 
+LayerResult = tuple[torch.Tensor, torch.Tensor]
+"""``(rows (B, H_sel, Q, S), output_error (B, H_sel, Q))`` of one layer's projected rows."""
+
+
 @dataclass(frozen=True)
 class ProjectedRows:
     """Projected query rows of every selected head, stacked.
@@ -137,7 +141,7 @@ def project_matrices(
 
 def project_layers(
     captured: Sequence[CapturedHeads], queries: QueryRows, view: View
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[LayerResult]:
     """Project the query rows ``queries`` of some captured layers' heads with ``view``, in one
     batch.
 
@@ -170,7 +174,7 @@ def project_layers(
 def stack_layers(
     captured: Sequence[CapturedHeads],
     queries: QueryRows,
-    projected: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    projected: Sequence[LayerResult],
 ) -> ProjectedRows:
     """Stack the per-layer results of :func:`project_layers` along the heads axis."""
     return ProjectedRows(

@@ -96,7 +96,7 @@ class RowLayout:
             groups = order[start:stop]
             n_c = max(last_list[g] for g in chosen)
             if n_c == self.n and chosen == list(range(len(order_list))):
-                yield self._whole(group_mask)  # one chunk of everything, in order: no copies
+                yield self._whole(group_mask, by_group)  # everything, in order: no copies
                 return
             row_ids = torch.cat(
                 [by_group[start_list[g] : start_list[g] + count_list[g]] for g in chosen]
@@ -112,12 +112,12 @@ class RowLayout:
             )
             start = stop
 
-    def _whole(self, group_mask: torch.Tensor) -> Chunk:
-        """Every group as one chunk; the rows and values as they are when already in order (the
-        common case of one group per head: [CLS] rows, full matrices)."""
+    def _whole(self, group_mask: torch.Tensor, row_ids: torch.Tensor) -> Chunk:
+        """Every group as one chunk (``row_ids``: the rows sorted by group); the rows and values
+        as they are when already in order (the common case of one group per head: [CLS] rows,
+        full matrices)."""
         device = self.rows.device
         groups = len(self.group_source)
-        row_ids = torch.argsort(self.row_group, stable=True)
         in_order = bool((self.row_group[1:] >= self.row_group[:-1]).all())
         one_per_source = groups == len(self.source_values) and bool(
             (self.group_source == torch.arange(groups, device=device)).all()
