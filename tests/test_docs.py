@@ -195,11 +195,7 @@ def test_wheel_contains_py_typed(tmp_path):
     )
     shutil.copytree(ROOT, source, ignore=skip)
     out = tmp_path / "wheel"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["--no-index", "-w", str(out), str(source)],
-        check=True,
-        capture_output=True,
-    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip_wheel, "-q", "--no-index", "-w", str(out), str(source)], check=True)
     (wheel,) = out.glob("*.whl")
     assert "captum_effattn/py.typed" in zipfile.ZipFile(wheel).namelist()
