@@ -26,11 +26,6 @@ API = ROOT / "docs" / "api"
 DIRECTIVE = re.compile(r"^::: ([\w.]+)[ \t]*$")
 LIST_ITEM = re.compile(r"^\s+- (\w+)\s*$")
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    tomllib = pytest.importorskip("tomli")
-
 
 @dataclass
 class Directive:
@@ -180,6 +175,7 @@ def test_py_typed_is_package_data():
     marker = ROOT / "captum_effattn" / "py.typed"
     assert marker.is_file()
     assert marker.read_text() == ""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["captum_effattn"]
 
