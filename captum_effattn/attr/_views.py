@@ -39,8 +39,9 @@ class Projection(Protocol):
 
 
 def _raw(
-    attn: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, causal: bool
+    attn: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, causal: bool, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Takes no options (View.options is empty): the keyword catch-all only fits the protocol.
     return attn, torch.zeros(attn.shape[:-1], dtype=torch.float64, device=attn.device)
 
 

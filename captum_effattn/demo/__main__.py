@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
-    from captum_effattn.data.classifier import load_sentiment_classifier
+    from captum_effattn.data import load_sentiment_classifier
     from captum_effattn.data.splits import imdb_heldout, rotten_tomatoes_splits
     from captum_effattn.demo.explain import Explainer
     from captum_effattn.demo.render import html_report, terminal_report

@@ -12,7 +12,7 @@ from captum.attr import IntegratedGradients, Saliency
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import VIEWS, check_sufficiency
 from captum_effattn.attr._views import get_view
-from captum_effattn.data.classifier import SentimentClassifier
+from captum_effattn.data.training import SentimentClassifier
 
 GRADIENT_METHODS = ("IntegratedGradients", "Saliency")
 """The Captum methods shown next to the attention views."""
