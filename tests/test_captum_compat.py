@@ -50,11 +50,10 @@ def test_is_tuple_matches_captum():
 def test_format_tensor_into_tuples_matches_captum():
     a, b = torch.ones(2, 3), torch.zeros(2)
     for inputs in (a, (a,), (a, b)):
-        ours, theirs = (
-            compat.format_tensor_into_tuples(inputs),
-            common._format_tensor_into_tuples(inputs),
-        )
-        assert isinstance(ours, tuple) and theirs is not None
+        ours = compat.format_tensor_into_tuples(inputs)
+        theirs = common._format_tensor_into_tuples(inputs)
+        assert isinstance(ours, tuple)
+        assert theirs is not None
         assert len(ours) == len(theirs)
         assert all(x is y for x, y in zip(ours, theirs, strict=True))
     pair = (a, b)
