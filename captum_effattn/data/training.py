@@ -127,6 +127,49 @@ def _shuffled_batches(
         yield [reviews[i] for i in order[start : start + batch_size]]
 
 
+def _optimizer(
+    model: PreTrainedModel, config: TrainingConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases and LayerNorm weights) and its warm-up-then-decay schedule."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [p for n, p in trainable if _decays(n)],
+                "weight_decay": config.weight_decay,
+            },
+            {"params": [p for n, p in trainable if not _decays(n)], "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        _warmup_then_linear_decay(math.ceil(config.warmup_fraction * total_steps), total_steps),
+    )
+    return optimizer, schedule
+
+
+def _step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: Sequence[Review],
+    config: TrainingConfig,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+) -> float:
+    """One optimizer step on ``batch``; its training loss."""
+    inputs = _encode(tokenizer, [r.text for r in batch], config.max_length)
+    labels = torch.tensor([review.label for review in batch])
+    with torch.autocast("cpu", torch.bfloat16, enabled=config.bf16_autocast):
+        logits = model(**inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def fine_tune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -155,21 +198,7 @@ def fine_tune(
     if steps_per_epoch == 0:
         raise ValueError(f"{len(reviews)} reviews do not fill one batch of {config.batch_size}")
     total_steps = steps_per_epoch * config.epochs
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {
-                "params": [p for n, p in trainable if _decays(n)],
-                "weight_decay": config.weight_decay,
-            },
-            {"params": [p for n, p in trainable if not _decays(n)], "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        _warmup_then_linear_decay(math.ceil(config.warmup_fraction * total_steps), total_steps),
-    )
+    optimizer, schedule = _optimizer(model, config, total_steps)
     losses: list[float] = []
     bar = tqdm(total=total_steps, desc="fine-tuning MiniLM", unit="step", disable=not progress)
     model.train()
@@ -178,16 +207,7 @@ def fine_tune(
             generator = torch.Generator().manual_seed(config.seed)
             for _ in range(config.epochs):
                 for batch in _shuffled_batches(reviews, config.batch_size, generator):
-                    inputs = _encode(tokenizer, [r.text for r in batch], config.max_length)
-                    labels = torch.tensor([review.label for review in batch])
-                    with torch.autocast("cpu", torch.bfloat16, enabled=config.bf16_autocast):
-                        logits = model(**inputs).logits
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
+                    losses.append(_step(model, tokenizer, batch, config, optimizer, schedule))
                     bar.update()
                     bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     finally:
