@@ -130,15 +130,17 @@ class EfficientAttentionAttribution(Attribution):
                 count from the end. Default: all layers.
             heads (int, list[int], "all" or dict[int, ...], optional): heads of every selected
                 layer, or ``{layer: heads}``. Default: all heads.
-            view (str, optional): ``"efficient"`` (default; minimum-norm distributions with the
-                same head output), ``"effective"`` (orthogonal projection onto the value space,
-                Brunner et al. 2020; not a distribution), or ``"raw"`` (attention as computed).
+            view (str, optional): a name in :data:`~captum_effattn.attr.VIEWS`: ``"efficient"``
+                (default; minimum-norm distributions with the same head output),
+                ``"effective"`` (orthogonal projection onto the value space, Brunner et al. 2020;
+                not a distribution), ``"raw"`` (attention as computed), or a registered view.
             query (str or int, optional): the attention rows that explain the prediction:
                 ``"auto"`` (first real token for encoders, last real token for decoders), an int
                 position, or ``"all"`` (every real token's row, averaged).
-            reduce (str or None, optional): how to combine layers and heads: ``"mean"``
-                (default), ``"sum"``, ``"max"``, ``"rollout"`` (attention rollout through the
-                selected consecutive layers; needs all their heads), or ``None`` to keep a
+            reduce (str or None, optional): how to combine layers and heads, a name in
+                :data:`~captum_effattn.attr.REDUCTIONS`: ``"mean"`` (default), ``"sum"``,
+                ``"max"``, ``"rollout"`` (attention rollout through the selected consecutive
+                layers; needs all their heads); or ``None`` to keep a
                 per-layer, per-head axis (then a ``(B, L, H, S)`` tensor of token scores is
                 returned, not input-shaped attributions; the selection must have the same heads
                 in every layer).
