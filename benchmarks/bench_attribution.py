@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from captum_effattn.data.classifier import load_sentiment_classifier
+    from captum_effattn.data import load_sentiment_classifier
     from captum_effattn.data.splits import imdb_heldout
 
     classifier = load_sentiment_classifier()

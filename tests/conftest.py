@@ -42,14 +42,14 @@ def long_imdb_review(minilm_tokenizer):
 
 @pytest.fixture(scope="session")
 def sentiment_classifier():
-    """MiniLM fine-tuned on Rotten Tomatoes (`captum_effattn.data.classifier`): a
+    """MiniLM fine-tuned on Rotten Tomatoes (`captum_effattn.data.load_sentiment_classifier`): a
     ``SentimentClassifier`` with ``model`` (eval mode), ``tokenizer``, ``labels``, ``metadata``.
 
-    Fine-tuned once (about two minutes of CPU) when the cache ($CAPTUM_EFFATTN_CACHE, else
+    Fine-tuned once (minutes of CPU) when the cache ($CAPTUM_EFFATTN_CACHE, else
     ~/.cache/captum_effattn) has none, then loaded from it. Shared by the whole session: a test
     that changes the model (hooks, modes, attention implementation) must restore it.
     """
-    from captum_effattn.data.classifier import load_sentiment_classifier
+    from captum_effattn.data import load_sentiment_classifier
 
     return load_sentiment_classifier(progress=False)
 

@@ -2,7 +2,7 @@
 # # Tutorial 2: efficient attention in a Captum pipeline
 #
 # Run: `PYTHONPATH=. .venv/bin/python tutorials/02_captum_pipeline.py` (builds or loads the cached
-# fine-tuned classifier: about two minutes the first time). Set `TUTORIAL_QUICK=1` for fewer
+# fine-tuned classifier: the first run fine-tunes it, on the CPU). Set `TUTORIAL_QUICK=1` for fewer
 # IntegratedGradients steps.
 #
 # You already explain a classifier with IntegratedGradients and Saliency. Add

@@ -3,15 +3,26 @@
 from captum_effattn.attr._core.efficient_attention_attribution import (
     EfficientAttentionAttribution,
 )
-from captum_effattn.attr._reductions import REDUCTIONS, attention_rollout
-from captum_effattn.attr._views import VIEWS
+from captum_effattn.attr._reductions import (
+    REDUCTIONS,
+    PairReduction,
+    Reduction,
+    RolloutReduction,
+    attention_rollout,
+)
+from captum_effattn.attr._views import VIEWS, View, register_view
 from captum_effattn.attr.sufficiency import SufficiencyReport, check_sufficiency
 
 __all__ = [
     "REDUCTIONS",
     "VIEWS",
     "EfficientAttentionAttribution",
+    "PairReduction",
+    "Reduction",
+    "RolloutReduction",
     "SufficiencyReport",
+    "View",
     "attention_rollout",
     "check_sufficiency",
+    "register_view",
 ]

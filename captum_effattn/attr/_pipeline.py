@@ -2,9 +2,9 @@
 
 A layer's projection needs only that layer's queries, keys and values, which the capture records
 as soon as the layer has run. On a CPU the forward pass of a short input keeps about one core
-busy (MiniLM at 64 tokens: 16.5 ms on one thread, 16.7 ms on two), so projecting early layers on
-a worker thread while the later ones run hides much of the projection's time; the compiled solver
-and PyTorch's kernels release the GIL.
+busy (a second thread barely speeds it up), so projecting early layers on a worker thread while
+the later ones run hides much of the projection's time; the compiled solver and PyTorch's kernels
+release the GIL.
 
 For inputs of at most :data:`SPLIT_MAX_TOKENS` tokens on a CPU, the forward pass runs the layers
 after the first on one thread fewer (the caller's setting is restored when it returns, also after
@@ -38,11 +38,9 @@ from captum_effattn.models import CapturedHeads
 # busy, and the worker should only take the cycles the forward leaves idle.
 WORKER_NICENESS = 19
 # Up to this many tokens (batch x sequence) a CPU forward pass gains less from its last thread
-# than the worker gains from a core of its own (MiniLM on 2 cores: the forward of 64 tokens takes
-# 16.5 ms on one thread and 16.7 ms on two, of 256 tokens 50.6 and 38.9 ms), so the forward gives
-# that thread's core to the worker. Efficient attention of MiniLM's [CLS] rows at 64 / 128 / 256
-# tokens: 22 / 34 / 56 ms with the split, 27 / 39 / 61 ms without; at 512 tokens the split
-# cost 15 ms.
+# than the worker gains from a core of its own, so the forward gives that thread's core to the
+# worker; on longer inputs the forward needs every thread and the split costs time (the
+# measurements behind the threshold are in the CHANGELOG).
 SPLIT_MAX_TOKENS = 256
 
 
@@ -122,6 +120,7 @@ class LayerPipeline:
             self._drain_queued = False
         if not taken:
             return
+        assert self._queries is not None  # resolved before the first layer was queued
         with torch.no_grad():  # grad mode is per thread
             projected = project_layers(taken, self._queries, self._view)
         for captured, result in zip(taken, projected, strict=True):

@@ -70,13 +70,13 @@ def select_query_rows(query: QuerySpec, key_mask: torch.Tensor, causal: bool) ->
             f"query position {query} is out of range for sequences of {length} tokens "
             f"(valid: {-length}..{length - 1})"
         )
-    position = query % length
-    padding = ~key_mask[:, position]
+    index = query % length
+    padding = ~key_mask[:, index]
     if padding.any():
         example = int(padding.nonzero()[0])
         raise ValueError(
             f"query position {query} is a padding token in example {example}; choose a position "
             "that is a real token in every example, or query='auto'"
         )
-    positions = torch.full((batch, 1), position, device=key_mask.device)
+    positions = torch.full((batch, 1), index, device=key_mask.device)
     return QueryRows(positions, key_mask.new_ones(batch, 1), all_rows=False)

@@ -19,8 +19,13 @@ import torch
 from captum_effattn.models import ModelArchitecture
 
 
-def _spread_over_patches(scores: torch.Tensor, pixels: torch.Tensor, arch: ModelArchitecture):
-    (patch_h, patch_w) = arch.patch_size
+def _spread_over_patches(
+    scores: torch.Tensor,
+    pixels: torch.Tensor,
+    arch: ModelArchitecture,
+    patch_size: tuple[int, int],
+) -> torch.Tensor:
+    patch_h, patch_w = patch_size
     batch, channels, height, width = pixels.shape
     grid_h, grid_w = height // patch_h, width // patch_w
     patches = scores[:, 1:] if arch.spec.prepends_cls_token else scores
@@ -54,7 +59,7 @@ def spread_to_input(
     """
     batch, length = scores.shape
     if arch.patch_size is not None and tensor.dim() == 4:
-        return _spread_over_patches(scores, tensor, arch)
+        return _spread_over_patches(scores, tensor, arch, arch.patch_size)
     if tensor.dim() < 2 or tuple(tensor.shape[:2]) != (batch, length):
         pixels = " or (B, C, H, W) pixels" if arch.patch_size is not None else ""
         raise ValueError(

@@ -1,6 +1,8 @@
-"""The three views of an attention row, applied to what a forward pass captured.
+"""The views of an attention row, applied to what a forward pass captured.
 
-A registry maps each view name to a projection with one signature, so adding a view is one entry:
+:data:`VIEWS` is the single source of view names: every list of views in the package (the
+``view=`` choices, :func:`~captum_effattn.metrics.standard_methods`, the demo) is read from it, so
+adding a view is one :func:`register_view` call:
 
 - ``raw``: the attention row itself;
 - ``effective``: its orthogonal projection onto the head's value space (Brunner et al., 2020);
@@ -9,8 +11,10 @@ A registry maps each view name to a projection with one signature, so adding a v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -18,20 +22,43 @@ from captum_effattn.attr._queries import QueryRows
 from captum_effattn.models import CapturedHeads
 from captum_effattn.projection import effective_attention, efficient_attention
 
-Projection = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]
-]
-"""``(attn (*b, q, n), values (*b, n, d), key_mask (*b, n), causal) -> (rows, output_error)``,
-``output_error`` of shape ``(*b, q)``: relative head-output error of each returned row."""
+
+class Projection(Protocol):
+    """``(attn (*b, q, n), values (*b, n, d), key_mask (*b, n), causal, **options) -> (rows,
+    output_error)``: ``rows`` of ``attn``'s shape and ``output_error`` of shape ``(*b, q)``, the
+    relative head-output error of each returned row."""
+
+    def __call__(
+        self,
+        attn: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor,
+        causal: bool,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _raw(attn, values, key_mask, causal):
+def _raw(
+    attn: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, causal: bool, **options: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Takes no options (View.options is empty): the keyword catch-all only fits the protocol.
     return attn, torch.zeros(attn.shape[:-1], dtype=torch.float64, device=attn.device)
 
 
-def _certified(projection) -> Projection:
-    def project(attn, values, key_mask, causal):
-        rows, certificate = projection(attn, values, key_mask, causal, return_certificate=True)
+def _certified(projection: Any) -> Projection:
+    """A projection function of :mod:`captum_effattn.projection`, returning its certificate's
+    head-output error with the rows."""
+
+    def project(
+        attn: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor,
+        causal: bool,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, certificate = projection(
+            attn, values, key_mask, causal, return_certificate=True, **options
+        )
         return rows, certificate.output_error
 
     return project
@@ -42,34 +69,97 @@ class View:
     """One way of reading an attention row.
 
     Attributes:
-        name: the registry key.
-        project: see :data:`Projection`.
+        name: the registry key (what users pass as ``view``).
+        project: see :class:`Projection`.
         distribution: whether the rows it returns are probability distributions.
         solves: whether it solves a problem per row (work worth overlapping with the forward).
+        description: one line for docs and error messages.
+        options: the keyword options ``project`` accepts beyond the four tensors (see
+            :meth:`with_options`); empty for the built-in views.
     """
 
     name: str
     project: Projection
     distribution: bool
     solves: bool = True
+    description: str = ""
+    options: tuple[str, ...] = ()
+
+    @property
+    def method_name(self) -> str:
+        """How comparisons and the demo label this view as an attribution method."""
+        return f"{self.name} attention"
+
+    def with_options(self, **options: Any) -> View:
+        """This view with ``options`` bound into its projection (``None`` values are left out).
+
+        Raises:
+            ValueError: an option this view does not take (the message lists the ones it does).
+        """
+        given = {key: value for key, value in options.items() if value is not None}
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"view {self.name!r} takes no option {unknown[0]!r}; its options: {self.options}"
+            )
+        if not given:
+            return self
+        return replace(self, project=functools.partial(self.project, **given))
 
 
-VIEWS: dict[str, View] = {
-    view.name: view
-    for view in (
-        View("raw", _raw, distribution=True, solves=False),
-        View("effective", _certified(effective_attention), distribution=False),
-        View("efficient", _certified(efficient_attention), distribution=True),
+VIEWS: dict[str, View] = {}
+"""The registry of views, by name, in the order they are shown (:func:`register_view`)."""
+
+
+def register_view(view: View) -> View:
+    """Add ``view`` to :data:`VIEWS`; every list of views in the package then includes it.
+
+    Raises:
+        ValueError: a view of that name is already registered.
+    """
+    if view.name in VIEWS:
+        raise ValueError(f"a view named {view.name!r} is already registered")
+    VIEWS[view.name] = view
+    return view
+
+
+register_view(
+    View("raw", _raw, distribution=True, solves=False, description="attention as computed")
+)
+register_view(
+    View(
+        "effective",
+        _certified(effective_attention),
+        distribution=False,
+        description="orthogonal projection onto the value space (Brunner et al., 2020); not a "
+        "distribution",
     )
-}
-"""The registry of views, by name."""
+)
+register_view(
+    View(
+        "efficient",
+        _certified(efficient_attention),
+        distribution=True,
+        description="minimum-norm distribution with the same head output",
+    )
+)
+
+
+def view_names() -> tuple[str, ...]:
+    """The registered view names, in registry order."""
+    return tuple(VIEWS)
 
 
 def get_view(name: str) -> View:
+    """The registered view ``name``.
+
+    Raises:
+        ValueError: no view of that name (the message lists the registered ones).
+    """
     try:
         return VIEWS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"view must be one of {tuple(VIEWS)}; got {name!r}") from None
+        raise ValueError(f"view must be one of {view_names()}; got {name!r}") from None
 
 
 LayerResult = tuple[torch.Tensor, torch.Tensor]
@@ -196,3 +286,19 @@ def project_rows(
         view: the view to apply.
     """
     return stack_layers(captured, queries, project_layers(captured, queries, view))
+
+
+def project_captured_matrices(
+    captured: Sequence[CapturedHeads], view: View
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of every captured layer's full matrices in ``view``.
+
+    Args:
+        captured: one :class:`CapturedHeads` per selected layer, the same heads in each.
+        view: the view to apply.
+
+    Returns:
+        ``(B, L, H, S, S)`` projected matrices and ``(B, L, H, S)`` relative head-output errors.
+    """
+    projected = [project_matrices(c.attn, c.values, c.key_mask, c.causal, view) for c in captured]
+    return torch.stack([p[0] for p in projected], 1), torch.stack([p[1] for p in projected], 1)

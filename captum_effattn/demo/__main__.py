@@ -14,9 +14,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; the ``--views`` choices are the registered views."""
+    from captum_effattn.attr import VIEWS
+
     parser = argparse.ArgumentParser(
-        prog="python -m captum_effattn.demo", description=__doc__.split("\n\n")[1]
+        prog="python -m captum_effattn.demo", description=(__doc__ or "").split("\n\n")[1]
     )
     parser.add_argument(
         "--sentences", type=int, default=3, help="held-out Rotten Tomatoes sentences"
@@ -34,9 +37,20 @@ def main(argv: list[str] | None = None) -> None:
         help="classifier cache (default: $CAPTUM_EFFATTN_CACHE or ~/.cache/captum_effattn)",
     )
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if cached")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--views",
+        nargs="+",
+        choices=tuple(VIEWS),
+        default=None,
+        help="attention views to show (default: all)",
+    )
+    return parser
 
-    from captum_effattn.data.classifier import load_sentiment_classifier
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+
+    from captum_effattn.data import load_sentiment_classifier
     from captum_effattn.data.splits import imdb_heldout, rotten_tomatoes_splits
     from captum_effattn.demo.explain import Explainer
     from captum_effattn.demo.render import html_report, terminal_report
@@ -50,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     # imdb_heldout balances labels, so ask for an even number and keep the first ones.
     reviews = imdb_heldout(args.reviews + args.reviews % 2)[: args.reviews]
     texts = rotten_tomatoes_splits().test[: args.sentences] + reviews
-    explainer = Explainer(classifier)
+    explainer = Explainer(classifier, views=args.views)
     explanations = [explainer.explain(review.text, review.label) for review in texts]
     print(terminal_report(explanations))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from captum.attr import IntegratedGradients, Saliency
 
 from captum_effattn import EfficientAttentionAttribution
-from captum_effattn.attr import check_sufficiency
-from captum_effattn.data.classifier import SentimentClassifier
+from captum_effattn.attr import VIEWS, check_sufficiency
+from captum_effattn.attr._views import get_view
+from captum_effattn.data.training import SentimentClassifier
 
-ATTENTION_VIEWS = ("raw", "effective", "efficient")
-METHODS = (*(f"{view} attention" for view in ATTENTION_VIEWS), "IntegratedGradients", "Saliency")
+GRADIENT_METHODS = ("IntegratedGradients", "Saliency")
+"""The Captum methods shown next to the attention views."""
+
+
+def method_names(views: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The demo's methods: one per attention view (default: every registered view, in
+    :data:`~captum_effattn.attr.VIEWS` order), then :data:`GRADIENT_METHODS`.
+
+    Raises:
+        ValueError: an unknown view (the message lists the registered ones).
+    """
+    chosen = tuple(VIEWS) if views is None else tuple(views)
+    return (*(get_view(view).method_name for view in chosen), *GRADIENT_METHODS)
 
 
 @dataclass
@@ -47,11 +59,12 @@ class Explanation:
     @property
     def identifiable(self) -> bool:
         """Whether efficient attention left every explained row as it was (short inputs)."""
-        return bool(torch.equal(self.scores["raw attention"], self.scores["efficient attention"]))
+        raw, efficient = (self.scores.get(get_view(v).method_name) for v in ("raw", "efficient"))
+        return raw is not None and efficient is not None and bool(torch.equal(raw, efficient))
 
 
 class Explainer:
-    """All five methods on one classifier, sharing one embeddings-level forward function.
+    """Every attention view and the gradient methods on one classifier, sharing one forward.
 
     IntegratedGradients and Saliency need continuous inputs, so every method gets the word
     embeddings ``(1, S, E)`` and the attention mask, as in a typical Captum pipeline; token scores
@@ -61,9 +74,16 @@ class Explainer:
         classifier: the fine-tuned model and its tokenizer.
         max_length: word pieces kept per text.
         ig_steps: IntegratedGradients' ``n_steps``.
+        views: the attention views to show (default: every registered view).
     """
 
-    def __init__(self, classifier: SentimentClassifier, max_length: int = 256, ig_steps: int = 50):
+    def __init__(
+        self,
+        classifier: SentimentClassifier,
+        max_length: int = 256,
+        ig_steps: int = 50,
+        views: Sequence[str] | None = None,
+    ):
         self.model = classifier.model.eval()
         self.tokenizer = classifier.tokenizer
         self.labels = classifier.labels
@@ -79,14 +99,15 @@ class Explainer:
         self.pad_embedding = embed(pad).detach()
         attention = EfficientAttentionAttribution(forward, model=self.model)
         ig, saliency = IntegratedGradients(forward), Saliency(forward)
+        chosen = tuple(VIEWS) if views is None else tuple(views)
         self.methods: dict[str, Callable] = {
             **{
-                f"{view} attention": (
+                get_view(view).method_name: (
                     lambda e, m, t, view=view: attention.attribute(
                         e, target=t, additional_forward_args=(m,), view=view
                     )
                 )
-                for view in ATTENTION_VIEWS
+                for view in chosen
             },
             "IntegratedGradients": lambda e, m, t: ig.attribute(
                 e,
@@ -109,9 +130,11 @@ class Explainer:
         with torch.no_grad():
             probabilities = self.forward(embeddings, mask).softmax(-1)[0]
         predicted = int(probabilities.argmax())
+        tokens = self.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+        assert isinstance(tokens, list)  # a list of ids gives a list of tokens
         explanation = Explanation(
             text=text,
-            tokens=self.tokenizer.convert_ids_to_tokens(ids[0].tolist()),
+            tokens=tokens,
             label=self.labels[label],
             prediction=self.labels[predicted],
             probability=float(probabilities[predicted]),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from captum_effattn.demo.explain import METHODS, Explanation
+from captum_effattn.demo.explain import Explanation
 
 SHORT_TEXT_TOKENS = 24
 TOP_TOKENS = 8
@@ -29,8 +29,8 @@ def _header(explanation: Explanation, number: int) -> list[str]:
     low, high = explanation.effective_sums
     if explanation.identifiable:
         views = (
-            "    short input (n <= d + 1): every explained row is identifiable, so the three "
-            "views coincide"
+            "    short input (n <= d + 1): every explained row is identifiable, so the "
+            "attention views coincide"
         )
     else:
         views = (
@@ -49,23 +49,25 @@ def _header(explanation: Explanation, number: int) -> list[str]:
 
 
 def _token_table(explanation: Explanation) -> list[str]:
-    columns = ["token", *METHODS]
-    scaled = {m: _normalized(explanation.scores[m], explanation.tokens) for m in METHODS}
+    methods = tuple(explanation.scores)
+    columns = ["token", *methods]
+    scaled = {m: _normalized(explanation.scores[m], explanation.tokens) for m in methods}
     rows = [
-        [token, *(f"{float(scaled[m][i]):+.2f}" for m in METHODS)]
+        [token, *(f"{float(scaled[m][i]):+.2f}" for m in methods)]
         for i, token in enumerate(explanation.tokens)
     ]
     return _format(columns, rows)
 
 
 def _top_table(explanation: Explanation) -> list[str]:
-    columns = ["rank", *METHODS]
+    methods = tuple(explanation.scores)
+    columns = ["rank", *methods]
     tops = {
         m: torch.argsort(explanation.scores[m].abs(), descending=True)[:TOP_TOKENS].tolist()
-        for m in METHODS
+        for m in methods
     }
     rows = [
-        [str(rank + 1), *(explanation.tokens[tops[m][rank]] for m in METHODS)]
+        [str(rank + 1), *(explanation.tokens[tops[m][rank]] for m in methods)]
         for rank in range(TOP_TOKENS)
     ]
     return _format(columns, rows)
@@ -93,7 +95,8 @@ def terminal_report(explanations: Sequence[Explanation]) -> str:
             lines += [f"    top {TOP_TOKENS} word pieces by |score|:"]
             lines += _top_table(explanation)
         lines.append("")
-    seconds = {m: sum(e.seconds[m] for e in explanations) / len(explanations) for m in METHODS}
+    methods = explanations[0].scores if explanations else {}
+    seconds = {m: sum(e.seconds[m] for e in explanations) / len(explanations) for m in methods}
     lines.append(
         "mean seconds per example: " + ", ".join(f"{m} {s:.2f}" for m, s in seconds.items())
     )
@@ -128,7 +131,7 @@ def html_report(explanations: Sequence[Explanation]) -> str:
             + "<br>".join(html.escape(x) for x in _header(explanation, number)[2:])
             + "</p><table>"
         )
-        for method in METHODS:
+        for method in explanation.scores:
             scores = _normalized(explanation.scores[method], explanation.tokens)
             cells = "".join(
                 _cell(t, float(v)) for t, v in zip(explanation.tokens, scores, strict=True)

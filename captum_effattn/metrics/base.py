@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -84,30 +84,50 @@ class Metric(Protocol):
     def __call__(self, context: MetricContext) -> Tensor: ...
 
 
-METRICS: dict[str, Callable[..., Metric]] = {}
-"""Metric classes by name; :func:`register_metric` adds one."""
+MetricFactory = Callable[[], Metric]
+"""A metric class (or any callable) that builds the metric with its default parameters."""
+
+METRICS: dict[str, MetricFactory] = {}
+"""Metric classes keyed by their :attr:`MetricInfo.name`; :func:`register_metric` adds one."""
+
+MetricClass = TypeVar("MetricClass", bound=type)
 
 
-def register_metric(name: str) -> Callable[[type], type]:
-    """Class decorator: make a metric available to :func:`get_metric` under ``name``."""
+def register_metric(cls: MetricClass) -> MetricClass:
+    """Class decorator: make a metric available to :func:`get_metric` under the name its
+    :class:`MetricInfo` gives (read from an instance with the default parameters).
 
-    def register(cls: type) -> type:
-        METRICS[name] = cls
-        return cls
+    Raises:
+        TypeError: ``cls`` is not a class (the name is no longer passed: it comes from the info).
+        ValueError: another metric class already has that name.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(
+            f"register_metric decorates a metric class and reads its name from its MetricInfo; "
+            f"got {cls!r}"
+        )
+    name = cls().info.name
+    if METRICS.get(name, cls) is not cls:
+        raise ValueError(f"a metric named {name!r} is already registered: {METRICS[name]!r}")
+    METRICS[name] = cls
+    return cls
 
-    return register
+
+def metric_names() -> tuple[str, ...]:
+    """The registered metric names, in registration order."""
+    return tuple(METRICS)
 
 
 def get_metric(metric: str | Metric) -> Metric:
     """A metric instance: ``metric`` itself, or the registered one of that name with defaults.
 
     Raises:
-        ValueError: no metric of that name.
+        ValueError: no metric of that name (the message lists the registered ones).
     """
     if not isinstance(metric, str):
         return metric
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; registered: {sorted(METRICS)}")
+        raise ValueError(f"unknown metric {metric!r}; registered: {metric_names()}")
     return METRICS[metric]()
 
 

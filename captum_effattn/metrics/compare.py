@@ -16,7 +16,7 @@ from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients, Sa
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from captum_effattn.attr import EfficientAttentionAttribution
+from captum_effattn.attr import VIEWS, EfficientAttentionAttribution
 from captum_effattn.metrics.base import Metric, MetricContext, MetricInfo, get_metric
 from captum_effattn.metrics.eraser import check_target_range
 from captum_effattn.metrics.perturbations import explanation_function
@@ -59,16 +59,16 @@ def standard_methods(
 ) -> dict[str, MethodSpec]:
     """The methods this package compares, built on ``gate``.
 
-    Raw, effective and efficient attention (``EfficientAttentionAttribution``, default query and
-    all heads), IntegratedGradients (``n_steps=ig_steps``, the zero gate as baseline: every token
+    Every registered attention view (:data:`~captum_effattn.attr.VIEWS`, named ``"<view>
+    attention"``; ``EfficientAttentionAttribution``, default query and all heads),
+    IntegratedGradients (``n_steps=ig_steps``, the zero gate as baseline: every token
     replaced by the baseline token; at most ``max(ig_steps, 64)`` inputs per internal batch)
     and Saliency (Captum's default absolute gradients); with
     ``extended=True`` also InputXGradient and FeatureAblation (one forward pass per token).
     """
     attention = EfficientAttentionAttribution(gate, model=gate.model)
     methods: dict[str, MethodSpec] = {
-        f"{view} attention": (attention, {"view": view})
-        for view in ("raw", "effective", "efficient")
+        view.method_name: (attention, {"view": view.name}) for view in VIEWS.values()
     }
     # Bounded internal batches: without them, sensitivity_max hands IG its batch times the
     # perturbation samples at once, n_steps copies of each (24 GB at 4 x 5 x 50 x 256 tokens).
@@ -264,9 +264,7 @@ def compare_methods(
     resolved = [_resolve_method(name, spec, gate) for name, spec in methods.items()]
     scorers = [get_metric(m) for m in (default_metrics() if metrics is None else metrics)]
     batches = _batches(texts, gate, batch_size, max_length)
-    all_targets = None if targets is None or isinstance(targets, str) else list(targets)
-    if all_targets is not None and len(all_targets) != len(texts):
-        raise ValueError(f"got {len(all_targets)} targets for {len(texts)} texts")
+    per_text = _per_text_targets(targets, len(texts))
 
     torch.manual_seed(seed)
     records: list[dict[str, Any]] = []
@@ -275,7 +273,7 @@ def compare_methods(
         # Saliency-like methods set requires_grad on the gate themselves and say so every call.
         warnings.filterwarnings("ignore", message=".*did not already require gradients")
         for index, (start, inputs) in enumerate(batches):
-            wanted = targets if all_targets is None else all_targets[start : start + len(inputs)]
+            wanted = targets if per_text is None else per_text[start : start + len(inputs)]
             target = resolve_targets(gate, inputs, wanted)
             for method in resolved:
                 records += _score(
@@ -291,6 +289,21 @@ def compare_methods(
                 bar.update()
     bar.close()
     return Comparison(records, tuple(s.info for s in scorers), tuple(m.name for m in resolved))
+
+
+def _per_text_targets(targets: Any, count: int) -> list[Any] | None:
+    """``targets`` as a list of one class per text, or ``None`` when they are resolved per batch
+    (``"predicted"``, or ``None`` for single-logit models).
+
+    Raises:
+        ValueError: not one target per text.
+    """
+    if targets is None or isinstance(targets, str):
+        return None
+    per_text = list(targets)
+    if len(per_text) != count:
+        raise ValueError(f"got {len(per_text)} targets for {count} texts")
+    return per_text
 
 
 def _score(

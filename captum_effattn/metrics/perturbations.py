@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from captum._utils.common import _format_tensor_into_tuples
 from torch import Tensor
+
+from captum_effattn._captum_compat import format_tensor_into_tuples
 
 TensorOrTuple = Tensor | tuple[Tensor, ...]
 
@@ -64,7 +65,7 @@ def token_removal(
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(inputs: TensorOrTuple) -> tuple[TensorOrTuple, TensorOrTuple]:
-        gates = _format_tensor_into_tuples(inputs)
+        gates = format_tensor_into_tuples(inputs)
         perturbed = tuple(
             gate * (_uniform(gate, generator) >= drop_probability).to(gate.dtype) for gate in gates
         )
@@ -98,7 +99,7 @@ def gate_noise(radius: float = 0.1, seed: int = 0) -> Callable[..., TensorOrTupl
 
     def perturb(inputs: TensorOrTuple, perturb_radius: float | None = None) -> TensorOrTuple:
         del perturb_radius  # the radius is the factory's: sensitivity_max passes its default
-        gates = _format_tensor_into_tuples(inputs)
+        gates = format_tensor_into_tuples(inputs)
         faded = tuple(gate - radius * _uniform(gate, generator) for gate in gates)
         return _format_like(inputs, faded)
 
@@ -133,7 +134,7 @@ def explanation_function(method: Any, **attribute_kwargs: Any) -> Callable[..., 
 
     def explain(inputs: TensorOrTuple, **kwargs: Any) -> TensorOrTuple:
         attributions = attribute(inputs, **attribute_kwargs, **kwargs)
-        detached = tuple(a.detach() for a in _format_tensor_into_tuples(attributions))
+        detached = tuple(a.detach() for a in format_tensor_into_tuples(attributions))
         return _format_like(inputs, detached)
 
     return explain

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from captum_effattn.metrics.base import (
     METRICS,
+    Metric,
     MetricContext,
     MetricInfo,
     as_float64,
@@ -39,7 +40,7 @@ def _examples_per_batch(context: MetricContext, samples: int) -> int:
     return max(batch, min(context.max_examples_per_batch, batch * samples))
 
 
-@register_metric("infidelity")
+@register_metric
 class Infidelity:
     r"""Captum's ``infidelity`` under Bernoulli token removal (:func:`token_removal`).
 
@@ -100,7 +101,7 @@ class Infidelity:
         return as_float64(values).clamp_min(0.0)  # a mean of squares: below 0 only by rounding
 
 
-@register_metric("sensitivity_max")
+@register_metric
 class SensitivityMax:
     r"""Captum's ``sensitivity_max`` under gate noise (:func:`gate_noise`).
 
@@ -175,7 +176,7 @@ class _Erasure:
         return as_float64(curve.mean(-1))
 
 
-@register_metric("comprehensiveness")
+@register_metric
 class Comprehensiveness(_Erasure):
     """ERASER comprehensiveness, AOPC over ``bins`` (fractions of the removable tokens)."""
 
@@ -183,7 +184,7 @@ class Comprehensiveness(_Erasure):
     action = "the top tokens are removed"
 
 
-@register_metric("sufficiency")
+@register_metric
 class Sufficiency(_Erasure):
     """ERASER sufficiency, AOPC over ``bins`` (fractions of the removable tokens)."""
 
@@ -224,20 +225,20 @@ class _CurveArea:
         return as_float64(area_under_curve(fractions, curve))
 
 
-@register_metric("deletion_auc")
+@register_metric
 class DeletionAUC(_CurveArea):
     """Area under the deletion curve (lower is better)."""
 
     insertion = False
 
 
-@register_metric("insertion_auc")
+@register_metric
 class InsertionAUC(_CurveArea):
     """Area under the insertion curve (higher is better)."""
 
     insertion = True
 
 
-def default_metrics() -> list:
+def default_metrics() -> list[Metric]:
     """One of each registered metric, with its default parameters."""
     return [metric() for metric in METRICS.values()]

@@ -66,6 +66,34 @@ class GatedInputs:
         )
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's token embedding module (Hugging Face's ``get_input_embeddings()``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        raise TypeError(
+            f"TokenGate needs a Hugging Face model with get_input_embeddings(); got "
+            f"{type(model).__name__}"
+        )
+    embeddings = get()
+    if not isinstance(embeddings, nn.Module):
+        raise TypeError(
+            f"{type(model).__name__}.get_input_embeddings() returned "
+            f"{type(embeddings).__name__}, not a module"
+        )
+    return embeddings
+
+
+def _embedding_table(model: nn.Module) -> Tensor:
+    """``(V, E)``: the token embedding matrix."""
+    weight = getattr(_input_embeddings(model), "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"the input embeddings of {type(model).__name__} have no (vocabulary, features) "
+            "weight matrix"
+        )
+    return weight
+
+
 class TokenGate:
     r"""A text classifier as a function of the token gate: ``gate(g, input_ids, mask) -> logits``.
 
@@ -93,8 +121,7 @@ class TokenGate:
             baseline_token_id = tokenizer.pad_token_id
         if baseline_token_id is None:
             baseline_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-        embeddings = model.get_input_embeddings()
-        vocabulary = embeddings.weight.shape[0]
+        vocabulary = _embedding_table(model).shape[0]
         if baseline_token_id is None or not 0 <= baseline_token_id < vocabulary:
             raise ValueError(
                 f"TokenGate needs a baseline token id in [0, {vocabulary}) (the token a removed "
@@ -104,9 +131,8 @@ class TokenGate:
 
     def embed(self, gate: TokenGateTensor, input_ids: TokenIds) -> Tensor:
         """``(B, S, E)`` embeddings ``b + g * (t - b)``, differentiable in ``gate``."""
-        table = self.model.get_input_embeddings()
-        tokens = table(input_ids)
-        baseline = table.weight[self.baseline_token_id]
+        tokens = _input_embeddings(self.model)(input_ids)
+        baseline = _embedding_table(self.model)[self.baseline_token_id]
         return baseline + gate.unsqueeze(-1).to(tokens.dtype) * (tokens - baseline)
 
     def __call__(

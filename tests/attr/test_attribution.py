@@ -7,6 +7,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 from captum_effattn import EfficientAttentionAttribution
+from captum_effattn.attr import VIEWS
 from captum_effattn.models import capture_attention
 from tests.attr.helpers import (
     TEXT_MODELS,
@@ -17,15 +18,13 @@ from tests.attr.helpers import (
 )
 from tests.models.tiny import NUM_HEADS, NUM_LAYERS, tiny_inputs, tiny_model
 
-VIEWS = ("raw", "effective", "efficient")
-
 
 def _padding(name):
     return "left" if name in ("gpt2", "llama") else "right"
 
 
 @pytest.mark.parametrize("name", TEXT_MODELS)
-@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("view", tuple(VIEWS))
 def test_token_scores_have_the_input_shape_and_zero_padding(name, view):
     model, forward, ids, mask = text_setup(name, _padding(name))
     explainer = EfficientAttentionAttribution(forward, model=model)
@@ -36,8 +35,8 @@ def test_token_scores_have_the_input_shape_and_zero_padding(name, view):
     assert scores.is_floating_point()
     assert (scores[mask == 0] == 0).all()
     assert delta.shape == (ids.shape[0],)
-    assert delta.max() <= (0 if view == "raw" else 1e-9)
-    if view != "effective":  # distributions averaged over heads are distributions
+    assert delta.max() <= (1e-9 if VIEWS[view].solves else 0)
+    if VIEWS[view].distribution:  # distributions averaged over heads are distributions
         torch.testing.assert_close(scores.sum(-1), torch.ones(len(ids)), atol=1e-5, rtol=0)
         assert (scores >= 0).all()
 
@@ -119,7 +118,7 @@ def test_causal_lm_with_a_class_score_forward():
     assert (last == ids.shape[1] - 1).all()
 
 
-@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("view", tuple(VIEWS))
 def test_vit_pixels_get_their_patch_scores(view):
     model = tiny_model("vit")
     pixels = tiny_inputs("vit")["pixel_values"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from captum_effattn.attr import VIEWS
+
 TUTORIALS = Path(__file__).parents[2] / "tutorials"
 pytestmark = pytest.mark.slow
 
@@ -71,6 +73,6 @@ def test_comparing_methods(sentiment_classifier, capsys, monkeypatch):
         "insertion_auc",
         "s/example",
     ]
-    methods = ["raw attention", "effective attention", "efficient attention"]
+    methods = [view.method_name for view in VIEWS.values()]
     for method in [*methods, "IntegratedGradients", "Saliency"]:
         assert re.search(rf"^{method}\s+-?\d", out, re.M), method

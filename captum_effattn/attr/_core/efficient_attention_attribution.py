@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from captum._utils.common import (
-    _format_additional_forward_args,
-    _format_output,
-    _format_tensor_into_tuples,
-    _is_tuple,
-)
-from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
-from captum.attr._utils.attribution import Attribution
-from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_effattn._captum_compat import (
+    Attribution,
+    TargetType,
+    TensorOrTupleOfTensorsGeneric,
+    format_additional_forward_args,
+    format_output,
+    format_tensor_into_tuples,
+    is_tuple,
+    log_usage,
+)
 from captum_effattn.attr._pipeline import LayerPipeline
 from captum_effattn.attr._queries import QuerySpec, select_query_rows
 from captum_effattn.attr._reductions import (
-    attention_rollout,
+    AttentionReading,
     get_reduction,
-    mean_over_queries,
+    per_example_max,
+    per_head_scores,
 )
 from captum_effattn.attr._spread import spread_to_input
-from captum_effattn.attr._views import View, get_view, project_matrices, stack_layers
+from captum_effattn.attr._views import (
+    View,
+    get_view,
+    project_captured_matrices,
+    stack_layers,
+)
 from captum_effattn.models import (
     CapturedHeads,
     HeadSelection,
@@ -43,8 +50,8 @@ class EfficientAttentionAttribution(Attribution):
     width, many attention rows give the head the same output (Brunner et al., ICLR 2020).
     *Efficient attention* replaces each row ``a`` by the minimum-norm probability distribution
     ``x`` with the same head output ``x V = a V``: identifiable, sufficient for the model's output,
-    and a distribution (see :func:`captum_effattn.efficient_attention` and ``shared/method.md``
-    for this project's precise construction).
+    and a distribution (see :func:`captum_effattn.efficient_attention` and the method page
+    of the documentation (docs/method.md) for this project's precise construction).
 
     The method runs ``forward_func`` once, captures the attention and value vectors of the
     selected heads inside ``model`` (whatever attention implementation it was loaded with), and
@@ -123,15 +130,17 @@ class EfficientAttentionAttribution(Attribution):
                 count from the end. Default: all layers.
             heads (int, list[int], "all" or dict[int, ...], optional): heads of every selected
                 layer, or ``{layer: heads}``. Default: all heads.
-            view (str, optional): ``"efficient"`` (default; minimum-norm distributions with the
-                same head output), ``"effective"`` (orthogonal projection onto the value space,
-                Brunner et al. 2020; not a distribution), or ``"raw"`` (attention as computed).
+            view (str, optional): a name in :data:`~captum_effattn.attr.VIEWS`: ``"efficient"``
+                (default; minimum-norm distributions with the same head output),
+                ``"effective"`` (orthogonal projection onto the value space, Brunner et al. 2020;
+                not a distribution), ``"raw"`` (attention as computed), or a registered view.
             query (str or int, optional): the attention rows that explain the prediction:
                 ``"auto"`` (first real token for encoders, last real token for decoders), an int
                 position, or ``"all"`` (every real token's row, averaged).
-            reduce (str or None, optional): how to combine layers and heads: ``"mean"``
-                (default), ``"sum"``, ``"max"``, ``"rollout"`` (attention rollout through the
-                selected consecutive layers; needs all their heads), or ``None`` to keep a
+            reduce (str or None, optional): how to combine layers and heads, a name in
+                :data:`~captum_effattn.attr.REDUCTIONS`: ``"mean"`` (default), ``"sum"``,
+                ``"max"``, ``"rollout"`` (attention rollout through the selected consecutive
+                layers; needs all their heads); or ``None`` to keep a
                 per-layer, per-head axis (then a ``(B, L, H, S)`` tensor of token scores is
                 returned, not input-shaped attributions; the selection must have the same heads
                 in every layer).
@@ -154,55 +163,80 @@ class EfficientAttentionAttribution(Attribution):
         """
         del target  # attention is not class-specific
         attention_view = get_view(view)
-        reduction = get_reduction(reduce)
+        reduction = None if reduce is None else get_reduction(reduce)
         selection = select_heads(self.model, layers, heads)
-        if reduction is not None and reduction.combine is None:
-            _require_rollout_selection(selection)
+        inputs_tuple = format_tensor_into_tuples(inputs)
         if reduction is None:
-            _require_rectangular(selection, "reduce=None")
-        is_inputs_tuple = _is_tuple(inputs)
-        inputs_tuple = _format_tensor_into_tuples(inputs)
-        rollout = reduction is not None and reduction.combine is None
-        # Rows are projected layer by layer while the forward pass runs the later layers.
-        pipeline = None if rollout else LayerPipeline(query, attention_view)
-        try:
-            captured = self._capture(
+            return self._per_head_scores(
                 inputs_tuple,
                 additional_forward_args,
                 selection,
-                on_layer=None if pipeline is None else pipeline.submit,
+                query,
+                attention_view,
+                return_convergence_delta,
             )
-            key_mask, causal = captured[0].key_mask, captured[0].causal
-            queries = select_query_rows(query, key_mask, causal)
-            if pipeline is not None:
-                projected = stack_layers(captured, queries, pipeline.results(captured, queries))
-        finally:
-            if pipeline is not None:
-                pipeline.close()
-
-        if rollout:
-            matrices, errors = self._project_matrices(captured, attention_view)
-            flow = attention_rollout(matrices.double().mean(2))
-            index = queries.positions[..., None].expand(-1, -1, flow.shape[-1])
-            rows = flow.gather(1, index)[:, None]
-            scores = mean_over_queries(rows, queries.real)[:, 0].to(matrices.dtype)
-            delta = _per_example_max(errors * key_mask[:, None, None, :])
-        else:
-            per_head = mean_over_queries(projected.rows, queries.real)
-            delta = _per_example_max(projected.output_error * queries.real[:, None, :])
-            if reduction is None:
-                result = per_head.reshape(
-                    per_head.shape[0], len(selection.layers), -1, per_head.shape[-1]
-                )
-                return (result, delta) if return_convergence_delta else result
-            scores = reduction.combine(per_head)
-
+        reduction.check_selection(selection)
+        reading = self._read(
+            inputs_tuple,
+            additional_forward_args,
+            selection,
+            query,
+            attention_view,
+            project_queries=not reduction.reads_full_matrices,
+        )
+        scores, delta = reduction.reduce(reading, attention_view)
         attributions = tuple(
             spread_to_input(scores, tensor, i, self.architecture)
             for i, tensor in enumerate(inputs_tuple)
         )
-        output = _format_output(is_inputs_tuple, attributions)
-        return (output, delta) if return_convergence_delta else output
+        output = format_output(is_tuple(inputs), attributions)
+        return _with_delta(output, delta, return_convergence_delta)
+
+    def _per_head_scores(
+        self,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: Any,
+        selection: HeadSelection,
+        query: QuerySpec,
+        view: View,
+        return_convergence_delta: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``reduce=None``: ``(B, L, H, S)`` token scores of every selected head."""
+        _require_rectangular(selection, "reduce=None")
+        reading = self._read(inputs, additional_forward_args, selection, query, view)
+        assert reading.projected is not None  # projected during the forward
+        per_head, delta = per_head_scores(reading.projected, reading.queries)
+        batch, _, length = per_head.shape
+        result = per_head.reshape(batch, len(selection.layers), -1, length)
+        return _with_delta(result, delta, return_convergence_delta)
+
+    def _read(
+        self,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: Any,
+        selection: HeadSelection,
+        query: QuerySpec,
+        view: View,
+        project_queries: bool = True,
+    ) -> AttentionReading:
+        """Run the forward pass once, capturing the selected heads; with ``project_queries``,
+        the explaining rows are projected layer by layer while the later layers run."""
+        pipeline = LayerPipeline(query, view) if project_queries else None
+        try:
+            captured = self._capture(
+                inputs,
+                additional_forward_args,
+                selection,
+                on_layer=None if pipeline is None else pipeline.submit,
+            )
+            queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+            if pipeline is None:
+                return AttentionReading(captured, queries)
+            projected = stack_layers(captured, queries, pipeline.results(captured, queries))
+            return AttentionReading(captured, queries, projected)
+        finally:
+            if pipeline is not None:
+                pipeline.close()
 
     def attention_matrices(
         self,
@@ -229,12 +263,11 @@ class EfficientAttentionAttribution(Attribution):
         selection = select_heads(self.model, layers, heads)
         _require_rectangular(selection, "attention_matrices")
         captured = self._capture(
-            _format_tensor_into_tuples(inputs), additional_forward_args, selection
+            format_tensor_into_tuples(inputs), additional_forward_args, selection
         )
-        matrices, errors = self._project_matrices(captured, attention_view)
-        if not return_convergence_delta:
-            return matrices
-        return matrices, _per_example_max(errors * captured[0].key_mask[:, None, None, :])
+        matrices, errors = project_captured_matrices(captured, attention_view)
+        delta = per_example_max(errors * captured[0].key_mask[:, None, None, :])
+        return _with_delta(matrices, delta, return_convergence_delta)
 
     def _capture(
         self,
@@ -243,7 +276,7 @@ class EfficientAttentionAttribution(Attribution):
         selection: HeadSelection,
         on_layer: Callable[[CapturedHeads], None] | None = None,
     ) -> tuple[CapturedHeads, ...]:
-        extra = _format_additional_forward_args(additional_forward_args) or ()
+        extra = format_additional_forward_args(additional_forward_args)
         with (
             capture_attention(
                 self.model, selection, materialize=False, on_layer=on_layer
@@ -260,17 +293,9 @@ class EfficientAttentionAttribution(Attribution):
                 ) from error
         return record.layers
 
-    @staticmethod
-    def _project_matrices(captured: Sequence[CapturedHeads], view: View) -> tuple[Tensor, Tensor]:
-        """``(B, L, H, S, S)`` projected matrices and ``(B, L, H, S)`` output errors."""
-        projected = [
-            project_matrices(c.attn, c.values, c.key_mask, c.causal, view) for c in captured
-        ]
-        return torch.stack([p[0] for p in projected], 1), torch.stack([p[1] for p in projected], 1)
 
-
-def _per_example_max(errors: Tensor) -> Tensor:
-    return errors.reshape(errors.shape[0], -1).amax(-1)
+def _with_delta(result: Any, delta: Tensor, return_convergence_delta: bool) -> Any:
+    return (result, delta) if return_convergence_delta else result
 
 
 def _require_rectangular(selection: HeadSelection, what: str) -> None:
@@ -279,13 +304,4 @@ def _require_rectangular(selection: HeadSelection, what: str) -> None:
         raise ValueError(
             f"{what} keeps a (layer, head) axis and needs the same heads in every selected "
             f"layer; got {chosen}. Make one call per layer instead."
-        )
-
-
-def _require_rollout_selection(selection: HeadSelection) -> None:
-    if not selection.all_heads_of_consecutive_layers:
-        chosen = dict(selection.items())
-        raise ValueError(
-            "reduce='rollout' multiplies attention through consecutive layers and needs all "
-            f"heads of each of them (all rows of every matrix); got {chosen}"
         )
