@@ -1,106 +1,132 @@
 """Attribution benchmark: EfficientAttentionAttribution next to Saliency and IntegratedGradients.
 
-On the fine-tuned MiniLM sentiment classifier and one real IMDB review truncated to n word pieces,
-n in {64, 256, 512}, measured side by side in one run (best of ``--repeats``):
+On the fine-tuned MiniLM sentiment classifier and real IMDB reviews truncated to n word pieces,
+for each thread count and batch size, every method runs once per round in a rotating order
+(:mod:`benchmarks.timing`) and is divided by the same round's plain forward pass. The table gives
+the median of those per-round ratios and their interquartile range; nothing is a "best of".
 
-- one plain forward pass (the unit);
-- ``EfficientAttentionAttribution.attribute`` for each view (all layers and heads, default query);
-- Captum's Saliency and IntegratedGradients (``n_steps=50``) on the embeddings.
+Methods (all layers and heads of MiniLM):
 
-Run: ``PYTHONPATH=. python benchmarks/bench_attribution.py`` (builds or loads the classifier).
+- ``forward``: one plain forward pass under ``torch.no_grad()`` (the unit);
+- ``efficient`` / ``effective`` / ``raw``: ``attribute(view=...)``, default query ([CLS] rows);
+- ``efficient, query="all"``: every real row (at ``--all-rows-sizes`` only; it is the slow one);
+- Captum's Saliency and IntegratedGradients (``n_steps=50``, at ``--ig-sizes`` and batch 1 only:
+  at 50-100 forward passes a round it dominates the run).
+
+Run: ``PYTHONPATH=. python benchmarks/bench_attribution.py [--quick]`` (builds or loads the
+classifier; ``--quick`` is a few rounds at two sizes, to check the script).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from captum.attr import IntegratedGradients, Saliency
 
+from benchmarks.timing import RatioSummary, interleaved, machine_line
 from captum_effattn import EfficientAttentionAttribution
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--ig-sizes", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--all-rows-sizes", type=int, nargs="*", default=[128, 256])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, n = 64 and 128")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds, args.batches = [64, 128], 3, [1, 2]
+        args.ig_sizes, args.all_rows_sizes = [64], [64]
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from captum_effattn.data import load_sentiment_classifier
-    from captum_effattn.data.splits import imdb_heldout
+    args = parse_args()
+    # Captum says this on every Saliency call with a plain tensor; it is expected here.
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    from captum_effattn.data import imdb_heldout, load_sentiment_classifier
 
     classifier = load_sentiment_classifier()
     model, tokenizer = classifier.model.eval(), classifier.tokenizer
-    text = next(
-        r.text for r in imdb_heldout(50) if len(tokenizer(r.text)["input_ids"]) >= max(args.sizes)
-    )
+    longest, most = max(args.sizes), max(args.batches)
+    texts = [r.text for r in imdb_heldout(400) if len(tokenizer(r.text)["input_ids"]) >= longest]
+    if len(texts) < most:
+        raise SystemExit(f"only {len(texts)} held-out reviews have {longest} word pieces")
 
-    def forward(embeddings, mask):
-        return model(inputs_embeds=embeddings, attention_mask=mask).logits
-
-    attention = EfficientAttentionAttribution(forward, model=model)
-    ig, saliency = IntegratedGradients(forward), Saliency(forward)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times in seconds\n")
-    print(
-        "| n | forward | efficient | efficient / forward | effective / forward | raw / forward "
-        "| Saliency / forward | IG (50 steps) / forward | IG / efficient |"
-    )
-    print("|" + " --- |" * 9)
-    for n in args.sizes:
-        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=n)
-        timings = measure(model, enc, attention, ig, saliency, args.repeats)
-        unit = timings["forward"]
-        print(
-            f"| {n} | {unit:.3f} | {timings['efficient']:.3f} | {timings['efficient'] / unit:.1f}x "
-            f"| {timings['effective'] / unit:.1f}x | {timings['raw'] / unit:.1f}x "
-            f"| {timings['saliency'] / unit:.1f}x | {timings['ig'] / unit:.1f}x "
-            f"| {timings['ig'] / timings['efficient']:.0f}x |",
-            flush=True,
-        )
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            print(f"\n### {threads} thread(s), batch {batch}\n\n{machine_line()}\n", flush=True)
+            columns = {}
+            for n in args.sizes:
+                enc = tokenizer(texts[:batch], return_tensors="pt", truncation=True, max_length=n)
+                methods = build_methods(model, enc, args, n, batch)
+                columns[n] = interleaved(methods, unit="forward", rounds=args.rounds)
+            print_table(columns)
 
 
-def measure(model, enc, attention, ig, saliency, repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` seconds of a forward pass and of each method on one encoded text."""
+def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables on one encoded batch, the plain forward pass first."""
     mask = enc["attention_mask"]
     embeddings = model.get_input_embeddings()(enc["input_ids"]).detach()
+
+    def forward(inputs_embeds, attention_mask):
+        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
     with torch.no_grad():
-        target = int(model(inputs_embeds=embeddings, attention_mask=mask).logits.argmax())
+        target = forward(embeddings, mask).argmax(-1)
     kwargs = {"target": target, "additional_forward_args": (mask,)}
+    attention = EfficientAttentionAttribution(forward, model=model)
 
     def plain():
         with torch.no_grad():
-            model(inputs_embeds=embeddings, attention_mask=mask)
+            forward(embeddings, mask)
 
-    timings = {"forward": best_of(plain, repeats)}
+    methods: dict[str, Callable[[], object]] = {"forward": plain}
     for view in ("efficient", "effective", "raw"):
-        timings[view] = best_of(
-            lambda view=view: attention.attribute(embeddings, view=view, **kwargs), repeats
+        methods[view] = lambda view=view: attention.attribute(embeddings, view=view, **kwargs)
+    if n in args.all_rows_sizes and batch == 1:
+        methods['efficient, query="all"'] = lambda: attention.attribute(
+            embeddings, query="all", **kwargs
         )
-    timings["saliency"] = best_of(lambda: saliency.attribute(embeddings, **kwargs), repeats)
-    baseline = torch.zeros_like(embeddings)
-    timings["ig"] = best_of(
-        lambda: ig.attribute(
-            embeddings, baselines=baseline, n_steps=50, internal_batch_size=10, **kwargs
-        ),
-        max(1, repeats // 2),
-    )
-    return timings
+    saliency = Saliency(forward)
+    methods["Saliency"] = lambda: saliency.attribute(embeddings, **kwargs)
+    if n in args.ig_sizes and batch == 1:
+        ig = IntegratedGradients(forward)
+        methods["IntegratedGradients (50)"] = lambda: ig.attribute(
+            embeddings, n_steps=50, internal_batch_size=25, **kwargs
+        )
+    return methods
+
+
+def print_table(columns: dict[int, dict[str, RatioSummary]]) -> None:
+    """One Markdown table: methods down, sizes across, median per-round ratio [IQR]."""
+    sizes = list(columns)
+    names = list(dict.fromkeys(name for column in columns.values() for name in column))
+    print("| method | " + " | ".join(f"n = {n}" for n in sizes) + " |")
+    print("| --- |" + " --- |" * len(sizes))
+    for name in names:
+        cells = []
+        for n in sizes:
+            summary = columns[n].get(name)
+            if summary is None:
+                cells.append("")
+            elif name == "forward":
+                cells.append(f"{summary.median_seconds * 1e3:.1f} ms")
+            else:
+                cells.append(summary.cell())
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    rounds = next(iter(columns.values()))["forward"].rounds
+    print(f"\n(medians of {rounds} per-round ratios to the same round's forward pass, [IQR])")
 
 
 if __name__ == "__main__":

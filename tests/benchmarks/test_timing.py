@@ -1,0 +1,73 @@
+"""The benchmark timing harness: paired per-round ratios cancel a machine's drift."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import timing
+
+
+class FakeClock:
+    """A clock that only moves when a fake method says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_paired_ratios_cancel_drift(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    costs = {"forward": 1.0, "attribution": 1.3, "gradient": 2.0}
+    calls: list[str] = []
+    drift = {"factor": 1.0}
+
+    def method(name: str):
+        def run():
+            calls.append(name)
+            clock.now += costs[name] * drift["factor"]
+            if len(calls) % len(costs) == 0:
+                drift["factor"] *= 3.0  # the machine slows down between rounds
+
+        return run
+
+    summaries = timing.interleaved({n: method(n) for n in costs}, unit="forward", rounds=5)
+    # Every round runs every method once, in a rotated order.
+    assert calls[:3] == ["forward", "attribution", "gradient"]
+    assert calls[3:6] == ["attribution", "gradient", "forward"]
+    assert len(calls) == 3 * 6  # one warm-up round, five measured
+    for name, cost in costs.items():
+        summary = summaries[name]
+        assert summary.rounds == 5
+        # Absolute times grew 3**5-fold over the run; the paired ratios did not move.
+        assert (summary.low, summary.median, summary.high) == pytest.approx((cost, cost, cost))
+
+
+def test_ratios_are_paired_round_by_round():
+    seconds = [2.0, 4.0, 8.0]
+    unit = [1.0, 2.0, 4.0]  # the machine got twice as slow each round
+    summary = timing.summarize("method", seconds, unit)
+    assert (summary.low, summary.median, summary.high) == (2.0, 2.0, 2.0)
+    assert summary.median_seconds == 4.0
+    assert summary.cell() == "2.00x [2.00-2.00]"
+
+
+def test_quartiles_and_bad_input():
+    assert timing.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert timing.quartiles([7.0]) == (7.0, 7.0, 7.0)
+    with pytest.raises(ValueError, match="no values"):
+        timing.quartiles([])
+    with pytest.raises(ValueError, match="unit 'x'"):
+        timing.interleaved({"a": lambda: None}, unit="x", rounds=1)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        timing.interleaved({"a": lambda: None}, unit="a", rounds=0)
+    with pytest.raises(ValueError, match="2 times against 1"):
+        timing.summarize("m", [1.0, 2.0], [1.0])
+
+
+def test_machine_line_names_threads_and_load():
+    line = timing.machine_line()
+    assert "torch threads" in line
+    assert "load average" in line
