@@ -3,6 +3,9 @@
 from captum_effattn.attr._core.efficient_attention_attribution import (
     EfficientAttentionAttribution,
 )
+from captum_effattn.attr._core.layer_efficient_attention_attribution import (
+    LayerEfficientAttentionAttribution,
+)
 from captum_effattn.attr._reductions import REDUCTIONS, attention_rollout
 from captum_effattn.attr._views import VIEWS
 from captum_effattn.attr.sufficiency import SufficiencyReport, check_sufficiency
@@ -11,6 +14,7 @@ __all__ = [
     "REDUCTIONS",
     "VIEWS",
     "EfficientAttentionAttribution",
+    "LayerEfficientAttentionAttribution",
     "SufficiencyReport",
     "attention_rollout",
     "check_sufficiency",
