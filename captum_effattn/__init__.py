@@ -4,6 +4,9 @@ The public namespace is deliberately thin; see the README for a tour.
 """
 
 from captum_effattn.attr import EfficientAttentionAttribution, LayerEfficientAttentionAttribution
+from captum_effattn.attr._core.llm_efficient_attention_attribution import (
+    LLMEfficientAttentionAttribution,
+)
 from captum_effattn.projection import (
     ConvergenceWarning,
     ProjectionCertificate,
@@ -16,6 +19,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ConvergenceWarning",
     "EfficientAttentionAttribution",
+    "LLMEfficientAttentionAttribution",
     "LayerEfficientAttentionAttribution",
     "ProjectionCertificate",
     "__version__",
