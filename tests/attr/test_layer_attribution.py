@@ -165,7 +165,7 @@ def test_bad_layers_and_models(bert, tutorial_args):
     classifier = LayerEfficientAttentionAttribution(tutorial_forward, bert.classifier)
     with pytest.raises(ValueError, match=r"not aligned with the inputs"):
         classifier.attribute(ids, additional_forward_args=extra)
-    bert.unused = torch.nn.Linear(2, 2)  # a submodule the forward never calls
+    bert.unused = torch.nn.Linear(2, 2).eval()  # a submodule the forward never calls
     try:
         unused = LayerEfficientAttentionAttribution(tutorial_forward, bert.unused)
         with pytest.raises(ValueError, match="Linear did not run during forward_func"):
