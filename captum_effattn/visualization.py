@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
-from captum.attr.visualization import VisualizationDataRecord
+from captum.attr import visualization as captum_visualization
 from torch import Tensor
 
 SPECIAL_TOKEN_PATTERN = re.compile(r"^(\[[A-Za-z_]+\]|<[^<>\s]+>|<\|[^|]+\|>)$")
@@ -94,7 +94,7 @@ def visualization_record(
     convergence_delta: float | Tensor | None = None,
     special_tokens: Collection[str] | None = None,
     show_special: bool = False,
-) -> VisualizationDataRecord:
+) -> captum_visualization.VisualizationDataRecord:
     """One Captum ``VisualizationDataRecord`` with special tokens out of the colour scale.
 
     Args:
@@ -113,7 +113,7 @@ def visualization_record(
     scaled = scale_scores(raw, tokens, special_tokens=special_tokens, show_special=show_special)
     if isinstance(convergence_delta, Tensor):
         convergence_delta = float(convergence_delta.reshape(-1)[0])
-    return VisualizationDataRecord(
+    return captum_visualization.VisualizationDataRecord(
         scaled,
         float(pred_prob),
         pred_class,
@@ -136,7 +136,7 @@ def visualization_records(
     convergence_deltas: Sequence[float] | Tensor | None = None,
     special_tokens: Collection[str] | None = None,
     show_special: bool = False,
-) -> list[VisualizationDataRecord]:
+) -> list[captum_visualization.VisualizationDataRecord]:
     """One record per example of a batch (see :func:`visualization_record`).
 
     Args:
