@@ -248,7 +248,7 @@ def _spread(scores: Tensor, tensor: Tensor, index: int) -> Tensor:
 def _require_submodule(model: nn.Module, layer: nn.Module) -> None:
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module; got {type(layer).__name__}")
-    if not any(module is layer for module in model.modules()):
+    if not _contains(model, layer):
         raise ValueError(
             f"layer {type(layer).__name__} is not a submodule of the model "
             f"{type(model).__name__}: pass a module of that model (e.g. its embeddings), or the "
@@ -307,6 +307,15 @@ def _supported(module: nn.Module) -> bool:
     return True
 
 
+def _contains(module: nn.Module, part: nn.Module) -> bool:
+    return any(sub is part for sub in module.modules())
+
+
+def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules no other module of the list contains."""
+    return [m for m in modules if not any(o is not m and _contains(o, m) for o in modules)]
+
+
 def _find_model(forward_func: Callable, layer: nn.Module) -> nn.Module:
     """``forward_func`` itself when it is a module, else the outermost supported transformer
     containing ``layer`` among the modules it refers to."""
@@ -316,21 +325,16 @@ def _find_model(forward_func: Callable, layer: nn.Module) -> nn.Module:
     if isinstance(forward_func, nn.Module):  # a wrapper around the transformer
         referenced = [*forward_func.modules(), *referenced]
     candidates = [m for m in referenced if _supported(m)]
-    owners = [m for m in candidates if any(sub is layer for sub in m.modules())]
-    outermost = [
-        m
-        for m in owners
-        if not any(o is not m and any(s is m for s in o.modules()) for o in owners)
-    ]
-    if len(outermost) == 1:
-        return outermost[0]
+    owners = _outermost([m for m in candidates if _contains(m, layer)])
+    if len(owners) == 1:
+        return owners[0]
     if not owners and candidates:
         names = sorted({type(m).__name__ for m in candidates})
         raise ValueError(
             f"layer {type(layer).__name__} is not a submodule of the model forward_func uses "
             f"({', '.join(names)}): pass a layer of that model, or the right model as model=..."
         )
-    found = "several models contain the layer" if outermost else "no supported model was found"
+    found = "several models contain the layer" if owners else "no supported model was found"
     raise TypeError(
         "LayerEfficientAttentionAttribution reads the attention of the transformer that "
         f"forward_func runs, and {found} among the objects forward_func refers to: pass "
