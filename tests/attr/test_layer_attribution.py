@@ -101,6 +101,9 @@ def test_layer_input_and_convergence_delta(bert, tutorial_args):
     on_input = lig.attribute(ids, additional_forward_args=extra, attribute_to_layer_input=True)
     assert on_input.shape == ids.shape  # the embeddings receive the token ids
     on_output = lig.attribute(ids, additional_forward_args=extra)
+    # LayerIntegratedGradients' argument order and settings are accepted (and unused)
+    positional = lig.attribute(ids, torch.zeros_like(ids), 1, extra, 500, "gausslegendre", 4)
+    torch.testing.assert_close(positional, on_output)
     torch.testing.assert_close(on_input, on_output.sum(-1), atol=1e-6, rtol=0)
     assert lig.has_convergence_delta()
     delta = lig.compute_convergence_delta(on_output, ids, additional_forward_args=extra)

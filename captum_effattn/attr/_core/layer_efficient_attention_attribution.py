@@ -84,6 +84,9 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
         baselines: Any = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         **options: Any,
@@ -99,6 +102,9 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
                 not depend on the class being explained.
             additional_forward_args (Any, optional): extra arguments appended to ``inputs`` when
                 calling ``forward_func`` (token type ids, position ids, attention mask, ...).
+            n_steps, method, internal_batch_size (optional): ``LayerIntegratedGradients``'
+                integration settings, accepted (in its argument order) so a call written for it
+                runs unchanged, and unused: there is no path to integrate along.
             return_convergence_delta (bool, optional): also return the ``(B,)`` largest relative
                 head-output error ``||x V - a V|| / ||a V||`` of the projected rows (0 for
                 ``view="raw"``), as :class:`~captum_effattn.EfficientAttentionAttribution` does.
@@ -127,7 +133,7 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
                 the layer did not run, or ran more than once, during the forward; its output or
                 the inputs are not aligned with the model's tokens.
         """
-        del baselines  # attention needs no reference input
+        del baselines, n_steps, method, internal_batch_size  # nothing to integrate
         if "reduce" in options and options["reduce"] is None:
             raise ValueError(
                 "LayerEfficientAttentionAttribution needs one score per token: reduce=None keeps "

@@ -159,7 +159,7 @@ class LLMEfficientAttentionAttribution(Attribution):
         return LLMAttributionResult(
             seq_attr=token_attr.sum(0),
             token_attr=token_attr,
-            output_probs=probs,
+            output_probs=probs.cpu(),
             input_tokens=list(inp.values),
             output_tokens=_convert_ids_to_pretty_tokens(target_ids.cpu(), self.tokenizer),
             inp=inp,
