@@ -182,3 +182,5 @@ def test_bad_input():
         method.attribute(TextTemplateInput(lambda x: x[::-1], values=["tac"]), target=TARGET)
     with pytest.raises(ValueError, match="not a causal language model"):
         LLMEfficientAttentionAttribution(tiny_model("bert"), tokenizer)
+    with pytest.raises(ValueError, match="no language modelling head"):
+        LLMEfficientAttentionAttribution(tiny_model("gpt2", head=False), tokenizer)

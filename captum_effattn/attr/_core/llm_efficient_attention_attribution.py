@@ -66,7 +66,8 @@ class LLMEfficientAttentionAttribution(Attribution):
 
         Raises:
             UnsupportedModelError: the architecture is not supported.
-            ValueError: the model is not causal (an encoder generates no continuation).
+            ValueError: the model is not causal (an encoder generates no continuation), or has no
+                language modelling head.
         """
         super().__init__(model)
         self.model = model
@@ -77,6 +78,11 @@ class LLMEfficientAttentionAttribution(Attribution):
                 f"{self.architecture.model_class} is not a causal language model: "
                 "LLMEfficientAttentionAttribution explains continuations of decoders; use "
                 "EfficientAttentionAttribution for encoders"
+            )
+        if model.get_output_embeddings() is None:
+            raise ValueError(
+                f"{self.architecture.model_class} has no language modelling head (no logits over "
+                "the vocabulary): load it with AutoModelForCausalLM"
             )
 
     @property
