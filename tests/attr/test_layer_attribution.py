@@ -156,6 +156,19 @@ def test_closure_model_is_found():
     assert out.shape == (2, SEQ_LEN, HIDDEN)
 
 
+def test_model_found_in_a_callable_object():
+    bert = tiny_model("bert")
+
+    class Forward:
+        def __init__(self, network):
+            self.network = network
+
+        def __call__(self, ids):
+            return self.network(input_ids=ids).logits
+
+    assert LayerEfficientAttentionAttribution(Forward(bert), bert.bert.embeddings).model is bert
+
+
 def test_bad_layers_and_models(bert, tutorial_args):
     ids, extra = tutorial_args
     other = tiny_model("bert", seed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -263,14 +264,17 @@ def _require_submodule(model: nn.Module, layer: nn.Module) -> None:
 
 
 def _referenced_objects(func: Any) -> Iterator[Any]:
-    """The objects a callable refers to directly: bound self, partial arguments, closure cells,
-    default arguments and the globals its code names."""
+    """The objects a callable refers to directly: partial arguments, a callable object's
+    attributes, bound self, closure cells, default arguments and the globals its code names."""
     if isinstance(func, functools.partial):
         yield func.func
         yield from func.args
         yield from func.keywords.values()
         return
-    if hasattr(func, "__self__"):
+    if not (inspect.isfunction(func) or inspect.ismethod(func)):  # an object with __call__
+        yield from getattr(func, "__dict__", {}).values()
+        func = type(func).__call__
+    if inspect.ismethod(func):
         yield func.__self__
     func = getattr(func, "__func__", func)
     for cell in getattr(func, "__closure__", None) or ():
@@ -283,6 +287,11 @@ def _referenced_objects(func: Any) -> Iterator[Any]:
     code, namespace = getattr(func, "__code__", None), getattr(func, "__globals__", {})
     if code is not None:
         yield from (namespace[name] for name in code.co_names if name in namespace)
+
+
+def _is_function(obj: Any) -> bool:
+    """Python functions, bound methods and partials: what a forward function calls."""
+    return inspect.isfunction(obj) or inspect.ismethod(obj) or isinstance(obj, functools.partial)
 
 
 def _candidate_models(forward_func: Callable) -> list[nn.Module]:
@@ -299,7 +308,7 @@ def _candidate_models(forward_func: Callable) -> list[nn.Module]:
                 seen.add(id(obj))
                 if isinstance(obj, nn.Module):
                     found.append(obj)
-                elif callable(obj) and not isinstance(obj, type):
+                elif _is_function(obj):
                     following.append(obj)
         frontier = following
     return found
