@@ -7,7 +7,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, overload
 
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import LayerAttribution
@@ -18,6 +18,9 @@ from captum_effattn.attr._core.efficient_attention_attribution import (
     EfficientAttentionAttribution,
 )
 from captum_effattn.models import UnsupportedModelError, describe_model
+
+LayerAttributions = Tensor | tuple[Tensor, ...]
+"""Attributions shaped like the layer's output: one tensor, or a tuple when it returns a tuple."""
 
 # How deep to follow the functions a forward function calls when looking for its model
 # (the Captum BERT tutorial's forward calls ``predict``, which reads the global ``model``).
@@ -78,6 +81,39 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
     def has_convergence_delta(self) -> bool:
         return True
 
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Any = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        internal_batch_size: int | None = None,
+        return_convergence_delta: Literal[False] = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> LayerAttributions: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Any = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        internal_batch_size: int | None = None,
+        *,
+        return_convergence_delta: Literal[True],
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> tuple[LayerAttributions, Tensor]: ...
+
     @log_usage(part_of_slo=True)
     def attribute(
         self,
@@ -90,8 +126,9 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> Tensor | tuple[Tensor, ...] | tuple[Tensor | tuple[Tensor, ...], Tensor]:
+    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
         r"""Token scores of efficient attention, spread over ``layer``'s output.
 
         Args:
@@ -113,6 +150,7 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
             attribute_to_layer_input (bool, optional): take the shape of the layer's first tensor
                 input (e.g. the token ids ``(B, S)`` the embeddings receive) instead of its
                 output.
+            grad_kwargs (dict, optional): accepted like ``n_steps`` and unused (no gradients).
             **options: the selectors and options of
                 :meth:`EfficientAttentionAttribution.attribute
                 <captum_effattn.EfficientAttentionAttribution.attribute>`: ``layers``,
@@ -134,7 +172,7 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
                 the layer did not run, or ran more than once, during the forward; its output or
                 the inputs are not aligned with the model's tokens.
         """
-        del baselines, n_steps, method, internal_batch_size  # nothing to integrate
+        del baselines, n_steps, method, internal_batch_size, grad_kwargs  # nothing to integrate
         if "reduce" in options and options["reduce"] is None:
             raise ValueError(
                 "LayerEfficientAttentionAttribution needs one score per token: reduce=None keeps "
