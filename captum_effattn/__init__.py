@@ -3,7 +3,10 @@
 The public namespace is deliberately thin; see the README for a tour.
 """
 
-from captum_effattn.attr import EfficientAttentionAttribution
+from captum_effattn.attr import EfficientAttentionAttribution, LayerEfficientAttentionAttribution
+from captum_effattn.attr._core.llm_efficient_attention_attribution import (
+    LLMEfficientAttentionAttribution,
+)
 from captum_effattn.projection import (
     ConvergenceWarning,
     ProjectionCertificate,
@@ -16,6 +19,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ConvergenceWarning",
     "EfficientAttentionAttribution",
+    "LLMEfficientAttentionAttribution",
+    "LayerEfficientAttentionAttribution",
     "ProjectionCertificate",
     "__version__",
     "effective_attention",

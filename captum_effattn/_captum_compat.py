@@ -21,6 +21,7 @@ from captum._utils.common import (
 )
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import Attribution
+from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
 from captum.log import log_usage
 from torch import Tensor
 
@@ -32,6 +33,7 @@ __all__ = [
     "Attribution",
     "TargetType",
     "TensorOrTupleOfTensorsGeneric",
+    "convert_ids_to_pretty_tokens",
     "format_additional_forward_args",
     "format_output",
     "format_tensor_into_tuples",
@@ -71,3 +73,9 @@ def format_additional_forward_args(additional_forward_args: Any) -> tuple[Any, .
 def format_output(is_inputs_tuple: bool, output: tuple[Tensor, ...]) -> Any:
     """``output`` in the inputs' form: the tuple itself, or its only tensor."""
     return _format_output(is_inputs_tuple, output)
+
+
+def convert_ids_to_pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:
+    """Token strings for display, as Captum's LLM attributions label their output tokens
+    (byte-level markers such as ``Ġ`` replaced by the text they stand for)."""
+    return list(_convert_ids_to_pretty_tokens(ids, tokenizer))

@@ -97,3 +97,16 @@ def test_format_output_matches_captum():
     assert compat.format_output(True, both) is common._format_output(True, both) is both
     with pytest.raises(AssertionError):
         compat.format_output(False, both)  # a tensor input cannot get two outputs
+
+
+def test_pretty_tokens_match_captum():
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+
+    from tests.attr.tiny_tokenizer import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor(tokenizer.encode("the movie was good", add_special_tokens=False))
+    ours = compat.convert_ids_to_pretty_tokens(ids, tokenizer)
+    assert ours == _convert_ids_to_pretty_tokens(ids, tokenizer)
+    assert isinstance(ours, list)
+    assert len(ours) == len(ids)

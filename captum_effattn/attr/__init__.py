@@ -3,6 +3,9 @@
 from captum_effattn.attr._core.efficient_attention_attribution import (
     EfficientAttentionAttribution,
 )
+from captum_effattn.attr._core.layer_efficient_attention_attribution import (
+    LayerEfficientAttentionAttribution,
+)
 from captum_effattn.attr._reductions import (
     REDUCTIONS,
     PairReduction,
@@ -17,6 +20,7 @@ __all__ = [
     "REDUCTIONS",
     "VIEWS",
     "EfficientAttentionAttribution",
+    "LayerEfficientAttentionAttribution",
     "PairReduction",
     "Reduction",
     "RolloutReduction",

@@ -22,7 +22,13 @@ def run(name: str, capsys, monkeypatch) -> str:
 
 
 def test_every_tutorial_is_tested():
-    tested = {"01_why_efficient_attention.py", "02_captum_pipeline.py", "03_comparing_methods.py"}
+    tested = {
+        "01_why_efficient_attention.py",
+        "02_captum_pipeline.py",
+        "03_comparing_methods.py",
+        "04_bert_tutorial_swap.py",
+        "05_llm_continuation.py",
+    }
     assert {p.name for p in TUTORIALS.glob("*.py")} <= tested
 
 
@@ -76,3 +82,37 @@ def test_comparing_methods(sentiment_classifier, capsys, monkeypatch):
     methods = [view.method_name for view in VIEWS.values()]
     for method in [*methods, "IntegratedGradients", "Saliency"]:
         assert re.search(rf"^{method}\s+-?\d", out, re.M), method
+
+
+def test_bert_tutorial_swap(sentiment_classifier, capsys, monkeypatch):
+    out = run("04_bert_tutorial_swap.py", capsys, monkeypatch)
+    shapes = re.findall(r"^(\w+): attributions (\(.*?\)) delta (\S+)$", out, re.M)
+    assert [name for name, _, _ in shapes] == [
+        "LayerIntegratedGradients",
+        "LayerEfficientAttentionAttribution",
+    ]
+    assert shapes[0][1] == shapes[1][1]  # one shape, that of the embeddings' output
+    assert float(shapes[1][2]) <= 1e-6
+    total = re.search(r"^LayerEfficientAttentionAttribution top tokens: .*; sum (\S+)$", out, re.M)
+    assert float(total[1]) == pytest.approx(1, abs=1e-4)  # the [CLS] row, a distribution
+    scaled = re.search(
+        r"^LayerEfficientAttentionAttribution visualization_record: \[CLS\] colour (\S+), "
+        r"strongest word colour (\S+)$",
+        out,
+        re.M,
+    )
+    assert float(scaled[1]) == 0
+    assert float(scaled[2]) == 1
+
+
+def test_llm_continuation(capsys, monkeypatch):
+    out = run("05_llm_continuation.py", capsys, monkeypatch)
+    assert "random weights" in (TUTORIALS / "05_llm_continuation.py").read_text()
+    ours = re.search(
+        r"^LLMEfficientAttention token_attr (\(.*?\)); forward passes: (\d+)$", out, re.M
+    )
+    assert int(ours[2]) == 1
+    assert "rows sum to at most 1: True (first row 1.0000)" in out
+    for name in ("FeatureAblation", "LayerIntegratedGradients"):
+        assert re.search(rf"^{name} token_attr {re.escape(ours[1])}; same tokens: True$", out, re.M)
+    assert "plots saved: ['seq_attr.png', 'token_attr.png']" in out
