@@ -3,11 +3,11 @@
 Tensors in, tensors out; no model code. See ``shared/method.md`` for the construction.
 """
 
-from captum_effattn.projection._driver import ConvergenceWarning
 from captum_effattn.projection.basis import orthonormal_basis, value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.effective import effective_attention
 from captum_effattn.projection.efficient import efficient_attention
+from captum_effattn.projection.engine.driver import ConvergenceWarning
 from captum_effattn.projection.from_qk import (
     attention_rows,
     effective_attention_from_qk,

@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
-from captum_effattn.projection._backend import Backend
-from captum_effattn.projection._checks import DISTRIBUTION_TOL, check_distributions
-from captum_effattn.projection._driver import ChunkResult, project_rows
-from captum_effattn.projection._interior import interior_point_phase
-from captum_effattn.projection._layout import Chunk
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
+from captum_effattn.projection.engine.backends import Backend
+from captum_effattn.projection.engine.driver import ChunkResult, project_rows
+from captum_effattn.projection.engine.layout import Chunk
+from captum_effattn.projection.engine.validation import DISTRIBUTION_TOL, check_distributions
+from captum_effattn.projection.solvers.interior import interior_point_phase
 
 SOLVERS = ("auto", "newton", "interior")
 NEWTON_TOL = 1e-13

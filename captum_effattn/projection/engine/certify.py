@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.engine.grouped import GroupedMatrices
 
 
 def output_error(values: GroupedMatrices, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.engine.grouped import GroupedMatrices
 
 FRACTION_TO_BOUNDARY = 0.995
 # Keeps the normal matrix factorable when some weights x / (x + z) underflow near the optimum.

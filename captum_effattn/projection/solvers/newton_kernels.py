@@ -1,4 +1,4 @@
-"""The compiled kernels of :mod:`._compiled_newton` (imports numba: only where it is installed).
+"""The compiled kernels of :mod:`.compiled_newton` (imports numba: only where it is installed).
 
 Plain loops over NumPy arrays, one row at a time; numba compiles them on first use and caches the
 machine code on disk (``cache=True``), so later processes load them in milliseconds.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from captum_effattn._typing import FlatRows, KeyMask, ValueVectors
-from captum_effattn.projection._checks import CheckedInputs
+from captum_effattn.projection.engine.validation import CheckedInputs
 
 # Upper bound on the float64 working set of one chunk (bases, outer products, solver state).
 CHUNK_BYTES = 256 * 2**20

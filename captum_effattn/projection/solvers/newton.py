@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices, gram_change
+from captum_effattn.projection.engine.grouped import GroupedProducts, gram_change
 
 # Levenberg-Marquardt-style regularization of the (possibly singular) generalized Hessian:
 # mu = REGULARIZATION * ||gradient|| + FLOOR. Small enough for superlinear convergence, large
@@ -32,6 +32,9 @@ INCREMENTAL_GRAM_FRACTION = 1 / 64
 # breakpoints only (a partial sort): from then on the maximizer lies within the first few segments
 # (on MiniLM rows of 256 keys: 3-7 on average, at most 60), and a full sort of every row took a
 # third of the solve. The first steps cross many breakpoints (65 on average), so they sort all.
+NewtonResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(theta, iterations, converged)``, each per row."""
+
 CANDIDATE_BREAKS = 32
 FULL_SORT_STEPS = 2
 
@@ -107,12 +110,12 @@ def exact_step(
 
 
 def newton_phase(
-    basis: GroupedMatrices,
+    basis: GroupedProducts,
     c: torch.Tensor,
     theta: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> NewtonResult:
     """Run semismooth Newton steps until ``||c - B^T relu(B theta)|| <= tol`` or ``max_iter``.
 
     Args:

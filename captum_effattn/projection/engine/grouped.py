@@ -168,3 +168,7 @@ class TritonGroupedMatrices:
 
     def gram(self, weights: torch.Tensor) -> torch.Tensor:
         return self._kernels.grouped_gram(self.matrices, self.group, weights)
+
+
+GroupedProducts = GroupedMatrices | TritonGroupedMatrices
+"""Either implementation of the per-group products (same methods)."""
