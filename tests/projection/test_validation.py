@@ -1,4 +1,5 @@
 """The one validation module: each check names the argument, what was expected and what was got."""
+# ruff: noqa: E501  (a table of expected messages reads best one case per line)
 
 from __future__ import annotations
 
