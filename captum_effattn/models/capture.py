@@ -291,7 +291,7 @@ class _LayerTap:
         dropout: float,
         scaling: float | None,
         extra: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check(query, key, dropout, extra)
         q_len, head_dim = query.shape[-2:]
         k_len = key.shape[-2]
@@ -340,12 +340,13 @@ class _LayerTap:
         self.record.add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             heads = torch.tensor(self.heads, device=query.device)
-            probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
+            replaced = self._replacement(self.transform, captured)
+            probs = probs.index_copy(1, heads, replaced.to(probs.dtype))
         output = _grouped_product(probs, value)
         return output.transpose(1, 2).contiguous(), probs
 
-    def _replacement(self, captured: CapturedHeads) -> torch.Tensor:
-        replaced = self.transform(captured)
+    def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
+        replaced = transform(captured)
         expected = tuple(captured.attn.shape)
         if not isinstance(replaced, torch.Tensor) or tuple(replaced.shape) != expected:
             got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced)
@@ -387,14 +388,18 @@ class _KeyMaskMemo:
         self._all_real: bool | None = None
 
     def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        keys = self._keys
         # The same tensor, not modified in place since (holding it keeps its id from being reused).
-        if mask is None or mask is not self._mask or mask._version != self._version:
-            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), compute()
+        if keys is None or mask is None or mask is not self._mask or mask._version != self._version:
+            keys = compute()
+            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), keys
             self._all_real = None
-        return self._keys
+        return keys
 
     def all_real(self) -> bool:
         """Whether every key of the mask last passed to :meth:`get` is real (no padding)."""
+        if self._keys is None:
+            raise RuntimeError("all_real() reads the mask last passed to get(); none was")
         if self._all_real is None:
             self._all_real = bool(self._keys.all())
         return self._all_real

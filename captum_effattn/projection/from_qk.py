@@ -85,8 +85,6 @@ def _project_from_qk(
     backend: str,
     options: dict[str, Any],
 ):
-    if values is None:
-        raise TypeError("values must be a torch.Tensor of shape (*batch, H_kv, n, d_v); got None")
     problem = check_qk_inputs(query, key, values, key_mask, causal, rows, scaling)
     attn = _rows_of(problem, causal, backend)  # (B, H_q, r, n)
     batch, heads, r, n = attn.shape
@@ -94,6 +92,8 @@ def _project_from_qk(
     # Grouped-query heads share their value head: (B, H_kv, group, r, n) against (B, H_kv, 1, n,
     # d_v), so each value space is factored once.
     attn = attn.view(batch, kv_heads, heads // kv_heads, r, n)
+    if problem.values is None:
+        raise TypeError("values must be a torch.Tensor of shape (*batch, H_kv, n, d_v); got None")
     values = problem.values[:, :, None]
     real = problem.key_mask
     if real is None:

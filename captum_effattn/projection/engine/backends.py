@@ -60,9 +60,17 @@ class Backend(Protocol):
     """
 
     name: ClassVar[str]
-    forced: bool
     newton_steps: ClassVar[int]
     batched_newton: ClassVar[bool]
+
+    @property
+    def forced(self) -> bool:
+        """Whether the caller named it (limits raise instead of falling back)."""
+        ...
+
+    def insisting(self) -> Backend:
+        """The same backend, forced."""
+        ...
 
     def available(self) -> bool:
         """Whether its package is installed."""
@@ -107,6 +115,10 @@ class TorchBackend:
     name: ClassVar[str] = "torch"
     newton_steps: ClassVar[int] = 50
     batched_newton: ClassVar[bool] = True
+
+    def insisting(self) -> Backend:
+        """The same backend with :attr:`forced` set."""
+        return replace(self, forced=True)
 
     def available(self) -> bool:
         """Always: PyTorch is a dependency."""
@@ -279,4 +291,4 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
     reason = chosen.unavailable_reason(device)
     if reason is not None:
         raise KernelUnavailableError(reason)
-    return replace(chosen, forced=True)
+    return chosen.insisting()

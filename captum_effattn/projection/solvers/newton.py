@@ -47,6 +47,7 @@ def _step_on_segments(
     alpha0: torch.Tensor,
     beta0: torch.Tensor,
     slope0: torch.Tensor,
+    *,
     complete: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The maximizing step over the segments between ``breaks`` (ascending), and whether it was
@@ -109,6 +110,21 @@ def exact_step(
     return step
 
 
+def _support_gram(
+    ops: GroupedProducts,
+    previous: tuple[torch.Tensor, torch.Tensor] | None,
+    support: torch.Tensor,
+) -> torch.Tensor:
+    """``B^T diag(support) B`` per row: updated from the previous support's Gram matrix when
+    few keys moved, computed afresh otherwise."""
+    if previous is not None:
+        old, gram = previous
+        moved = int((support != old).sum())
+        if moved < INCREMENTAL_GRAM_FRACTION * support.numel():
+            return gram + gram_change(ops.matrices, ops.group, old, support)
+    return ops.gram(support)
+
+
 def newton_phase(
     basis: GroupedProducts,
     c: torch.Tensor,
@@ -136,7 +152,8 @@ def newton_phase(
     active = torch.arange(R, device=c.device)
     ops, c_active, theta_active = basis, c, theta.clone()
     eye = torch.eye(r, dtype=c.dtype, device=c.device)
-    support = gram = None  # the last support and its Gram matrix B^T diag(support) B
+    # The last support and its Gram matrix B^T diag(support) B.
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None
     for step_count in range(max_iter + 1):
         u = ops.left(theta_active)
         gradient = c_active - ops.right(u.clamp_min(0))
@@ -151,16 +168,12 @@ def newton_phase(
             iterations[finished] = step_count
             active, u, gradient, norm = active[keep], u[keep], gradient[keep], norm[keep]
             c_active, theta_active = c_active[keep], theta_active[keep]
-            if gram is not None:
-                support, gram = support[keep], gram[keep]
+            if previous is not None:
+                previous = (previous[0][keep], previous[1][keep])
             ops = ops.subset(keep)
-        new_support = (u > 0).to(u.dtype)
-        moved = None if gram is None else int((new_support != support).sum())
-        if moved is not None and moved < INCREMENTAL_GRAM_FRACTION * u.numel():
-            gram = gram + gram_change(ops.matrices, ops.group, support, new_support)
-        else:
-            gram = ops.gram(new_support)
-        support = new_support
+        support = (u > 0).to(u.dtype)
+        gram = _support_gram(ops, previous, support)
+        previous = (support, gram)
         mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
         hessian = gram + mu[:, None, None] * eye
         factor, _ = torch.linalg.cholesky_ex(hessian)
