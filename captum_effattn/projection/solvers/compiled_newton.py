@@ -3,15 +3,14 @@
 Same iteration, same constants: Newton steps on the dual ``max theta^T c - 1/2 ||relu(B theta)||^2``
 with the Levenberg-Marquardt-regularized support Gram matrix and the exact line search. Batched
 PyTorch runs every step as some forty small tensor operations over all unfinished rows, and on a
-CPU those are latency-bound (about 1 ms per step for 72 rows of 64 keys whatever their
-arithmetic). Compiled, a row costs its arithmetic only, and two things batching cannot do become
+CPU those are bound by per-operation latency, not by their arithmetic. Compiled, a row costs its arithmetic only, and two things batching cannot do become
 cheap: the support's Gram matrix is updated from just the keys that entered or left it, and each
 row stops the moment it converges. The kernel releases the GIL, so rows are shared among as many
 Python threads as the caller allows PyTorch (:func:`..engine.threads.allowed_threads`), in small
 blocks handed out as threads become free: a few rows need ten times the median number of steps.
 
 Needs ``numba`` (``pip install captum-effattn[numba]``); :func:`numba_available` says whether it is
-importable. The first call compiles (a few seconds, cached on disk afterwards).
+importable. The first call compiles (cached on disk afterwards).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from captum_effattn.projection.solvers.newton import (
 # in tests/projection/test_real_minilm.py).
 MAX_INVERSE_NORM = 1e3
 # Rows per block handed to a thread: small enough to balance a few slow rows, large enough that
-# handing a block over (~20 us) stays small next to solving it.
+# handing a block over stays small next to solving it.
 BLOCK_ROWS = 4
 
 ValueNewton = Callable[

@@ -1,7 +1,7 @@
 """The compiled kernels of :mod:`.compiled_newton` (imports numba: only where it is installed).
 
 Plain loops over NumPy arrays, one row at a time; numba compiles them on first use and caches the
-machine code on disk (``cache=True``), so later processes load them in milliseconds.
+machine code on disk (``cache=True``), so later processes load them instead of compiling.
 """
 
 from __future__ import annotations
