@@ -8,7 +8,8 @@ give the head the same output are
 and efficient attention is ``argmin_{x in P(a)} ||x||_2``: a probability distribution, sufficient
 for the output, unique, and equal to ``a`` whenever ``[V, 1]`` spans all keys. This is this
 project's precise construction of what Naim & Asher (ECAI 2024, arXiv 2410.18541) call efficient
-attention, answering Brunner et al. (ICLR 2020); see the method page of the documentation (docs/method.md).
+attention, answering Brunner et al. (ICLR 2020); see the method page of the documentation
+(docs/method.md).
 
 The QP is solved in its dual (``theta`` in ``R^r``, ``r = rank([V, 1]) <= d + 1``): semismooth
 Newton with an exact line search first, then an interior-point method with an exact crossover for

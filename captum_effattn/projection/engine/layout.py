@@ -79,7 +79,7 @@ class RowLayout:
         by_group = torch.argsort(self.row_group, stable=True)
         row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
         r = rank_width
-        # Python integers for the per-group loop (indexing a tensor per group is a tensor operation).
+        # Python integers for the per-group loop (indexing a tensor per group is a tensor op).
         order_list, last_list = order.tolist(), last_key.tolist()
         count_list, start_list = rows_per_group.tolist(), row_start.tolist()
         start = 0
