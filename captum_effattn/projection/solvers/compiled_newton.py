@@ -2,12 +2,13 @@
 
 Same iteration, same constants: Newton steps on the dual ``max theta^T c - 1/2 ||relu(B theta)||^2``
 with the Levenberg-Marquardt-regularized support Gram matrix and the exact line search. Batched
-PyTorch runs every step as some forty small tensor operations over all unfinished rows, and on a
-CPU those are bound by per-operation latency, not by their arithmetic. Compiled, a row costs its
-arithmetic only, and two things batching cannot do become cheap: the support's Gram matrix is updated from just the keys that entered or left it, and each
-row stops the moment it converges. The kernel releases the GIL, so rows are shared among as many
-Python threads as the caller allows PyTorch (:func:`..engine.threads.allowed_threads`), in small
-blocks handed out as threads become free: a few rows need ten times the median number of steps.
+PyTorch runs every step as some forty small tensor operations over all unfinished rows, and on a CPU
+those are bound by per-operation latency, not by their arithmetic. Compiled, a row costs its
+arithmetic only, and two things batching cannot do become cheap: the support's Gram matrix is
+updated from just the keys that entered or left it, and each row stops the moment it converges. The
+kernel releases the GIL, so rows are shared among as many Python threads as the caller allows
+PyTorch (:func:`..engine.threads.allowed_threads`), in small blocks handed out as threads become
+free: a few rows need ten times the median number of steps.
 
 Needs ``numba`` (``pip install captum-effattn[numba]``); :func:`numba_available` says whether it is
 importable. The first call compiles (cached on disk afterwards).

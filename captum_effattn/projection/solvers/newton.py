@@ -5,11 +5,11 @@ For one row with orthonormal basis ``B`` of ``span([V, 1])`` and ``c = B^T a`` t
     minimize ||x||^2  subject to  x >= 0,  B^T x = c
 
 has the concave, piecewise-quadratic dual ``max_theta  theta^T c - 1/2 ||relu(B theta)||^2`` whose
-maximizer gives ``x = relu(B theta)`` (see "a useful dual" on the method page of the
-documentation, docs/method.md). Newton steps solve the linear system of the current support; the step length maximizes the dual exactly along the direction (the
-derivative is monotone and piecewise linear, so its root is found by sorting the breakpoints).
-This converges in a handful of steps on most rows; rows that stall (degenerate duals, long
-active-set changes) are handed to the interior-point phase.
+maximizer gives ``x = relu(B theta)`` (see "a useful dual" on the method page of the documentation,
+docs/method.md). Newton steps solve the linear system of the current support; the step length
+maximizes the dual exactly along the direction (the derivative is monotone and piecewise linear, so
+its root is found by sorting the breakpoints). This converges in a handful of steps on most rows;
+rows that stall (degenerate duals, long active-set changes) are handed to the interior-point phase.
 """
 
 from __future__ import annotations
