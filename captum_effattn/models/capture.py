@@ -36,7 +36,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from captum_effattn.models import _interface
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
-from captum_effattn.projection.engine.rows import RowMasking, attention_rows_torch, padding_of
+from captum_effattn.projection.engine.rows import (
+    RowMasking,
+    attention_rows_of,
+    attention_rows_torch,
+    padding_of,
+)
 
 HeadAttention = Annotated[torch.Tensor, "(B, H_sel, S_q, S_k)"]
 """Post-softmax attention of the selected heads of one layer."""
@@ -119,10 +124,15 @@ class CapturedHeads:
         return self._computed_rows(positions)
 
     def _computed_rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys."""
-        query = self._recorded(self.query)
-        probabilities = attention_rows_torch(
-            query, self._recorded(self.key), positions, self.masking, self.scaling
+        """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys.
+
+        Without gradients to track, the backends pick the implementation (the Triton kernel for
+        CUDA tensors where it is installed); with them, PyTorch, which differentiates.
+        """
+        query, key = self._recorded(self.query), self._recorded(self.key)
+        tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+        probabilities = attention_rows_of(
+            query, key, positions, self.masking, self.scaling, "torch" if tracked else "auto"
         )
         return probabilities.to(query.dtype)
 
