@@ -22,12 +22,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def require_triton() -> None:
-    """Raise :class:`KernelUnavailableError` unless ``triton`` is installed."""
-    if not triton_available():
-        raise KernelUnavailableError(f"backend='triton' needs the triton package: {INSTALL_HINT}")
-
-
 def device_problem(name: str, device: torch.device, interpreted: bool) -> str | None:
     """Why the kernels cannot run on ``device``, or ``None`` when they can.
 
