@@ -180,12 +180,13 @@ def _cuda_cases(args, n):
     """What is timed at one ``n``: the three end-to-end paths, then kernel against PyTorch."""
     import torch
 
-    from captum_effattn.projection._backend import Backend
-    from captum_effattn.projection._qk import attention_rows_torch
     from captum_effattn.projection.basis import value_space_basis
+    from captum_effattn.projection.engine.backends import TorchBackend, TritonBackend
+    from captum_effattn.projection.engine.rows import RowMasking, attention_rows_torch
 
-    torch_backend, triton_backend = Backend("torch", True), Backend("triton", True)
+    torch_backend, triton_backend = TorchBackend(forced=True), TritonBackend(forced=True)
     query, key, values, mask = make_inputs(args, n, "cuda", torch.float32)
+    masking = RowMasking(key_mask=mask, causal=args.causal)
     rows = torch.tensor([row_of(args, n)], device="cuda")
     scale = args.head_dim**-0.5
     # The solver's operands for one row per key-value head: float64 bases of [1, V].
@@ -198,11 +199,9 @@ def _cuda_cases(args, n):
         "end to end: materializing (torch)": lambda: materializing(args, *inputs),
         "end to end: streaming (torch)": lambda: streaming(args, *inputs, "torch"),
         "end to end: streaming (triton)": lambda: streaming(args, *inputs, "triton"),
-        "attention rows (torch)": lambda: attention_rows_torch(
-            query, key, mask, rows, args.causal, scale
-        ),
+        "attention rows (torch)": lambda: attention_rows_torch(query, key, rows, masking, scale),
         "attention rows (triton)": lambda: triton_backend.attention_rows(
-            query, key, mask, rows, args.causal, scale
+            query, key, rows, masking, scale
         ),
         "effective projection (torch)": lambda: torch_backend.grouped(basis, group).project(a),
         "effective projection (triton)": lambda: triton_backend.grouped(basis, group).project(a),
@@ -232,8 +231,8 @@ def agreement_part(args) -> None:
 
     from captum_effattn.kernels import grouped
     from captum_effattn.projection import attention_rows, efficient_attention_from_qk
-    from captum_effattn.projection._backend import Backend
     from captum_effattn.projection.basis import value_space_basis
+    from captum_effattn.projection.engine.backends import BACKENDS
 
     device = "cpu" if grouped.INTERPRETED else "cuda"
     print(f"agreement on {device} ({'interpreter' if grouped.INTERPRETED else 'compiled'})")
@@ -270,7 +269,7 @@ def agreement_part(args) -> None:
         basis, _ = value_space_basis(values64[0], mask.expand(args.kv_heads, n), with_ones=True)
         group = torch.arange(args.kv_heads, device=device)
         a = torch.rand(args.kv_heads, n, device=device, dtype=torch.float64)
-        products = {b: Backend(b, True).grouped(basis, group) for b in ("torch", "triton")}
+        products = {b: BACKENDS[b].grouped(basis, group) for b in ("torch", "triton")}
         print(
             f"  n = {n:>5}  float64 basis: effective projection "
             f"{relative(products['triton'].project(a), products['torch'].project(a)):.1e}, "

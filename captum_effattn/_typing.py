@@ -1,11 +1,11 @@
 """Tensor aliases whose names carry their shapes.
 
 The annotations are documentation for readers and type checkers; shapes are checked at run time by
-the functions that accept them (see :mod:`captum_effattn.projection._checks`).
+the functions that accept them (see :mod:`captum_effattn.projection.engine.validation`).
 
-Symbols follow ``shared/method.md``: ``n`` keys, ``q`` query rows, ``d`` value width (``d_v``),
-``r`` the rank of the value space ``[V, 1]`` (at most ``d + 1``), and ``*batch`` any leading
-dimensions (batch, heads, ...), which broadcast.
+Symbols follow the method page of the documentation (docs/method.md): ``n`` keys, ``q`` query rows,
+``d`` value width (``d_v``), ``r`` the rank of the value space ``[V, 1]`` (at most ``d + 1``), and
+``*batch`` any leading dimensions (batch, heads, ...), which broadcast.
 """
 
 from __future__ import annotations

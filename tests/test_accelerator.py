@@ -158,3 +158,21 @@ def test_metrics_run_on_the_device(device):
     values = torch.tensor([record["value"] for record in result.records], dtype=torch.float64)
     assert len(values) == 2 * 3 * 6
     assert torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_lazy_capture_rows_agree_with_the_cpu(device, name):
+    """Rows computed after a lazy capture (the Triton kernel on CUDA where triton is installed)
+    are the CPU's rows, left padding and grouped heads included."""
+    from captum_effattn.models import capture_attention
+
+    inputs = tiny_inputs(name, padding="left")
+    positions = torch.tensor([[15, 0, 7], [15, 2, 9]])
+    rows = {}
+    for where in (torch.device("cpu"), device):
+        model = tiny_model(name).to(where)
+        with torch.no_grad(), capture_attention(model, materialize=False) as record:
+            model(**{key: value.to(where) for key, value in inputs.items()})
+        rows[where.type] = [layer.rows(positions.to(where)).cpu() for layer in record.layers]
+    for on_device, on_cpu in zip(rows[device.type], rows["cpu"], strict=True):
+        torch.testing.assert_close(on_device, on_cpu, rtol=0, atol=1e-5)

@@ -1,11 +1,12 @@
 """Triton kernel for selected rows of attention, streamed from queries and keys.
 
-``softmax(q_i K^T * scale + mask)`` for the requested query rows ``i`` only, with padding keys,
-causal masking and grouped-query heads (query head ``h`` reads key head ``h // (H_q / H_kv)``, as
-in Hugging Face's ``repeat_kv``). Each program holds a block of rows and streams the keys twice:
-a first pass keeps the running maximum and normaliser of the softmax (as flash attention does),
-the second writes the normalised probabilities. Memory beyond inputs and output is a few tiles:
-a single row of one head costs ``O(n)``, never ``O(n^2)``.
+``softmax(q_i K^T * scale + mask)`` for the requested query rows ``i`` only: the accelerated
+implementation of :func:`captum_effattn.projection.engine.rows.attention_rows_torch`, with its
+conventions (padding keys, causal masking with the queries as the last ``n_q`` positions, grouped-
+query heads, rows that see no key all zeros), selected through the backends. Each program holds
+a block of rows and streams the keys twice: a first pass keeps the running maximum and normaliser
+of the softmax (as flash attention does), the second writes the normalised probabilities. Memory
+beyond inputs and output is a few tiles: a single row of one head costs ``O(n)``, never ``O(n^2)``.
 
 Precision: scores and softmax in float32 for float16, bfloat16 and float32 inputs (``tl.dot``
 accumulates in float32; float32 operands use ``input_precision="ieee"``, never TF32), float64
@@ -19,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from captum_effattn.kernels._support import check_kernel_tensors, check_width
+from captum_effattn.kernels._support import check_width
+from captum_effattn.projection.engine.validation import check_kernel_operands, check_same_device
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,7 +29,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @triton.jit
 def _masked_scores(
     q, k_ptr, mask_ptr, out_ptr, scale, positions, keys, dims,
-    n, d, stride_kn, stride_kd, stride_mn,
+    n, d, offset, stride_kn, stride_kd, stride_mn,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
 ):  # fmt: skip
     """Scaled scores of a block of rows against a tile of keys; invisible keys at -inf."""
@@ -42,15 +44,15 @@ def _masked_scores(
         real = tl.load(mask_ptr + keys * stride_mn, mask=keys < n, other=0)
         visible = visible & (real != 0)[None, :]
     if CAUSAL:
-        visible = visible & (keys[None, :] <= positions[:, None])
+        visible = visible & (keys[None, :] <= positions[:, None] + offset)
     return tl.where(visible, scores * scale, float("-inf"))
 
 
 @triton.jit
 def _attention_rows_kernel(
     q_ptr, k_ptr, mask_ptr, rows_ptr, scale_ptr, out_ptr,
-    n_rows, n, d, heads, group,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    n_rows, n, d, heads, group, offset,
+    stride_rb, stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_or, stride_on,
@@ -63,7 +65,7 @@ def _attention_rows_kernel(
     slots = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     live = slots < n_rows
     # A padding slot gets position -1: it sees no key, and its row is never stored.
-    positions = tl.load(rows_ptr + slots, mask=live, other=-1)
+    positions = tl.load(rows_ptr + batch * stride_rb + slots, mask=live, other=-1)
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(
         q_ptr + batch * stride_qb + head * stride_qh
@@ -81,7 +83,7 @@ def _attention_rows_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         scores = _masked_scores(
             q, k_ptr, mask_ptr, out_ptr, scale, positions, keys, dims,
-            n, d, stride_kn, stride_kd, stride_mn, HAS_MASK, CAUSAL,
+            n, d, offset, stride_kn, stride_kd, stride_mn, HAS_MASK, CAUSAL,
         )  # fmt: skip
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Rows that have seen no visible key yet keep max -inf: shift by 0 to avoid inf - inf.
@@ -96,7 +98,7 @@ def _attention_rows_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         scores = _masked_scores(
             q, k_ptr, mask_ptr, out_ptr, scale, positions, keys, dims,
-            n, d, stride_kn, stride_kd, stride_mn, HAS_MASK, CAUSAL,
+            n, d, offset, stride_kn, stride_kd, stride_mn, HAS_MASK, CAUSAL,
         )  # fmt: skip
         probabilities = tl.exp(scores - row_max[:, None]) * inverse[:, None]
         tl.store(
@@ -124,24 +126,26 @@ def attention_rows_triton(
         query: ``(B, H_q, n_q, d_k)`` queries (any strides).
         key: ``(B, H_kv, n, d_k)`` keys, same dtype; ``H_q`` a multiple of ``H_kv``.
         key_mask: ``(B, n)`` booleans, ``True`` for real keys, or ``None`` (all real).
-        rows: ``(r,)`` integer query positions in ``[0, n_q)``.
-        causal: row at position ``i`` sees keys ``<= i`` only (needs ``n_q == n``).
+        rows: ``(r,)`` integer query positions in ``[0, n_q)`` shared by the batch, or ``(B, r)``
+            per example.
+        causal: query ``i`` sees keys ``j <= i + n - n_q`` only (the queries are the last ``n_q``
+            positions).
         scale: multiplies the scores before the softmax.
 
     Returns:
-        ``(B, H_q, r, n)`` probabilities in float32 (float64 for float64 inputs). The caller makes
-        sure that every row sees at least one real key; masked keys get exactly 0.
+        ``(B, H_q, r, n)`` probabilities in float32 (float64 for float64 inputs); masked keys get
+        exactly 0 and a row that sees no key is all zeros.
     """
     name = "attention_rows_triton"
-    check_kernel_tensors(name, {"query": query, "key": key}, DTYPES, INTERPRETED)
-    for label, tensor in (("key_mask", key_mask), ("rows", rows)):
-        if tensor is not None and tensor.device != query.device:
-            raise ValueError(f"{name}: query is on {query.device} but {label} on {tensor.device}")
-    batch, heads, _, d = query.shape
+    check_kernel_operands(name, {"query": query, "key": key}, DTYPES, INTERPRETED)
+    check_same_device(name, "query", query, {"key_mask": key_mask, "rows": rows})
+    batch, heads, q_len, d = query.shape
     n, kv_heads = key.shape[2], key.shape[1]
     check_width(name, "the head width d_k", d)
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    out = torch.empty(batch, heads, len(rows), n, dtype=work, device=query.device)
+    positions = rows.to(torch.int64).reshape(-1, rows.shape[-1]).contiguous()
+    count = positions.shape[-1]
+    out = torch.empty(batch, heads, count, n, dtype=work, device=query.device)
     if out.numel() == 0:
         return out
     mask = (
@@ -149,13 +153,13 @@ def attention_rows_triton(
         if key_mask is None
         else key_mask.to(torch.int8)
     )
-    block_m = 64 if len(rows) >= 64 else 16
-    grid = (batch * heads, triton.cdiv(len(rows), block_m))
+    block_m = 64 if count >= 64 else 16
+    grid = (batch * heads, triton.cdiv(count, block_m))
     _attention_rows_kernel[grid](
-        query, key, mask, rows.to(torch.int64).contiguous(),
+        query, key, mask, positions,
         torch.tensor([scale], dtype=work, device=query.device), out,
-        len(rows), n, d, heads, heads // kv_heads,
-        *query.stride(), *key.stride(),
+        count, n, d, heads, heads // kv_heads, n - q_len,
+        positions.stride(0) if positions.shape[0] > 1 else 0, *query.stride(), *key.stride(),
         mask.stride(0) if key_mask is not None else 0, mask.stride(1),
         *out.stride(),
         HAS_MASK=key_mask is not None, CAUSAL=causal,

@@ -2,8 +2,8 @@
 
 Row ``j`` of a batch belongs to group ``group[j]`` and is multiplied by that group's matrix
 ``M_g`` (``(n, k)``: an orthonormal basis of a value space, or the value vectors themselves), as in
-:class:`captum_effattn.projection._grouped.GroupedMatrices`, whose PyTorch methods these kernels
-replace on CUDA tensors:
+:class:`captum_effattn.projection.engine.grouped.GroupedMatrices`, whose PyTorch methods these
+kernels replace on CUDA tensors:
 
 - :func:`grouped_right` ``x_j M_g`` and :func:`grouped_left` ``M_g c_j``;
 - :func:`grouped_project` the fused effective projection ``(x_j M_g) M_g^T``: each block of rows
@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from captum_effattn.kernels._support import check_kernel_tensors, check_width
+from captum_effattn.kernels._support import check_width
+from captum_effattn.projection.engine.validation import check_kernel_operands
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -259,7 +260,7 @@ class RowBlocks:
 
 
 def _check(name: str, matrices: torch.Tensor, operand: str, tensor: torch.Tensor, width: int):
-    check_kernel_tensors(name, {"matrices": matrices, operand: tensor}, DTYPES, INTERPRETED)
+    check_kernel_operands(name, {"matrices": matrices, operand: tensor}, DTYPES, INTERPRETED)
     if matrices.dim() != 3 or tensor.dim() != 2:
         raise ValueError(
             f"{name}: matrices must be (G, n, k) and {operand} 2-D; got "

@@ -42,7 +42,7 @@ class LayerTap(Protocol):
         dropout: float,
         scaling: float | None,
         extra: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 ACTIVE_TAPS: dict[nn.Module, LayerTap] = {}
@@ -88,11 +88,11 @@ def ensure_registered() -> None:
 def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
     """Every distinct config a module of ``model`` holds, with their sub-configs."""
     found: dict[int, PreTrainedConfig] = {}
-    stack = [
-        m.config
-        for m in model.modules()
-        if isinstance(getattr(m, "config", None), PreTrainedConfig)
-    ]
+    stack: list[PreTrainedConfig] = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig):
+            stack.append(config)
     while stack:
         config = stack.pop()
         if id(config) in found:

@@ -146,7 +146,7 @@ def _pair(size: int | Iterable[int]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
-def _submodule(root: nn.Module, path: str, what: str, model: nn.Module) -> nn.Module:
+def _submodule(root: nn.Module, path: str, what: str, model: PreTrainedModel) -> nn.Module:
     try:
         return root.get_submodule(path)
     except AttributeError:
@@ -154,6 +154,18 @@ def _submodule(root: nn.Module, path: str, what: str, model: nn.Module) -> nn.Mo
             f"{type(model).__name__} (model_type {model.config.model_type!r}) has no {what} at "
             f"{path!r}: its layout differs from the registered one for this transformers version"
         ) from None
+
+
+def _layer_list(model: PreTrainedModel, path: str) -> nn.ModuleList | nn.Sequential:
+    """The model's list of transformer blocks, in order."""
+    blocks = _submodule(model.base_model, path, "layer list", model)
+    if not isinstance(blocks, nn.ModuleList | nn.Sequential):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model.config.model_type!r}) has a "
+            f"{type(blocks).__name__} at {path!r}, not a list of layers: its layout differs from "
+            "the registered one for this transformers version"
+        )
+    return blocks
 
 
 def _unsupported(why: str) -> UnsupportedModelError:
@@ -186,7 +198,7 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
         raise _unsupported(
             f"{type(model).__name__} (model_type {config.model_type!r}) is not supported",
         )
-    blocks = _submodule(model.base_model, spec.layers, "layer list", model)
+    blocks = _layer_list(model, spec.layers)
     attention = tuple(_submodule(block, spec.attention, "attention", model) for block in blocks)
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads

@@ -34,15 +34,14 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_effattn.models import _interface
-from captum_effattn.models._attention import (
-    allowed_keys,
-    attention_probabilities,
-    padding_and_causal,
-    real_keys,
-    repeat_kv,
-)
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
+from captum_effattn.projection.engine.rows import (
+    RowMasking,
+    attention_rows_of,
+    attention_rows_torch,
+    padding_of,
+)
 
 HeadAttention = Annotated[torch.Tensor, "(B, H_sel, S_q, S_k)"]
 """Post-softmax attention of the selected heads of one layer."""
@@ -96,16 +95,20 @@ class CapturedHeads:
     probabilities: HeadAttention | None = None
 
     @property
+    def masking(self) -> RowMasking:
+        """What each query row of this layer may see (padding, causal, additive mask)."""
+        return RowMasking(key_mask=self.key_mask, causal=self.causal, additive=self.additive_mask)
+
+    @property
     def attn(self) -> HeadAttention:
         """``(B, H_sel, S_q, S_k)`` post-softmax probabilities in the model's dtype; exactly 0 on
         keys the mask hides (padding, future keys). Computed once on first use when lazy."""
         if self.probabilities is not None:
             return self.probabilities
         if "_attn" not in self.__dict__:  # frozen: cache outside the dataclass fields
-            allowed = padding_and_causal(self.key_mask, self.causal, self.query.shape[-2])
-            self.__dict__["_attn"] = attention_probabilities(
-                self.query, self.key, allowed, self.additive_mask, self.scaling
-            )
+            query = self._recorded(self.query)
+            every_row = torch.arange(query.shape[-2], device=query.device)
+            self.__dict__["_attn"] = self._computed_rows(every_row)
         return self.__dict__["_attn"]
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -118,20 +121,27 @@ class CapturedHeads:
         if self.probabilities is not None or "_attn" in self.__dict__:
             index = positions[:, None, :, None].expand(batch, heads, -1, self.attn.shape[-1])
             return self.attn.gather(2, index)
-        width = self.query.shape[-1]
-        query = self.query.gather(2, positions[:, None, :, None].expand(batch, heads, -1, width))
-        q_len, k_len = self.query.shape[-2], self.key.shape[-2]
-        allowed = self.key_mask[:, None, None, :]
-        if self.causal:
-            keys = torch.arange(k_len, device=positions.device)
-            allowed = allowed & (keys <= positions[:, None, :, None] + (k_len - q_len))
-        additive = None
-        if self.additive_mask is not None:
-            mask = self.additive_mask.expand(batch, -1, q_len, k_len)
-            additive = mask.gather(
-                2, positions[:, None, :, None].expand(-1, mask.shape[1], -1, k_len)
+        return self._computed_rows(positions)
+
+    def _computed_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys.
+
+        Without gradients to track, the backends pick the implementation (the Triton kernel for
+        CUDA tensors where it is installed); with them, PyTorch, which differentiates.
+        """
+        query, key = self._recorded(self.query), self._recorded(self.key)
+        tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+        probabilities = attention_rows_of(
+            query, key, positions, self.masking, self.scaling, "torch" if tracked else "auto"
+        )
+        return probabilities.to(query.dtype)
+
+    def _recorded(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        if tensor is None:
+            raise RuntimeError(
+                f"layer {self.layer} recorded probabilities, not queries and keys: read `attn`"
             )
-        return attention_probabilities(query, self.key, allowed, additive, self.scaling)
+        return tensor
 
     def detach(self) -> CapturedHeads:
         """The same record with tensors cut from the autograd graph."""
@@ -193,7 +203,8 @@ class AttentionRecord:
             )
         return tuple(self._calls[0])
 
-    def _add(self, captured: CapturedHeads) -> None:
+    def add(self, captured: CapturedHeads) -> None:
+        """Record one selected layer of a forward pass (called by the capture as it runs)."""
         # Layers run in ascending order within a pass: a layer at or below the last one recorded
         # starts the next pass.
         if not self._calls or captured.layer <= self._calls[-1][-1].layer:
@@ -202,7 +213,8 @@ class AttentionRecord:
         if self._on_layer is not None:
             self._on_layer(captured)
 
-    def _check_complete(self) -> None:
+    def check_complete(self) -> None:
+        """Raise ``RuntimeError`` if a forward pass skipped selected layers."""
         for number, call in enumerate(self._calls):
             layers = tuple(c.layer for c in call)
             if layers != self.selection.layers:
@@ -260,8 +272,17 @@ class _LayerTap:
                     "function, which capture_attention does not implement"
                 )
 
-    def _key_mask(self, allowed: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
-        key_mask = real_keys(allowed, self.architecture.causal, batch, q_len)
+    def _key_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+        """The real keys ``(B, S_k)`` of the model's mask, which must be padding (+ causal)."""
+        batch, k_len = key.shape[0], key.shape[-2]
+        if attention_mask is None:
+            return torch.ones(batch, k_len, dtype=torch.bool, device=key.device)
+        allowed = attention_mask
+        if allowed.dtype != torch.bool:
+            # An additive float mask (a user's own 4D mask): hidden keys carry (about) the
+            # dtype's minimum.
+            allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        key_mask = padding_of(allowed, self.architecture.causal, batch)
         if key_mask is None:
             kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
             raise ValueError(
@@ -280,36 +301,34 @@ class _LayerTap:
         dropout: float,
         scaling: float | None,
         extra: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check(query, key, dropout, extra)
-        batch, _, q_len, head_dim = query.shape
+        q_len, head_dim = query.shape[-2:]
         k_len = key.shape[-2]
         scaling = head_dim**-0.5 if scaling is None else scaling
-        group = self.architecture.kv_group_size
-        allowed = allowed_keys(attention_mask, self.architecture.causal, q_len, k_len, query.device)
         additive = None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             additive = attention_mask
-        common = {
-            "layer": self.layer,
-            "heads": self.heads,
-            "kv_heads": self.kv_heads,
-            "values": _select_heads(value, self.kv_heads),
-            "key_mask": self.key_masks.get(
-                attention_mask, lambda: self._key_mask(allowed, batch, q_len)
+        layer = CapturedHeads(
+            layer=self.layer,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            values=_select_heads(value, self.kv_heads),
+            key_mask=self.key_masks.get(
+                attention_mask, lambda: self._key_mask(attention_mask, key)
             ),
-            "causal": self.architecture.causal,
-            "scaling": scaling,
-            "additive_mask": additive,
-        }
+            causal=self.architecture.causal,
+            scaling=scaling,
+            additive_mask=additive,
+        )
         if not self.materialize:
             # Record queries and keys only; the layer runs transformers' own fast attention.
-            captured = CapturedHeads(
+            captured = replace(
+                layer,
                 query=_select_heads(query, self.heads),
                 key=_select_heads(key, self.kv_heads),
-                **common,
             )
-            self.record._add(captured if self.keep_graph else captured.detach())
+            self.record.add(captured if self.keep_graph else captured.detach())
             if (
                 additive is None
                 and attention_mask is not None
@@ -324,17 +343,20 @@ class _LayerTap:
             return sdpa_attention_forward(
                 self.module, query, key, value, attention_mask, scaling=scaling, **extra
             )
-        probs = attention_probabilities(query, repeat_kv(key, group), allowed, additive, scaling)
-        captured = CapturedHeads(probabilities=_select_heads(probs, self.heads), **common)
-        self.record._add(captured if self.keep_graph else captured.detach())
+        every_row = torch.arange(q_len, device=query.device)
+        probs = attention_rows_torch(query, key, every_row, layer.masking, scaling)
+        probs = probs.to(query.dtype)
+        captured = replace(layer, probabilities=_select_heads(probs, self.heads))
+        self.record.add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             heads = torch.tensor(self.heads, device=query.device)
-            probs = probs.index_copy(1, heads, self._replacement(captured).to(probs.dtype))
-        output = probs @ repeat_kv(value, group)
+            replaced = self._replacement(self.transform, captured)
+            probs = probs.index_copy(1, heads, replaced.to(probs.dtype))
+        output = _grouped_product(probs, value)
         return output.transpose(1, 2).contiguous(), probs
 
-    def _replacement(self, captured: CapturedHeads) -> torch.Tensor:
-        replaced = self.transform(captured)
+    def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
+        replaced = transform(captured)
         expected = tuple(captured.attn.shape)
         if not isinstance(replaced, torch.Tensor) or tuple(replaced.shape) != expected:
             got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced)
@@ -348,6 +370,15 @@ class _LayerTap:
                 f"layer {self.layer}; got dtype {replaced.dtype} on {replaced.device}"
             )
         return replaced
+
+
+def _grouped_product(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``probs (B, H, S_q, S_k) @ value (B, H_kv, S_k, d)`` per query head, without repeating
+    the key/value heads of grouped-query attention: ``(B, H, S_q, d)``."""
+    batch, heads, q_len, k_len = probs.shape
+    kv_heads = value.shape[1]
+    grouped = probs.view(batch, kv_heads, heads // kv_heads, q_len, k_len) @ value[:, :, None]
+    return grouped.view(batch, heads, q_len, value.shape[-1])
 
 
 def _select_heads(states: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
@@ -367,14 +398,18 @@ class _KeyMaskMemo:
         self._all_real: bool | None = None
 
     def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        keys = self._keys
         # The same tensor, not modified in place since (holding it keeps its id from being reused).
-        if mask is None or mask is not self._mask or mask._version != self._version:
-            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), compute()
+        if keys is None or mask is None or mask is not self._mask or mask._version != self._version:
+            keys = compute()
+            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), keys
             self._all_real = None
-        return self._keys
+        return keys
 
     def all_real(self) -> bool:
         """Whether every key of the mask last passed to :meth:`get` is real (no padding)."""
+        if self._keys is None:
+            raise RuntimeError("all_real() reads the mask last passed to get(); none was")
         if self._all_real is None:
             self._all_real = bool(self._keys.all())
         return self._all_real
@@ -492,4 +527,4 @@ def capture_attention(
     finally:
         for module in taps:
             _interface.ACTIVE_TAPS.pop(module, None)
-    record._check_complete()
+    record.check_complete()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, SupportsIndex
 
 from torch import nn
 
@@ -27,12 +27,13 @@ HeadSpec = IndexSpec | Mapping[int, IndexSpec]
 def _index(value: object, axis: str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{axis} indices must be ints, not booleans; got {value!r}")
+    not_an_int = TypeError(f"{axis} indices must be ints; got {value!r} ({type(value).__name__})")
+    if not isinstance(value, SupportsIndex):
+        raise not_an_int
     try:
-        return operator.index(value)
+        return operator.index(value)  # a tensor of several elements has __index__ but refuses
     except TypeError:
-        raise TypeError(
-            f"{axis} indices must be ints; got {value!r} ({type(value).__name__})"
-        ) from None
+        raise not_an_int from None
 
 
 def _normalize(index: int, size: int, axis: str, where: str) -> int:
@@ -68,14 +69,14 @@ def _parse_axis(spec: IndexSpec, size: int, axis: str, where: str) -> tuple[int,
             raise ValueError(f"{axis}s={list(spec)!r} selects no {axis}")
     else:
         indices = [_index(spec, axis)]
-    chosen = []
+    picked: list[int] = []
     for index in indices:
         normalized = _normalize(index, size, axis, where)
-        if normalized in chosen:
+        if normalized in picked:
             alias = f" (as {normalized})" if normalized != index else ""
             raise ValueError(f"{axis} {index} is selected twice{alias}{where}")
-        chosen.append(normalized)
-    return tuple(sorted(chosen))
+        picked.append(normalized)
+    return tuple(sorted(picked))
 
 
 def _ascending_within(indices: tuple[int, ...], size: int) -> bool:

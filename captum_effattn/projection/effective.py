@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
-from captum_effattn.projection._backend import Backend
-from captum_effattn.projection._driver import ChunkResult, project_rows
-from captum_effattn.projection._layout import Chunk
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
+from captum_effattn.projection.engine.backends import Backend
+from captum_effattn.projection.engine.driver import ChunkResult, project_rows
+from captum_effattn.projection.engine.layout import Chunk
 
 
 def _project_chunk(

@@ -8,7 +8,8 @@ give the head the same output are
 and efficient attention is ``argmin_{x in P(a)} ||x||_2``: a probability distribution, sufficient
 for the output, unique, and equal to ``a`` whenever ``[V, 1]`` spans all keys. This is this
 project's precise construction of what Naim & Asher (ECAI 2024, arXiv 2410.18541) call efficient
-attention, answering Brunner et al. (ICLR 2020); see ``shared/method.md``.
+attention, answering Brunner et al. (ICLR 2020); see the method page of the documentation
+(docs/method.md).
 
 The QP is solved in its dual (``theta`` in ``R^r``, ``r = rank([V, 1]) <= d + 1``): semismooth
 Newton with an exact line search first, then an interior-point method with an exact crossover for
@@ -20,13 +21,13 @@ from __future__ import annotations
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
-from captum_effattn.projection._backend import Backend
-from captum_effattn.projection._checks import DISTRIBUTION_TOL, check_distributions
-from captum_effattn.projection._driver import ChunkResult, project_rows
-from captum_effattn.projection._interior import interior_point_phase
-from captum_effattn.projection._layout import Chunk
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
+from captum_effattn.projection.engine.backends import Backend
+from captum_effattn.projection.engine.driver import ChunkResult, project_rows
+from captum_effattn.projection.engine.layout import Chunk
+from captum_effattn.projection.engine.validation import DISTRIBUTION_TOL, check_distributions
+from captum_effattn.projection.solvers.interior import interior_point_phase
 
 SOLVERS = ("auto", "newton", "interior")
 NEWTON_TOL = 1e-13

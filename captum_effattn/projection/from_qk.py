@@ -12,25 +12,25 @@ single row of one layer costs memory linear in ``n``. They give the same rows as
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from captum_effattn._typing import KeyMask
-from captum_effattn.projection._backend import resolve_backend
-from captum_effattn.projection._qk import QKProblem, check_qk_inputs
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.effective import effective_attention
 from captum_effattn.projection.efficient import efficient_attention
+from captum_effattn.projection.engine.rows import RowMasking, attention_rows_of, visible_keys
+from captum_effattn.projection.engine.validation import QKProblem, QueryRows, check_qk_inputs
 
-Rows = int | Sequence[int] | torch.Tensor | None
+Rows = QueryRows
 
 
 def _rows_of(problem: QKProblem, causal: bool, backend: str) -> torch.Tensor:
-    chosen = resolve_backend(backend, problem.query.device)
-    return chosen.attention_rows(
-        problem.query, problem.key, problem.key_mask, problem.rows, causal, problem.scale
+    masking = RowMasking(key_mask=problem.key_mask, causal=causal)
+    return attention_rows_of(
+        problem.query, problem.key, problem.rows, masking, problem.scale, backend
     )
 
 
@@ -85,8 +85,6 @@ def _project_from_qk(
     backend: str,
     options: dict[str, Any],
 ):
-    if values is None:
-        raise TypeError("values must be a torch.Tensor of shape (*batch, H_kv, n, d_v); got None")
     problem = check_qk_inputs(query, key, values, key_mask, causal, rows, scaling)
     attn = _rows_of(problem, causal, backend)  # (B, H_q, r, n)
     batch, heads, r, n = attn.shape
@@ -94,6 +92,8 @@ def _project_from_qk(
     # Grouped-query heads share their value head: (B, H_kv, group, r, n) against (B, H_kv, 1, n,
     # d_v), so each value space is factored once.
     attn = attn.view(batch, kv_heads, heads // kv_heads, r, n)
+    if problem.values is None:
+        raise TypeError("values must be a torch.Tensor of shape (*batch, H_kv, n, d_v); got None")
     values = problem.values[:, :, None]
     real = problem.key_mask
     if real is None:
@@ -101,7 +101,8 @@ def _project_from_qk(
     if causal:
         # A causal row projects onto its own prefix's value space: its visible keys become that
         # row's key mask, one (B, r, n) mask instead of the square layout causal=True needs.
-        visible = real[:, None, :] & (torch.arange(n, device=attn.device) <= problem.rows[:, None])
+        masking = RowMasking(key_mask=real, causal=True)
+        visible = visible_keys(masking, problem.rows[None], problem.query.shape[-2], n)
         attn, values, mask = attn[..., None, :], values[..., None, :, :], visible[:, None, None]
     else:
         mask = real[:, None, None, :]

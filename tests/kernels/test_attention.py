@@ -87,3 +87,40 @@ def test_head_width_beyond_the_kernel_limit(gen, device):
         ValueError, match=r"head width d_k is 300, beyond the kernels' limit of 256"
     ):
         attention_rows(query.to(device), key.to(device), rows=0, backend="triton")
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_kernel_follows_the_rows_module_conventions(per_example, gen, device):
+    """Fewer queries than keys (the queries are the last positions), left padding that leaves a
+    causal row without keys (all zeros), grouped heads, rows per example: as the PyTorch rows."""
+    from captum_effattn.projection.engine.backends import TritonBackend
+    from captum_effattn.projection.engine.rows import RowMasking, attention_rows_torch
+
+    query = torch.randn(2, 4, 5, 16, generator=gen)
+    key = torch.randn(2, 2, 9, 16, generator=gen)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1, :6] = False  # query 0 of example 1 is position 4: it sees no real key
+    rows = torch.tensor([[0, 4, 2], [0, 3, 1]]) if per_example else torch.tensor([0, 4, 2])
+    masking = RowMasking(key_mask=key_mask, causal=True)
+    expected = attention_rows_torch(query, key, rows, masking, 0.3)
+    on_device = RowMasking(key_mask=key_mask.to(device), causal=True)
+    kernel = TritonBackend(forced=True).attention_rows(
+        query.to(device), key.to(device), rows.to(device), on_device, 0.3
+    )
+    torch.testing.assert_close(kernel.cpu(), expected, atol=1e-6, rtol=0)
+    assert (expected[1, :, 0] == 0).all()
+
+
+def test_kernel_refuses_an_additive_mask_when_forced(gen, device):
+    from captum_effattn.kernels import KernelUnavailableError
+    from captum_effattn.projection.engine.backends import TritonBackend
+    from captum_effattn.projection.engine.rows import RowMasking
+
+    query = torch.randn(1, 1, 4, 16, generator=gen).to(device)
+    masking = RowMasking(additive=torch.zeros(1, 1, 4, 4, device=device))
+    with pytest.raises(KernelUnavailableError, match=r"padding and causal masks only"):
+        TritonBackend(forced=True).attention_rows(query, query, torch.arange(4), masking, 1.0)
+    fallback = TritonBackend(forced=False).attention_rows(
+        query, query, torch.arange(4, device=device), masking, 1.0
+    )
+    torch.testing.assert_close(fallback.sum(-1), torch.ones(1, 1, 4, device=device))

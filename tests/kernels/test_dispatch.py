@@ -17,7 +17,7 @@ from captum_effattn.projection import (
     efficient_attention,
     efficient_attention_from_qk,
 )
-from captum_effattn.projection._backend import Backend
+from captum_effattn.projection.engine.backends import TritonBackend
 from tests.projection.problems import attention_rows, value_vectors
 
 
@@ -105,10 +105,10 @@ def test_unknown_backend(gen):
 def test_kernel_limits_fall_back_under_auto_and_raise_when_forced(gen, device):
     matrices = torch.randn(1, 10, 300, dtype=torch.float64, device=device)
     group = torch.zeros(2, dtype=torch.long, device=device)
-    fallback = Backend("triton", forced=False).grouped(matrices, group)
+    fallback = TritonBackend(forced=False).grouped(matrices, group)
     assert type(fallback).__name__ == "GroupedMatrices"
     with pytest.raises(ValueError, match=r"basis width is 300, beyond the kernels' limit of 256"):
-        Backend("triton", forced=True).grouped(matrices, group)
+        TritonBackend(forced=True).grouped(matrices, group)
 
 
 def test_mismatched_devices_are_refused(gen):

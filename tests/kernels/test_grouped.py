@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from captum_effattn.kernels import grouped
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.engine.grouped import GroupedMatrices
 
 # Relative agreement with the PyTorch path, by dtype.
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}

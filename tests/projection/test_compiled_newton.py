@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from captum_effattn import efficient_attention
 from captum_effattn.kernels import KernelUnavailableError
-from captum_effattn.projection._backend import Backend, resolve_backend
-from captum_effattn.projection._compiled_newton import compiled_newton_phase, numba_available
-from captum_effattn.projection._grouped import GroupedMatrices
-from captum_effattn.projection._newton import exact_step, newton_phase
 from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.engine.backends import NumbaBackend, resolve_backend
+from captum_effattn.projection.engine.grouped import GroupedMatrices
+from captum_effattn.projection.solvers.compiled_newton import compiled_newton_phase, numba_available
+from captum_effattn.projection.solvers.newton import exact_step, newton_phase
 from tests.projection.problems import attention_rows, head_output_error, value_vectors
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
@@ -64,7 +64,7 @@ def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
     """Sorting only the breakpoints below the bracket gives the full sort's step."""
     import numpy as np
 
-    from captum_effattn.projection._newton_numba import exact_step as compiled_step
+    from captum_effattn.projection.solvers.newton_kernels import exact_step as compiled_step
 
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(8, n, generator=gen, dtype=torch.float64)
@@ -101,7 +101,7 @@ def test_the_starting_point_is_not_modified():
 
 def test_threads_share_the_rows_without_changing_any(monkeypatch):
     """Rows are independent: one thread or several, in small blocks, the same bits."""
-    import captum_effattn.projection._compiled_newton as compiled
+    import captum_effattn.projection.solvers.compiled_newton as compiled
 
     ops, c = _dual_problem(4, 9, 80, 8, 3, seed=2)
     before = torch.get_num_threads()
@@ -143,7 +143,7 @@ def test_efficient_attention_agrees_across_cpu_backends(causal):
 
 
 def test_auto_compiles_newton_for_cpu_tensors():
-    assert resolve_backend("auto", torch.device("cpu")) == Backend("numba", forced=False)
+    assert resolve_backend("auto", torch.device("cpu")) == NumbaBackend(forced=False)
     assert resolve_backend("numba", torch.device("cpu")).newton_steps == 200
 
 
@@ -156,7 +156,7 @@ WITHOUT_NUMBA = """
 import sys
 sys.modules["numba"] = None
 import torch
-from captum_effattn.projection._backend import resolve_backend
+from captum_effattn.projection.engine.backends import resolve_backend
 print(resolve_backend("auto", torch.device("cpu")).name)
 from captum_effattn import efficient_attention
 attn = torch.full((2, 40), 1 / 40, dtype=torch.float64)

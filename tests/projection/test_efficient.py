@@ -1,4 +1,5 @@
-"""Efficient attention: the properties method.md asks of it, checked against independent solvers."""
+"""Efficient attention: the properties the method page (docs/method.md) asks of it, checked
+against independent solvers."""
 
 from __future__ import annotations
 

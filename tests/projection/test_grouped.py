@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices, gram_change, uses_shared_layout
+from captum_effattn.projection.engine.grouped import (
+    GroupedMatrices,
+    gram_change,
+    uses_shared_layout,
+)
 
 
 def _problem(groups: int, rows: int, n: int = 20, k: int = 5, seed: int = 0):

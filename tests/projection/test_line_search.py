@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captum_effattn.projection._newton import exact_step
+from captum_effattn.projection.solvers.newton import exact_step
 
 
 def phi(t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from captum_effattn import effective_attention, efficient_attention
-from captum_effattn.projection._compiled_newton import numba_available
+from captum_effattn.projection.solvers.compiled_newton import numba_available
 
 # The CPU backends: batched PyTorch, and the compiled Newton phase where numba is installed.
 CPU_BACKENDS = ["torch", "numba"] if numba_available() else ["torch"]

@@ -64,7 +64,10 @@ def test_compiled_newton_needs_no_orthonormal_basis_on_the_real_model(minilm_hea
     """Every head of MiniLM is well conditioned: each row is solved in the coordinates of
     ``[1, V]`` itself, or left to the interior point after 200 steps as the basis route leaves it
     (layer 0 has a few dozen such rows); none is refused for its conditioning."""
-    from captum_effattn.projection._compiled_newton import compiled_value_newton, numba_available
+    from captum_effattn.projection.solvers.compiled_newton import (
+        compiled_value_newton,
+        numba_available,
+    )
 
     if not numba_available():
         pytest.skip("needs the numba extra")

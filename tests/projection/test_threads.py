@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captum_effattn import efficient_attention
-from captum_effattn.projection._threads import SINGLE_THREAD_WORK, threads_for
+from captum_effattn.projection.engine.threads import SINGLE_THREAD_WORK, threads_for
 
 CPU = torch.device("cpu")
 

@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_effattn import efficient_attention
-from captum_effattn.projection._compiled_newton import (
+from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.engine.grouped import GroupedMatrices
+from captum_effattn.projection.solvers.compiled_newton import (
     compiled_newton_phase,
     compiled_value_newton,
     numba_available,
 )
-from captum_effattn.projection._grouped import GroupedMatrices
-from captum_effattn.projection.basis import value_space_basis
 from tests.projection.problems import attention_rows, head_output_error, value_vectors
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")

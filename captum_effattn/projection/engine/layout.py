@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from captum_effattn._typing import FlatRows, KeyMask, ValueVectors
-from captum_effattn.projection._checks import CheckedInputs
+from captum_effattn.projection.engine.validation import CheckedInputs
 
 # Upper bound on the float64 working set of one chunk (bases, outer products, solver state).
 CHUNK_BYTES = 256 * 2**20
@@ -79,7 +79,7 @@ class RowLayout:
         by_group = torch.argsort(self.row_group, stable=True)
         row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
         r = rank_width
-        # Python integers for the per-group loop (indexing a tensor per group costs microseconds).
+        # Python integers for the per-group loop (indexing a tensor per group is a tensor op).
         order_list, last_list = order.tolist(), last_key.tolist()
         count_list, start_list = rows_per_group.tolist(), row_start.tolist()
         start = 0

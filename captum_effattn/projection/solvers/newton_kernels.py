@@ -1,7 +1,7 @@
-"""The compiled kernels of :mod:`._compiled_newton` (imports numba: only where it is installed).
+"""The compiled kernels of :mod:`.compiled_newton` (imports numba: only where it is installed).
 
 Plain loops over NumPy arrays, one row at a time; numba compiles them on first use and caches the
-machine code on disk (``cache=True``), so later processes load them in milliseconds.
+machine code on disk (``cache=True``), so later processes load them instead of compiling.
 """
 
 from __future__ import annotations
@@ -76,26 +76,27 @@ def line_slope(u, w, slope0, t):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compiled
-    """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see ``_newton.exact_step``).
-
-    ``phi'`` is non-increasing: a bracket ``[0, T]`` with ``phi'(T) <= 0`` (``T`` = 1, the full
-    Newton step, then 4, 16, ...) holds the maximizer, so only the breakpoints below ``T`` are
-    sorted and swept. Near convergence they are a handful of the row's keys. ``phi`` must be
-    bounded above, as it is along every Newton direction (the dual is bounded: P(a) is not empty).
-    """
-    n = u.shape[0]
+def bracket_bound(u, w, slope0):  # pragma: no cover - compiled
+    """``T`` = 1, 4, 16, ... until ``phi'(T) <= 0`` (``inf`` after :data:`MAX_BRACKETS` tries)."""
     bound = 1.0
     for _ in range(MAX_BRACKETS):
         if line_slope(u, w, slope0, bound) <= 0.0:
-            break
+            return bound
         bound *= 4.0
-    else:
-        bound = np.inf
+    return np.inf
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def slope_terms_and_breaks(u, w, bound, breaks, order_buffer):  # pragma: no cover - compiled
+    """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, and the breakpoints below ``bound``.
+
+    Returns ``(alpha, beta, moving)``: ``breaks[:moving]`` are the steps where a key crosses 0,
+    ``order_buffer[:moving]`` those keys.
+    """
     alpha = 0.0
     beta = 0.0
     moving = 0
-    for i in range(n):
+    for i in range(u.shape[0]):
         ui, wi = u[i], w[i]
         if ui > 0.0 or (ui == 0.0 and wi > 0.0):
             alpha += wi * ui
@@ -106,6 +107,21 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
                 breaks[moving] = t
                 order_buffer[moving] = i
                 moving += 1
+    return alpha, beta, moving
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compiled
+    """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see
+    :func:`captum_effattn.projection.solvers.newton.exact_step`).
+
+    ``phi'`` is non-increasing: a bracket ``[0, T]`` with ``phi'(T) <= 0`` (``T`` = 1, the full
+    Newton step, then 4, 16, ...) holds the maximizer, so only the breakpoints below ``T`` are
+    sorted and swept. Near convergence they are a handful of the row's keys. ``phi`` must be
+    bounded above, as it is along every Newton direction (the dual is bounded: P(a) is not empty).
+    """
+    bound = bracket_bound(u, w, slope0)
+    alpha, beta, moving = slope_terms_and_breaks(u, w, bound, breaks, order_buffer)
     order = np.argsort(breaks[:moving])
     for m in range(moving):
         t = breaks[order[m]]
@@ -120,22 +136,92 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def newton_row(
-    basis,
-    key_used,
-    full_gram,
-    regularizer,
-    metric,
-    target,
-    th,
-    max_iter,
-    tol,
-    regularization,
-    floor,
-    work,
-    keys,
-    steps_buffers,
+def add_key_to_gram(gram, basis, i, sign):  # pragma: no cover - compiled
+    """``gram += sign * m_i m_i^T`` on the lower triangle, ``m_i`` row ``i`` of ``basis``."""
+    for p in range(basis.shape[1]):
+        scaled = sign * basis[i, p]
+        for q in range(p + 1):
+            gram[p, q] += scaled * basis[i, q]
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def rows_times(basis, vector, out):  # pragma: no cover - compiled
+    """``out = basis @ vector``: ``(n, r) @ (r,) -> (n,)``."""
+    n, r = basis.shape
+    for i in range(n):
+        total = 0.0
+        for k in range(r):
+            total += basis[i, k] * vector[k]
+        out[i] = total
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def dual_gradient(basis, u, target, gradient):  # pragma: no cover - compiled
+    """``gradient = target - M^T relu(u)``."""
+    gradient[:] = target
+    for i in range(u.shape[0]):
+        if u[i] > 0.0:
+            for k in range(basis.shape[1]):
+                gradient[k] -= basis[i, k] * u[i]
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def support_changes(u, support):  # pragma: no cover - compiled
+    """``(changes, size)``: keys entering or leaving the support ``u > 0``, and its size."""
+    changes = 0
+    size = 0
+    for i in range(u.shape[0]):
+        inside = u[i] > 0.0
+        size += inside
+        changes += inside != support[i]
+    return changes, size
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def update_support_gram(basis, key_used, full_gram, u, support, gram):  # pragma: no cover
+    """The support's Gram matrix ``M_S^T M_S`` (its lower triangle: all the Cholesky
+    factorization reads), updated from the keys that moved when they are few, otherwise rebuilt
+    from the Gram matrix of all keys (``full_gram``) or from nothing, whichever touches fewer
+    keys."""
+    n = u.shape[0]
+    changes, size = support_changes(u, support)
+    if 2 * changes < size:
+        for i in range(n):
+            inside = u[i] > 0.0
+            if inside != support[i]:
+                add_key_to_gram(gram, basis, i, 1.0 if inside else -1.0)
+                support[i] = inside
+        return
+    outside = size < n - size
+    if outside:
+        gram[:, :] = 0.0
+    else:
+        gram[:, :] = full_gram
+    for i in range(n):
+        inside = u[i] > 0.0
+        support[i] = inside
+        if inside == outside and key_used[i]:
+            add_key_to_gram(gram, basis, i, 1.0 if inside else -1.0)
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def regularized_direction(
+    gram, regularizer, gradient, mu, hessian, factor, direction
 ):  # pragma: no cover - compiled
+    """Solve ``(gram + mu * regularizer) direction = gradient``, damping more (``mu * 10``)
+    while rounding leaves the regularized matrix indefinite."""
+    r = gram.shape[0]
+    while True:
+        for p in range(r):
+            for q in range(p + 1):
+                hessian[p, q] = gram[p, q] + mu * regularizer[p, q]
+        if cholesky_solve(hessian, gradient, factor, direction):
+            return
+        mu *= 10.0
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - compiled
     """Newton steps on ``max th^T target - 1/2 ||relu(M th)||^2`` for one row until the gradient's
     norm, measured as ``||metric^{-1} gradient||``, is at most ``tol``.
 
@@ -147,16 +233,19 @@ def newton_row(
     run the same steps in key space (``M th`` is the same vector).
 
     Args:
-        key_used: ``(n,)`` keys whose row of ``M`` is not zero.
+        geometry: ``(basis, key_used, full_gram, regularizer, metric)``; ``key_used`` ``(n,)``
+            the keys whose row of ``M`` is not zero.
+        target: ``(r,)`` the row's coordinates.
         th: ``(r,)`` starting point, updated in place.
-        work: ``(5, r)`` scratch; keys: ``(3, n)`` scratch; steps_buffers: ``(breaks, order,
-            support, gram, hessian, factor)``.
+        settings: ``(max_iter, tol, regularization, floor)``.
+        buffers: from :func:`_buffers`.
 
     Returns:
         ``(steps, converged)``.
     """
-    n, r = basis.shape
-    breaks, order_buffer, support, gram, hessian, factor = steps_buffers
+    basis, key_used, full_gram, regularizer, metric = geometry
+    max_iter, tol, regularization, floor = settings
+    work, keys, (breaks, order_buffer, support, gram, hessian, factor) = buffers
     gradient, direction, scaled_gradient = work[0], work[1], work[2]
     u, w = keys[0], keys[1]
     support[:] = False
@@ -164,75 +253,22 @@ def newton_row(
     step_count = 0
     while True:
         if step_count % REFRESH_STEPS == 0:
-            for i in range(n):
-                total = 0.0
-                for k in range(r):
-                    total += basis[i, k] * th[k]
-                u[i] = total
-        gradient[:] = target
-        for i in range(n):
-            if u[i] > 0.0:
-                for k in range(r):
-                    gradient[k] -= basis[i, k] * u[i]
+            rows_times(basis, th, u)
+        dual_gradient(basis, u, target, gradient)
         lower_solve(metric, gradient, scaled_gradient)
         norm = math.sqrt(np.sum(scaled_gradient * scaled_gradient))
         if norm <= tol:
             return step_count, True
         if step_count == max_iter:
             return step_count, False
-        # The support's Gram matrix (its lower triangle: all the Cholesky factorization reads),
-        # from the keys that moved when they are few.
-        changes = 0
-        size = 0
-        for i in range(n):
-            inside = u[i] > 0.0
-            size += inside
-            changes += inside != support[i]
-        if 2 * changes < size:
-            for i in range(n):
-                inside = u[i] > 0.0
-                if inside != support[i]:
-                    sign = 1.0 if inside else -1.0
-                    for p in range(r):
-                        scaled = sign * basis[i, p]
-                        for q in range(p + 1):
-                            gram[p, q] += scaled * basis[i, q]
-                    support[i] = inside
-        else:
-            # The Gram matrix of all keys is known: when fewer keys lie outside the support than
-            # inside, subtract theirs from it instead.
-            outside = size < n - size
-            if outside:
-                gram[:, :] = 0.0
-            else:
-                gram[:, :] = full_gram
-            for i in range(n):
-                inside = u[i] > 0.0
-                support[i] = inside
-                if inside == outside and key_used[i]:
-                    sign = 1.0 if inside else -1.0
-                    for p in range(r):
-                        scaled = sign * basis[i, p]
-                        for q in range(p + 1):
-                            gram[p, q] += scaled * basis[i, q]
+        update_support_gram(basis, key_used, full_gram, u, support, gram)
         mu = regularization * norm + floor
-        while True:
-            for p in range(r):
-                for q in range(p + 1):
-                    hessian[p, q] = gram[p, q] + mu * regularizer[p, q]
-            if cholesky_solve(hessian, gradient, factor, direction):
-                break
-            mu *= 10.0  # rounding made the regularized matrix indefinite: damp more
-        for i in range(n):
-            total = 0.0
-            for k in range(r):
-                total += basis[i, k] * direction[k]
-            w[i] = total
-        slope0 = np.sum(direction * target)
-        step = exact_step(u, w, slope0, breaks, order_buffer)
-        for k in range(r):
+        regularized_direction(gram, regularizer, gradient, mu, hessian, factor, direction)
+        rows_times(basis, direction, w)
+        step = exact_step(u, w, np.sum(direction * target), breaks, order_buffer)
+        for k in range(th.shape[0]):
             th[k] += step * direction[k]
-        for i in range(n):
+        for i in range(u.shape[0]):
             u[i] += step * w[i]
         step_count += 1
 
@@ -254,9 +290,20 @@ def _buffers(n, r):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def newton_rows(
-    bases, group, c, theta, max_iter, tol, regularization, floor, iterations, converged
-):  # pragma: no cover - compiled
+def used_keys_and_columns(basis, key_used, full_gram):  # pragma: no cover - compiled
+    """Which keys (rows of ``basis``) and columns are not identically zero (padding keys,
+    columns beyond the rank): the Gram matrix of all keys is the identity on the used columns."""
+    full_gram[:, :] = 0.0
+    for i in range(basis.shape[0]):
+        key_used[i] = False
+        for k in range(basis.shape[1]):
+            if basis[i, k] != 0.0:
+                key_used[i] = True
+                full_gram[k, k] = 1.0
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def newton_rows(bases, group, c, theta, settings, iterations, converged):  # pragma: no cover
     """Newton steps for each row until its dual gradient norm is at most ``tol``.
 
     Args:
@@ -264,44 +311,24 @@ def newton_rows(
         group: ``(R,)`` basis of each row.
         c: ``(R, r)`` the rows' coordinates ``B^T a``.
         theta: ``(R, r)`` starting dual points, updated in place.
-        max_iter: steps at most per row.
-        tol: gradient norm at which a row is done.
-        regularization, floor: the Levenberg-Marquardt term ``regularization * ||g|| + floor``.
+        settings: ``(max_iter, tol, regularization, floor)``: steps at most per row, the gradient
+            norm at which a row is done, and the Levenberg-Marquardt term
+            ``regularization * ||g|| + floor``.
         iterations: ``(R,)`` int64, filled with each row's steps.
         converged: ``(R,)`` bool, filled.
     """
     rows, r = c.shape
     n = bases.shape[1]
-    work, keys, steps_buffers = _buffers(n, r)
+    buffers = _buffers(n, r)
     key_used = np.zeros(n, dtype=np.bool_)
     full_gram = np.zeros((r, r))
     identity = np.eye(r)
     for row in range(rows):
         basis = bases[group[row]]
-        # Which keys (rows of B) and columns are not identically zero (padding keys, columns
-        # beyond the rank): the Gram matrix of all keys is the identity on the used columns.
-        full_gram[:, :] = 0.0
-        for i in range(n):
-            key_used[i] = False
-            for k in range(r):
-                if basis[i, k] != 0.0:
-                    key_used[i] = True
-                    full_gram[k, k] = 1.0
+        used_keys_and_columns(basis, key_used, full_gram)
+        geometry = (basis, key_used, full_gram, identity, identity)
         iterations[row], converged[row] = newton_row(
-            basis,
-            key_used,
-            full_gram,
-            identity,
-            identity,
-            c[row],
-            theta[row],
-            max_iter,
-            tol,
-            regularization,
-            floor,
-            work,
-            keys,
-            steps_buffers,
+            geometry, c[row], theta[row], settings, buffers
         )
 
 
@@ -353,19 +380,40 @@ def inverse_frobenius(factor, scratch):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def value_geometry(
+    values, key_mask, max_inverse_norm, matrix, gram, metric, scratch
+):  # pragma: no cover - compiled
+    """Unit columns ``W = [1, V]`` into ``matrix``, their Gram matrix (full) into ``gram`` and its
+    Cholesky factor into ``metric``; False when ``W`` is not comfortably of full column rank
+    (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it."""
+    if not unit_columns(values, key_mask, matrix):
+        return False
+    r = matrix.shape[1]
+    gram[:, :] = 0.0
+    for i in range(matrix.shape[0]):
+        add_key_to_gram(gram, matrix, i, 1.0)
+    for p in range(r):
+        for q in range(p):
+            gram[q, p] = gram[p, q]
+    if not cholesky_factor(gram, metric):
+        return False
+    return inverse_frobenius(metric, scratch) <= max_inverse_norm
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def columns_times(matrix, vector, out):  # pragma: no cover - compiled
+    """``out = matrix^T @ vector``: ``(n, r)^T @ (n,) -> (r,)``."""
+    n, r = matrix.shape
+    for k in range(r):
+        total = 0.0
+        for i in range(n):
+            total += matrix[i, k] * vector[i]
+        out[k] = total
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def value_newton_rows(
-    values,
-    key_mask,
-    group,
-    rows,
-    max_iter,
-    tol,
-    regularization,
-    floor,
-    max_inverse_norm,
-    x,
-    iterations,
-    converged,
+    values, key_mask, group, rows, settings, max_inverse_norm, x, iterations, converged
 ):  # pragma: no cover - compiled
     """Efficient attention rows by Newton in the coordinates of ``W = [1, V]`` (unit columns).
 
@@ -378,14 +426,15 @@ def value_newton_rows(
         values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
         group: ``(R,)`` group of each row (consecutive rows of a group share its factorization).
         rows: ``(R, n)`` attention distributions ``a``.
-        max_iter, tol, regularization, floor: as in :func:`newton_rows`.
+        settings: ``(max_iter, tol, regularization, floor)`` as in :func:`newton_rows`.
+        max_inverse_norm: the conditioning limit above.
         x: ``(R, n)`` filled with ``relu(W th)`` (not normalized) for converged rows.
         iterations: ``(R,)`` steps taken; converged: ``(R,)`` True for rows solved here (False:
             not attempted, or not converged within ``max_iter``).
     """
     n_rows, n = rows.shape
     r = values.shape[2] + 1
-    work, keys, steps_buffers = _buffers(n, r)
+    buffers = _buffers(n, r)
     matrix = np.empty((n, r))
     gram = np.empty((r, r))
     metric = np.zeros((r, r))
@@ -397,51 +446,20 @@ def value_newton_rows(
         g = group[row]
         if g != current:
             current = g
-            usable = unit_columns(values[g], key_mask[g], matrix)
-            if usable:
-                gram[:, :] = 0.0
-                for i in range(n):
-                    for p in range(r):
-                        scaled = matrix[i, p]
-                        for q in range(p + 1):
-                            gram[p, q] += scaled * matrix[i, q]
-                for p in range(r):
-                    for q in range(p):
-                        gram[q, p] = gram[p, q]
-                usable = cholesky_factor(gram, metric)
-            if usable:
-                usable = inverse_frobenius(metric, work[3]) <= max_inverse_norm
+            scratch = buffers[0][3]
+            usable = value_geometry(
+                values[g], key_mask[g], max_inverse_norm, matrix, gram, metric, scratch
+            )
         converged[row] = False
         iterations[row] = 0
         if not usable:
             continue
-        a = rows[row]
-        for k in range(r):
-            total = 0.0
-            for i in range(n):
-                total += matrix[i, k] * a[i]
-            target[k] = total
+        columns_times(matrix, rows[row], target)
         # Start where the orthonormal route starts: W th = the projection of a onto span(W).
-        cholesky_solve(gram, target, steps_buffers[5], th)
-        iterations[row], converged[row] = newton_row(
-            matrix,
-            key_mask[g],
-            gram,
-            gram,
-            metric,
-            target,
-            th,
-            max_iter,
-            tol,
-            regularization,
-            floor,
-            work,
-            keys,
-            steps_buffers,
-        )
+        cholesky_solve(gram, target, buffers[2][5], th)
+        geometry = (matrix, key_mask[g], gram, gram, metric)
+        iterations[row], converged[row] = newton_row(geometry, target, th, settings, buffers)
         if converged[row]:
+            rows_times(matrix, th, x[row])
             for i in range(n):
-                total = 0.0
-                for k in range(r):
-                    total += matrix[i, k] * th[k]
-                x[row, i] = total if total > 0.0 else 0.0
+                x[row, i] = max(x[row, i], 0.0)

@@ -1,13 +1,13 @@
 """Small batched solves run on one CPU thread.
 
 The solver's batched LAPACK calls on many small matrices (Cholesky, QR, eigh of ``r x r`` with
-``r <= d + 1``) hand every matrix to the thread pool: on two cores, 72 Cholesky-QR bases of
-``64 x 33`` took 6 ms with two threads and 0.3 ms with one, and a whole [CLS]-row projection of
-a MiniLM input ran twice as fast on one thread. Large chunks still gain from threads, so only
+``r <= d + 1``) hand every matrix to the thread pool, whose hand-off costs more than the small
+matrices' arithmetic: such solves, and whole [CLS]-row projections, run faster on one thread.
+Large chunks still gain from threads, so only
 chunks below :data:`SINGLE_THREAD_WORK` switch, and the caller's setting is restored on exit,
 also when the solve raises. With PyTorch's OpenMP backend ``torch.set_num_threads`` holds for
-the calling thread only (measured: a 1500 x 1500 product on the main thread kept its two-thread
-speed while another thread had set one), so other threads computing at the same moment keep
+the calling thread only (a product on the main thread keeps its threads while another thread has
+set one), so other threads computing at the same moment keep
 theirs.
 
 Work that runs outside PyTorch's pool (the compiled Newton phase) asks :func:`allowed_threads`

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.engine.grouped import GroupedProducts
 
 FRACTION_TO_BOUNDARY = 0.995
 # Keeps the normal matrix factorable when some weights x / (x + z) underflow near the optimum.
@@ -27,7 +27,7 @@ CROSSOVER_ROUNDS = 4
 class _NewtonSystem:
     """The reduced KKT system of one interior-point iteration (normal equations in theta)."""
 
-    ops: GroupedMatrices
+    ops: GroupedProducts
     factor: torch.Tensor  # Cholesky factor of B^T W B (+ identity on dead columns)
     weight: torch.Tensor  # W = x / (x + z)
     x: torch.Tensor
@@ -63,7 +63,7 @@ def _pseudo_solve(matrix: torch.Tensor, rhs: torch.Tensor, rtol: float = 1e-15) 
 
 
 def crossover(
-    basis: GroupedMatrices, c: torch.Tensor, x: torch.Tensor, z: torch.Tensor
+    basis: GroupedProducts, c: torch.Tensor, x: torch.Tensor, z: torch.Tensor
 ) -> torch.Tensor:
     """Exact solution on the support ``x > z`` identified by the interior point, where valid.
 
@@ -93,7 +93,7 @@ def crossover(
 
 
 def interior_point_phase(
-    basis: GroupedMatrices,
+    basis: GroupedProducts,
     c: torch.Tensor,
     row_mask: torch.Tensor,
     dead_columns: torch.Tensor,

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
-from captum_effattn.projection._backend import Backend, resolve_backend
-from captum_effattn.projection._certify import output_error, simplex_violation
-from captum_effattn.projection._checks import check_inputs
-from captum_effattn.projection._layout import Chunk, RowLayout, build_layout
-from captum_effattn.projection._threads import threads_for
 from captum_effattn.projection.certificate import ProjectionCertificate
+from captum_effattn.projection.engine.backends import Backend, resolve_backend
+from captum_effattn.projection.engine.certify import output_error, simplex_violation
+from captum_effattn.projection.engine.layout import Chunk, RowLayout, build_layout
+from captum_effattn.projection.engine.threads import threads_for
+from captum_effattn.projection.engine.validation import check_inputs
 
 
 class ConvergenceWarning(UserWarning):
@@ -55,7 +55,7 @@ def project_rows(
         simplex_tol: if set, rows must also be distributions within this tolerance to count as
             converged.
         validate_rows: optional check of the flat rows and their key masks before solving.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`._backend`).
+        backend: a name registered in :mod:`.backends`, or ``"auto"``.
     """
     inputs = check_inputs(attn, values, key_mask, causal)
     chosen = resolve_backend(backend, inputs.attn.device)

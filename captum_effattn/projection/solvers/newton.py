@@ -5,18 +5,18 @@ For one row with orthonormal basis ``B`` of ``span([V, 1])`` and ``c = B^T a`` t
     minimize ||x||^2  subject to  x >= 0,  B^T x = c
 
 has the concave, piecewise-quadratic dual ``max_theta  theta^T c - 1/2 ||relu(B theta)||^2`` whose
-maximizer gives ``x = relu(B theta)`` (method.md, "a useful dual"). Newton steps solve the linear
-system of the current support; the step length maximizes the dual exactly along the direction (the
-derivative is monotone and piecewise linear, so its root is found by sorting the breakpoints).
-This converges in a handful of steps on most rows; rows that stall (degenerate duals, long
-active-set changes) are handed to the interior-point phase.
+maximizer gives ``x = relu(B theta)`` (see "a useful dual" on the method page of the documentation,
+docs/method.md). Newton steps solve the linear system of the current support; the step length
+maximizes the dual exactly along the direction (the derivative is monotone and piecewise linear, so
+its root is found by sorting the breakpoints). This converges in a handful of steps on most rows;
+rows that stall (degenerate duals, long active-set changes) are handed to the interior-point phase.
 """
 
 from __future__ import annotations
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices, gram_change
+from captum_effattn.projection.engine.grouped import GroupedProducts, gram_change
 
 # Levenberg-Marquardt-style regularization of the (possibly singular) generalized Hessian:
 # mu = REGULARIZATION * ||gradient|| + FLOOR. Small enough for superlinear convergence, large
@@ -32,6 +32,9 @@ INCREMENTAL_GRAM_FRACTION = 1 / 64
 # breakpoints only (a partial sort): from then on the maximizer lies within the first few segments
 # (on MiniLM rows of 256 keys: 3-7 on average, at most 60), and a full sort of every row took a
 # third of the solve. The first steps cross many breakpoints (65 on average), so they sort all.
+NewtonResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(theta, iterations, converged)``, each per row."""
+
 CANDIDATE_BREAKS = 32
 FULL_SORT_STEPS = 2
 
@@ -44,6 +47,7 @@ def _step_on_segments(
     alpha0: torch.Tensor,
     beta0: torch.Tensor,
     slope0: torch.Tensor,
+    *,
     complete: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The maximizing step over the segments between ``breaks`` (ascending), and whether it was
@@ -106,13 +110,28 @@ def exact_step(
     return step
 
 
+def _support_gram(
+    ops: GroupedProducts,
+    previous: tuple[torch.Tensor, torch.Tensor] | None,
+    support: torch.Tensor,
+) -> torch.Tensor:
+    """``B^T diag(support) B`` per row: updated from the previous support's Gram matrix when
+    few keys moved, computed afresh otherwise."""
+    if previous is not None:
+        old, gram = previous
+        moved = int((support != old).sum())
+        if moved < INCREMENTAL_GRAM_FRACTION * support.numel():
+            return gram + gram_change(ops.matrices, ops.group, old, support)
+    return ops.gram(support)
+
+
 def newton_phase(
-    basis: GroupedMatrices,
+    basis: GroupedProducts,
     c: torch.Tensor,
     theta: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> NewtonResult:
     """Run semismooth Newton steps until ``||c - B^T relu(B theta)|| <= tol`` or ``max_iter``.
 
     Args:
@@ -133,7 +152,8 @@ def newton_phase(
     active = torch.arange(R, device=c.device)
     ops, c_active, theta_active = basis, c, theta.clone()
     eye = torch.eye(r, dtype=c.dtype, device=c.device)
-    support = gram = None  # the last support and its Gram matrix B^T diag(support) B
+    # The last support and its Gram matrix B^T diag(support) B.
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None
     for step_count in range(max_iter + 1):
         u = ops.left(theta_active)
         gradient = c_active - ops.right(u.clamp_min(0))
@@ -148,16 +168,12 @@ def newton_phase(
             iterations[finished] = step_count
             active, u, gradient, norm = active[keep], u[keep], gradient[keep], norm[keep]
             c_active, theta_active = c_active[keep], theta_active[keep]
-            if gram is not None:
-                support, gram = support[keep], gram[keep]
+            if previous is not None:
+                previous = (previous[0][keep], previous[1][keep])
             ops = ops.subset(keep)
-        new_support = (u > 0).to(u.dtype)
-        moved = None if gram is None else int((new_support != support).sum())
-        if moved is not None and moved < INCREMENTAL_GRAM_FRACTION * u.numel():
-            gram = gram + gram_change(ops.matrices, ops.group, support, new_support)
-        else:
-            gram = ops.gram(new_support)
-        support = new_support
+        support = (u > 0).to(u.dtype)
+        gram = _support_gram(ops, previous, support)
+        previous = (support, gram)
         mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
         hessian = gram + mu[:, None, None] * eye
         factor, _ = torch.linalg.cholesky_ex(hessian)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from captum_effattn.projection._grouped import GroupedMatrices
+from captum_effattn.projection.engine.grouped import GroupedProducts
 
 
-def output_error(values: GroupedMatrices, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def output_error(values: GroupedProducts, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``||x V - a V|| / ||a V||`` per row (``(R, n)`` rows, per-group ``V``)."""
     reference = values.right(a)
     change = values.right(x - a)

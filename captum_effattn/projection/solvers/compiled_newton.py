@@ -1,30 +1,35 @@
-"""The semismooth Newton phase of :mod:`._newton`, compiled row by row with numba (CPU).
+"""The semismooth Newton phase of :mod:`.newton`, compiled row by row with numba (CPU).
 
 Same iteration, same constants: Newton steps on the dual ``max theta^T c - 1/2 ||relu(B theta)||^2``
 with the Levenberg-Marquardt-regularized support Gram matrix and the exact line search. Batched
-PyTorch runs every step as some forty small tensor operations over all unfinished rows, and on a
-CPU those are latency-bound (about 1 ms per step for 72 rows of 64 keys whatever their
-arithmetic). Compiled, a row costs its arithmetic only, and two things batching cannot do become
-cheap: the support's Gram matrix is updated from just the keys that entered or left it, and each
-row stops the moment it converges. The kernel releases the GIL, so rows are shared among as many
-Python threads as the caller allows PyTorch (:func:`._threads.allowed_threads`), in small blocks
-handed out as threads become free: a few rows need ten times the median number of steps.
+PyTorch runs every step as some forty small tensor operations over all unfinished rows, and on a CPU
+those are bound by per-operation latency, not by their arithmetic. Compiled, a row costs its
+arithmetic only, and two things batching cannot do become cheap: the support's Gram matrix is
+updated from just the keys that entered or left it, and each row stops the moment it converges. The
+kernel releases the GIL, so rows are shared among as many Python threads as the caller allows
+PyTorch (:func:`..engine.threads.allowed_threads`), in small blocks handed out as threads become
+free: a few rows need ten times the median number of steps.
 
 Needs ``numba`` (``pip install captum-effattn[numba]``); :func:`numba_available` says whether it is
-importable. The first call compiles (a few seconds, cached on disk afterwards).
+importable. The first call compiles (cached on disk afterwards).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
 import torch
 
-from captum_effattn.projection._newton import REGULARIZATION, REGULARIZATION_FLOOR
-from captum_effattn.projection._threads import allowed_threads
+from captum_effattn.projection.engine.threads import allowed_threads
+from captum_effattn.projection.solvers.newton import (
+    REGULARIZATION,
+    REGULARIZATION_FLOOR,
+    NewtonResult,
+)
 
 # ``||L^{-1}||_F`` above which ``[1, V]`` (unit columns, Gram ``L L^T``) goes to the orthonormal
 # route: the gradient's rounding error grows with it, and 1e3 keeps it near 1e-14 against the
@@ -32,8 +37,13 @@ from captum_effattn.projection._threads import allowed_threads
 # in tests/projection/test_real_minilm.py).
 MAX_INVERSE_NORM = 1e3
 # Rows per block handed to a thread: small enough to balance a few slow rows, large enough that
-# handing a block over (~20 us) stays small next to solving it.
+# handing a block over stays small next to solving it.
 BLOCK_ROWS = 4
+
+ValueNewton = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], NewtonResult
+]
+"""The signature of :func:`compiled_value_newton`."""
 
 
 @cache
@@ -50,9 +60,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 @cache
 def _kernels():
     """The compiled per-row solvers (compiled on first use, then loaded from numba's disk cache)."""
-    from captum_effattn.projection import _newton_numba
+    from captum_effattn.projection.solvers import newton_kernels
 
-    return _newton_numba
+    return newton_kernels
 
 
 def _numpy(tensor: torch.Tensor, dtype=np.float64) -> np.ndarray:
@@ -76,15 +86,15 @@ def compiled_newton_phase(
     theta: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`._newton.newton_phase` for CPU tensors, compiled.
+) -> NewtonResult:
+    """:func:`captum_effattn.projection.solvers.newton.newton_phase` for CPU tensors, compiled.
 
     Args:
-        ops: the rows' bases (:class:`._grouped.GroupedMatrices`: ``matrices`` ``(G, n, r)``
+        ops: the rows' bases (:class:`..engine.grouped.GroupedMatrices`: ``matrices`` ``(G, n, r)``
             orthonormal, zero rows on masked keys; ``group`` ``(R,)``).
         c: ``(R, r)`` the rows' coordinates ``B^T a``.
         theta: ``(R, r)`` starting dual points (not modified).
-        max_iter, tol: as in :func:`._newton.newton_phase`.
+        max_iter, tol: as in :func:`captum_effattn.projection.solvers.newton.newton_phase`.
 
     Returns:
         ``(theta, iterations, converged)``, each per row.
@@ -101,10 +111,7 @@ def compiled_newton_phase(
             group_np[rows],
             c_np[rows],
             theta_np[rows],
-            max_iter,
-            tol,
-            REGULARIZATION,
-            REGULARIZATION_FLOOR,
+            (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR),
             iterations[rows],
             converged[rows],
         )
@@ -124,11 +131,11 @@ def compiled_value_newton(
     rows: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> NewtonResult:
     """Efficient-attention rows by compiled Newton in the coordinates of ``[1, V]`` itself.
 
     The same steps as :func:`compiled_newton_phase` on an orthonormal basis of the same space,
-    without building one (see ``_newton_numba.value_newton_rows``): the batched QR that basis
+    without building one (see ``newton_kernels.value_newton_rows``): the batched QR that basis
     costs is a third of a [CLS]-row projection. Rows whose ``[1, V]`` is not well conditioned, or
     has no more columns than real keys, or that do not converge within ``max_iter``, come back
     unsolved for the general path.
@@ -156,10 +163,7 @@ def compiled_value_newton(
             mask_np,
             group_np[block],
             rows_np[block],
-            max_iter,
-            tol,
-            REGULARIZATION,
-            REGULARIZATION_FLOOR,
+            (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR),
             MAX_INVERSE_NORM,
             x[block],
             iterations[block],

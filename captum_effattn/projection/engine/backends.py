@@ -1,0 +1,294 @@
+"""Which implementation computes the projections' hot paths: a registry of backend objects.
+
+- ``"torch"``: batched PyTorch everywhere.
+- ``"numba"`` (CPU tensors, the ``numba`` extra): the semismooth Newton phase of efficient
+  attention compiled row by row
+  (:mod:`captum_effattn.projection.solvers.compiled_newton`), run on ``[1, V]`` itself where it is
+  well conditioned (no orthonormal bases); everything else as ``"torch"``.
+- ``"triton"`` (CUDA tensors, the ``gpu`` extra): Triton kernels for the solver's matrix products
+  and the streamed attention rows, falling back to PyTorch where a problem exceeds the kernels'
+  limits (rows wider than :data:`~captum_effattn.kernels._support.MAX_WIDTH`, masks the attention
+  kernel does not implement).
+
+Every backend is an object behind the :class:`Backend` protocol, registered in :data:`BACKENDS`
+by name; ``backend=`` strings resolve through :func:`resolve_backend`. ``backend="auto"`` picks
+the first available backend of :data:`AUTO_ORDER` for the tensors' device. A named backend
+insists: it raises where it cannot run (package missing, tensors on the wrong device, sizes beyond
+the kernels' limits) instead of falling back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar, Protocol
+
+import torch
+
+from captum_effattn.kernels._support import (
+    INSTALL_HINT,
+    MAX_WIDTH,
+    KernelUnavailableError,
+    check_width,
+    device_problem,
+    triton_available,
+)
+from captum_effattn.projection.engine.grouped import (
+    GroupedMatrices,
+    GroupedProducts,
+    TritonGroupedMatrices,
+)
+from captum_effattn.projection.engine.rows import RowMasking, attention_rows_torch
+from captum_effattn.projection.solvers.compiled_newton import (
+    ValueNewton,
+    compiled_newton_phase,
+    compiled_value_newton,
+    numba_available,
+)
+from captum_effattn.projection.solvers.newton import NewtonResult, newton_phase
+
+NUMBA_INSTALL_HINT = "pip install 'captum-effattn[numba]'"
+
+
+class Backend(Protocol):
+    """What a backend is: a name, whether it can run, and the hot paths it implements.
+
+    Attributes:
+        name: the ``backend=`` string that selects it.
+        forced: the caller named it: limits raise instead of falling back to PyTorch.
+        newton_steps: default cap on Newton steps per row.
+        batched_newton: whether the Newton phase runs as batched PyTorch operations.
+    """
+
+    name: ClassVar[str]
+    newton_steps: ClassVar[int]
+    batched_newton: ClassVar[bool]
+
+    @property
+    def forced(self) -> bool:
+        """Whether the caller named it (limits raise instead of falling back)."""
+        ...
+
+    def insisting(self) -> Backend:
+        """The same backend, forced."""
+        ...
+
+    def available(self) -> bool:
+        """Whether its package is installed."""
+        ...
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why it cannot compute for tensors on ``device``, or ``None`` when it can."""
+        ...
+
+    def grouped(self, matrices: torch.Tensor, group: torch.Tensor) -> GroupedProducts:
+        """Per-group products of ``matrices`` ``(G, n, r)`` for rows in groups ``group``."""
+        ...
+
+    def attention_rows(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention rows, as :func:`.rows.attention_rows_torch` computes them."""
+        ...
+
+    def newton(
+        self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
+    ) -> NewtonResult:
+        """The semismooth Newton phase (as :func:`..solvers.newton.newton_phase`)."""
+        ...
+
+    @property
+    def value_newton(self) -> ValueNewton | None:
+        """Efficient-attention rows by Newton on ``[1, V]`` itself, or ``None``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """Batched PyTorch everywhere (any device)."""
+
+    forced: bool = False
+    name: ClassVar[str] = "torch"
+    newton_steps: ClassVar[int] = 50
+    batched_newton: ClassVar[bool] = True
+
+    def insisting(self) -> Backend:
+        """The same backend with :attr:`forced` set."""
+        return replace(self, forced=True)
+
+    def available(self) -> bool:
+        """Always: PyTorch is a dependency."""
+        return True
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Never: PyTorch computes on any device."""
+        return None
+
+    def grouped(self, matrices: torch.Tensor, group: torch.Tensor) -> GroupedProducts:
+        """:class:`GroupedMatrices` of ``matrices`` ``(G, n, r)``."""
+        return GroupedMatrices(matrices, group)
+
+    def attention_rows(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """:func:`~captum_effattn.projection.engine.rows.attention_rows_torch`."""
+        return attention_rows_torch(query, key, rows, masking, scale)
+
+    def newton(
+        self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
+    ) -> NewtonResult:
+        """:func:`~captum_effattn.projection.solvers.newton.newton_phase`."""
+        return newton_phase(ops, c, theta, max_iter, tol)
+
+    @property
+    def value_newton(self) -> ValueNewton | None:
+        """``None``: the batched solver always works in orthonormal bases."""
+        return None
+
+
+@dataclass(frozen=True)
+class NumbaBackend(TorchBackend):
+    """The Newton phase compiled row by row (CPU tensors); everything else as PyTorch."""
+
+    name: ClassVar[str] = "numba"
+    # A compiled step is cheap: letting Newton finish beats handing rows to the interior point.
+    newton_steps: ClassVar[int] = 200
+    batched_newton: ClassVar[bool] = False
+
+    def available(self) -> bool:
+        """Whether ``numba`` is installed."""
+        return numba_available()
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """The package missing, or tensors off the CPU."""
+        if not self.available():
+            return f"backend='numba' needs the numba package: {NUMBA_INSTALL_HINT}"
+        if device.type != "cpu":
+            return (
+                f"backend='numba' compiles the solver for CPU tensors; got tensors on {device} "
+                "(use backend='auto', 'torch' or 'triton' there)"
+            )
+        return None
+
+    def newton(
+        self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
+    ) -> NewtonResult:
+        """:func:`~captum_effattn.projection.solvers.compiled_newton.compiled_newton_phase`."""
+        return compiled_newton_phase(ops, c, theta, max_iter, tol)
+
+    @property
+    def value_newton(self) -> ValueNewton | None:
+        """:func:`~captum_effattn.projection.solvers.compiled_newton.compiled_value_newton`."""
+        return compiled_value_newton
+
+
+def _kernels_interpreted() -> bool:
+    from captum_effattn.kernels import grouped
+
+    return grouped.INTERPRETED
+
+
+@dataclass(frozen=True)
+class TritonBackend(TorchBackend):
+    """Triton kernels (CUDA tensors) where a problem fits them, PyTorch elsewhere."""
+
+    name: ClassVar[str] = "triton"
+
+    def available(self) -> bool:
+        """Whether ``triton`` is installed."""
+        return triton_available()
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """The package missing, or tensors the kernels cannot take."""
+        if not self.available():
+            return f"backend='triton' needs the triton package: {INSTALL_HINT}"
+        return device_problem("backend='triton'", device, _kernels_interpreted())
+
+    def _fits(self, what: str, width: int) -> bool:
+        """Whether one kernel tile holds a row of ``width`` (raises when forced and it does not)."""
+        if width <= MAX_WIDTH:
+            return True
+        if self.forced:
+            check_width("backend='triton'", what, width)
+        return False
+
+    def grouped(self, matrices: torch.Tensor, group: torch.Tensor) -> GroupedProducts:
+        """:class:`TritonGroupedMatrices`, or :class:`GroupedMatrices` for too wide a basis."""
+        if not self._fits("the basis width", matrices.shape[-1]):
+            return GroupedMatrices(matrices, group)
+        return TritonGroupedMatrices(matrices, group)
+
+    def attention_rows(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """The streamed kernel, or PyTorch for too wide heads or masks it does not implement."""
+        if not self._fits("the head width d_k", query.shape[-1]) or not self._takes(masking):
+            return attention_rows_torch(query, key, rows, masking, scale)
+        from captum_effattn.kernels.attention import attention_rows_triton
+
+        return attention_rows_triton(query, key, masking.key_mask, rows, masking.causal, scale)
+
+    def _takes(self, masking: RowMasking) -> bool:
+        if masking.additive is None and masking.key_ranges is None:
+            return True
+        if self.forced:
+            raise KernelUnavailableError(
+                "backend='triton': the attention kernel implements padding and causal masks only, "
+                "not an additive mask or key windows; use backend='torch' or 'auto'"
+            )
+        return False
+
+
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend for backend in (TorchBackend(), NumbaBackend(), TritonBackend())
+}
+"""Every backend, by the name ``backend=`` selects it with."""
+
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("numba", "torch")}
+"""The backends ``backend="auto"`` tries for tensors on a device type, in order (default:
+:data:`AUTO_DEFAULT`)."""
+
+AUTO_DEFAULT = ("triton", "torch")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """The names ``backend=`` accepts: ``"auto"`` and the registered backends."""
+    return ("auto", *BACKENDS)
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """The backend that computes for tensors on ``device``.
+
+    Raises:
+        ValueError: an unknown ``backend`` name (the message lists the choices).
+        KernelUnavailableError: a named backend that cannot run here: ``backend="triton"``
+            without triton installed, or for tensors the kernels cannot take (CPU tensors unless
+            ``TRITON_INTERPRET=1`` was set when the kernel modules were imported);
+            ``backend="numba"`` without numba or for non-CPU tensors.
+    """
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, AUTO_DEFAULT):
+            if BACKENDS[name].unavailable_reason(device) is None:
+                return BACKENDS[name]
+        return BACKENDS["torch"]
+    chosen = BACKENDS.get(backend)
+    if chosen is None:
+        raise ValueError(f"backend must be one of {backend_choices()}; got {backend!r}")
+    reason = chosen.unavailable_reason(device)
+    if reason is not None:
+        raise KernelUnavailableError(reason)
+    return chosen.insisting()

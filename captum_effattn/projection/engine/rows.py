@@ -1,0 +1,215 @@
+"""Attention rows from queries and keys: the one implementation of the masking conventions.
+
+``softmax(q_i K^T * scale + mask)`` for selected query rows ``i``, used by capture
+(:mod:`captum_effattn.models.capture`), the ``*_from_qk`` functions
+(:mod:`captum_effattn.projection.from_qk`) and, through the backends, the Triton kernel
+(:mod:`captum_effattn.kernels.attention`), which implements the same function on GPUs.
+
+Conventions (shared by every implementation):
+
+- Scores are scaled by ``scale`` and computed in float32 (float64 for float64 inputs), whatever the
+  input dtype; the result is in that working dtype.
+- Grouped-query heads: query head ``h`` reads key head ``h // (H_q // H_kv)``, as Hugging Face's
+  ``repeat_kv`` arranges them; keys are never repeated.
+- Padding: ``key_mask`` ``(B, n)`` marks the real keys; the others get probability exactly 0.
+- Causal: the ``n_q`` queries are the *last* ``n_q`` of the ``n`` positions, so query ``i`` sees
+  keys ``j <= i + (n - n_q)`` (the offset is 0 when ``n_q == n``, as in self-attention; a decoder
+  step with a cache has ``n_q < n``).
+- Windows (hook): ``key_ranges(positions) -> (lo, hi)`` restricts query ``i`` to keys
+  ``lo <= j < hi`` on top of the above.
+- A row that sees no key at all (a padding query before the first real token under left padding)
+  is all zeros, as in ``torch``'s ``sdpa``: explicitly, never NaN. Callers that need every row to
+  see a key check that beforehand (:func:`.validation.check_qk_inputs`).
+
+Memory: rows are computed in chunks whose scores, probabilities and masks stay below
+:data:`ROWS_CHUNK_BYTES`; masks are built per chunk from index comparisons, so one query row costs
+``O(n)`` memory and the ``(n_q, n)`` mask is never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Scores and probabilities of one chunk of rows stay below this many bytes.
+ROWS_CHUNK_BYTES = 64 * 2**20
+
+KeyRanges = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``key_ranges(positions (B or 1, c)) -> (lo, hi)``, each broadcastable to ``(B, c)``: query
+``i`` may see keys ``lo <= j < hi`` only (a hook for sliding windows)."""
+
+
+@dataclass(frozen=True)
+class RowMasking:
+    """What each query row may see, besides the scores themselves.
+
+    Attributes:
+        key_mask: ``(B, n)`` bool, ``True`` for real keys; ``None`` when every key is real.
+        causal: query ``i`` of ``n_q`` sees keys ``j <= i + n - n_q`` only.
+        additive: a float mask ``(B or 1, H_q or 1, n_q, n)`` added to the scores (a user's 4D
+            mask), or ``None``.
+        key_ranges: the window hook (see :data:`KeyRanges`), or ``None``.
+    """
+
+    key_mask: torch.Tensor | None = None
+    causal: bool = False
+    additive: torch.Tensor | None = None
+    key_ranges: KeyRanges | None = None
+
+
+def causal_offset(q_len: int, k_len: int) -> int:
+    """How many keys precede the first query: query ``i`` sees keys ``j <= i + offset``."""
+    return k_len - q_len
+
+
+def visible_keys(
+    masking: RowMasking, positions: torch.Tensor, q_len: int, k_len: int
+) -> torch.Tensor:
+    """The keys each of a chunk of query rows may see, from index comparisons.
+
+    Args:
+        masking: the padding, causal and window rules.
+        positions: ``(B or 1, c)`` query positions in ``[0, q_len)``.
+        q_len: ``n_q``, the number of queries (for the causal offset).
+        k_len: ``n``, the number of keys.
+
+    Returns:
+        ``(B or 1, c, n)`` booleans, ``True`` where the query may attend.
+    """
+    keys = torch.arange(k_len, device=positions.device)
+    visible = torch.ones(1, 1, k_len, dtype=torch.bool, device=positions.device)
+    if masking.key_mask is not None:
+        visible = masking.key_mask[:, None, :]
+    if masking.causal:
+        last = positions + causal_offset(q_len, k_len)
+        visible = visible & (keys <= last[..., None])
+    if masking.key_ranges is not None:
+        lo, hi = masking.key_ranges(positions)
+        visible = visible & (keys >= lo[..., None]) & (keys < hi[..., None])
+    return visible.expand(-1, positions.shape[-1], -1)
+
+
+def _gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``states (B, H, S, w)`` at ``positions (B or 1, c)`` -> ``(B, H, c, w)``."""
+    if positions.shape[0] == 1:
+        return states.index_select(2, positions[0])
+    index = positions[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+    return states.expand(positions.shape[0], -1, -1, -1).gather(2, index)
+
+
+def _chunk_rows(batch: int, heads: int, k_len: int, itemsize: int) -> int:
+    # Scores, probabilities and the mask of a chunk: about three (B, H_q, c, n) tensors.
+    return max(1, ROWS_CHUNK_BYTES // (3 * batch * heads * k_len * itemsize))
+
+
+def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Masked softmax over the last axis; rows without a visible key come out all zeros.
+
+    Hidden keys get ``-inf``, except in rows that see nothing, which are left unmasked (so no
+    ``inf - inf`` and no NaN, also in gradients) and zeroed afterwards.
+    """
+    seen = visible.any(-1, keepdim=True)
+    probabilities = scores.masked_fill(~visible & seen, -torch.inf).softmax(-1)
+    return probabilities * seen
+
+
+def attention_rows_torch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: torch.Tensor,
+    masking: RowMasking,
+    scale: float,
+) -> torch.Tensor:
+    """Selected rows of ``softmax(Q K^T * scale + mask)`` in PyTorch, chunked over rows.
+
+    Args:
+        query: ``(B, H_q, n_q, d_k)`` queries.
+        key: ``(B, H_kv, n, d_k)`` keys, same dtype; ``H_q`` a multiple of ``H_kv``.
+        rows: ``(r,)`` query positions shared by the batch, or ``(B, r)`` per example, in
+            ``[0, n_q)``.
+        masking: padding, causal, additive and window rules (see :class:`RowMasking`).
+        scale: multiplies the scores.
+
+    Returns:
+        ``(B, H_q, r, n)`` probabilities in float32 (float64 for float64 inputs); differentiable
+        with respect to ``query``, ``key`` and the additive mask.
+    """
+    batch, heads, q_len, d_k = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    positions = rows.long().reshape(-1 if rows.dim() == 2 else 1, rows.shape[-1])
+    count = positions.shape[-1]
+    keys = key.to(work)[:, :, None]  # (B, H_kv, 1, n, d_k): shared by the group's query heads
+    out = torch.empty(batch, heads, count, k_len, dtype=work, device=query.device)
+    grouped = out.view(batch, kv_heads, group, count, k_len)
+    step = _chunk_rows(batch, heads, k_len, out.element_size())
+    for start in range(0, count, step):
+        chunk = positions[:, start : start + step]
+        width = chunk.shape[-1]
+        q = _gather_rows(query, chunk).to(work).view(batch, kv_heads, group, width, d_k)
+        scores = (q @ keys.mT) * scale
+        if masking.additive is not None:
+            added = _gather_rows(masking.additive, chunk).to(work)
+            per_head = (kv_heads, group) if added.shape[1] == heads else (1, 1)
+            scores = scores + added.view(added.shape[0], *per_head, width, k_len)
+        visible = visible_keys(masking, chunk, q_len, k_len)[:, None, None]
+        grouped[..., start : start + step, :] = _softmax_rows(scores, visible)
+    return out
+
+
+def attention_rows_of(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: torch.Tensor,
+    masking: RowMasking,
+    scale: float,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Selected attention rows, by the implementation ``backend`` selects.
+
+    Args and returns as :func:`attention_rows_torch`. ``backend``: ``"torch"`` (differentiable),
+    ``"auto"`` or ``"triton"``: the Triton kernel (same conventions, no autograd) where it takes
+    the problem (no additive mask, no window), PyTorch otherwise under ``"auto"``.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        KernelUnavailableError: ``backend="triton"`` where the kernel cannot run or for an
+            additive mask or a window, which it does not implement.
+    """
+    # Imported here: the backend registry imports this module for its PyTorch implementation.
+    from captum_effattn.projection.engine.backends import resolve_backend
+
+    chosen = resolve_backend(backend, query.device)
+    return chosen.attention_rows(query, key, rows, masking, scale)
+
+
+def padding_of(mask: torch.Tensor, causal: bool, batch: int) -> torch.Tensor | None:
+    """The real keys ``(B, S_k)`` of a boolean mask, if the mask is nothing more.
+
+    Args:
+        mask: ``(B or 1, 1 or H, S_q, S_k)`` booleans, ``True`` where a query may attend.
+        causal: whether the mask is expected to be causal as well (offset as in
+            :func:`causal_offset`).
+        batch: ``B``.
+
+    Returns:
+        A key is real when some query may attend to it. ``None`` when ``mask`` is not exactly the
+        padding (and causal) mask of those keys (a sliding window, packed sequences, a custom
+        pattern): then padding alone does not describe what each row may see. The comparison
+        runs over chunks of query rows, allocating no mask beyond ``mask`` itself.
+    """
+    q_len, k_len = mask.shape[-2:]
+    key_mask = mask.any(-2).any(1).expand(batch, -1)
+    masking = RowMasking(key_mask=key_mask, causal=causal)
+    full = mask.expand(batch, -1, -1, -1)
+    step = _chunk_rows(batch, mask.shape[1], k_len, 1)
+    for start in range(0, q_len, step):
+        positions = torch.arange(start, min(start + step, q_len), device=mask.device)[None]
+        implied = visible_keys(masking, positions, q_len, k_len)[:, None]
+        given = full[:, :, start : start + step]
+        if not torch.equal(given, implied.expand_as(given)):
+            return None
+    return key_mask
