@@ -37,10 +37,11 @@ class Directive:
 
 
 def public_packages() -> list[str]:
-    """The package and every subpackage that declares a public API (``__all__``)."""
+    """The package and every public subpackage or module that declares a public API
+    (``__all__``)."""
     names = ["captum_effattn"]
     for info in pkgutil.iter_modules(captum_effattn.__path__):
-        if info.ispkg and not info.name.startswith("_"):
+        if not info.name.startswith("_"):
             module = importlib.import_module(f"captum_effattn.{info.name}")
             if hasattr(module, "__all__"):
                 names.append(module.__name__)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from captum.attr import LLMAttributionResult, TextTemplateInput, TextTokenInput
 from captum.log import log_usage
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from captum_effattn._captum_compat import Attribution, convert_ids_to_pretty_tokens
 from captum_effattn.attr._reductions import (
@@ -76,7 +77,12 @@ class LLMEfficientAttentionAttribution(Attribution):
                 language modelling head.
         """
         super().__init__(model)
-        self.model = model
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                "LLMEfficientAttentionAttribution needs a Hugging Face PreTrainedModel (it calls "
+                f"generate and reads the language modelling head); got {type(model).__name__}"
+            )
+        self.model: PreTrainedModel = model
         self.tokenizer = tokenizer
         self.architecture = describe_model(model)
         if not self.architecture.causal:
@@ -224,7 +230,7 @@ class LLMEfficientAttentionAttribution(Attribution):
             )
         if len(ids) == 0:
             raise ValueError("target ids are empty: there is no target token to explain")
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = cast(nn.Embedding, self.model.get_input_embeddings()).num_embeddings
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(
                 f"target ids must lie in 0..{vocab - 1} (the vocabulary); got "
@@ -241,7 +247,8 @@ class LLMEfficientAttentionAttribution(Attribution):
             )
         self._require_positions(len(prompt_ids) + 1)
         with torch.no_grad():
-            output = self.model.generate(
+            # GenerationMixin.generate: the language models this class accepts all have it.
+            output = cast(Any, self.model).generate(
                 input_ids=prompt_ids[None],
                 attention_mask=torch.ones_like(prompt_ids)[None],
                 **gen_args,
