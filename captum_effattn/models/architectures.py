@@ -55,6 +55,10 @@ class ArchitectureSpec:
             (``"inputs_embeds"``), or ``None`` when the model has none (ViT).
         prepends_cls_token: the model itself puts a [CLS] token before its input tokens (ViT
             prepends one to the patches; text models get theirs from the tokenizer).
+        output_projection: dotted path from a block to the module that applies the attention's
+            output projection ``W_O`` to the concatenated heads (an ``nn.Linear``, or GPT-2's
+            ``Conv1D``); head ``h``'s slice ``W_O^h`` maps its values into the residual stream.
+            ``None`` when unknown (then value-norm weighting is unavailable for the model).
     """
 
     model_type: str
@@ -64,6 +68,7 @@ class ArchitectureSpec:
     input_name: str = "input_ids"
     embeds_name: str | None = "inputs_embeds"
     prepends_cls_token: bool = False
+    output_projection: str | None = None
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
@@ -77,11 +82,27 @@ def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
 
 
 for _spec in (
-    ArchitectureSpec("bert", "encoder.layer", "attention.self", causal=_causal_if_decoder),
-    ArchitectureSpec("roberta", "encoder.layer", "attention.self", causal=_causal_if_decoder),
-    ArchitectureSpec("distilbert", "transformer.layer", "attention"),
-    ArchitectureSpec("gpt2", "h", "attn", causal=_decoder_causal),
-    ArchitectureSpec("llama", "layers", "self_attn", causal=_decoder_causal),
+    ArchitectureSpec(
+        "bert",
+        "encoder.layer",
+        "attention.self",
+        causal=_causal_if_decoder,
+        output_projection="attention.output.dense",
+    ),
+    ArchitectureSpec(
+        "roberta",
+        "encoder.layer",
+        "attention.self",
+        causal=_causal_if_decoder,
+        output_projection="attention.output.dense",
+    ),
+    ArchitectureSpec(
+        "distilbert", "transformer.layer", "attention", output_projection="attention.out_lin"
+    ),
+    ArchitectureSpec("gpt2", "h", "attn", causal=_decoder_causal, output_projection="attn.c_proj"),
+    ArchitectureSpec(
+        "llama", "layers", "self_attn", causal=_decoder_causal, output_projection="self_attn.o_proj"
+    ),
     ArchitectureSpec(
         "vit",
         "layers",
@@ -89,6 +110,7 @@ for _spec in (
         input_name="pixel_values",
         embeds_name=None,
         prepends_cls_token=True,
+        output_projection="attention.o_proj",
     ),
 ):
     register_architecture(_spec)
