@@ -1,0 +1,163 @@
+"""The Ray Data engine: read with ``ray.data``, explain in an actor pool (one model per actor,
+one GPU each when CUDA is present), write Parquet parts, gather them into one file.
+
+Imported only for ``engine="ray"``. Rows keep their input order: each row carries its input
+position (zipped from ``ray.data.range``), and the gathered parts are sorted by it.
+
+With ``address=None`` a local cluster is started (its workers import this package from the same
+place as the driver) and shut down at the end; an address joins a running cluster, which must
+have ``captum_effattn`` installed and see the output's directory (the parts are written there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from captum_effattn.dataset.errors import RayAddressError
+from captum_effattn.dataset.explainer import BatchExplainer, ExplainerSettings, drop_done_rows
+from captum_effattn.dataset.io import csv_convert_options, input_format
+from captum_effattn.dataset.schema import ROW_INDEX
+
+PROBE_TIMEOUT_S = 5.0
+"""How long a Ray address may take to accept a connection (``ray.init`` itself waits minutes)."""
+DEFAULT_RAY_PORT = 6379
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def probe_address(address: str) -> None:
+    """Raise :class:`RayAddressError` unless ``host:port`` (or ``ray://host:port``) accepts a
+    TCP connection within :data:`PROBE_TIMEOUT_S`. ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port or DEFAULT_RAY_PORT
+    except ValueError as exc:
+        raise RayAddressError(f"Ray address {address!r} is not host:port ({exc})") from None
+    if not host:
+        raise RayAddressError(f"Ray address {address!r} is not host:port")
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RayAddressError(
+            f"no Ray cluster answers at {address} ({host}:{port}: {exc}); start one with "
+            "`ray start --head` or leave out --ray-address for a local cluster"
+        ) from None
+
+
+def start_local_cluster(num_cpus: int | None = None) -> None:
+    """Start a local Ray cluster whose workers import ``captum_effattn`` from where the driver
+    does (a checkout works as well as an installed package)."""
+    paths = [PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}},
+    )
+
+
+class RayBatchExplainer:
+    """The actor class of ``map_batches``: loads the model once, explains pyarrow batches."""
+
+    def __init__(self, settings: ExplainerSettings, done_ids: pa.Array | None, threads: int):
+        torch.set_num_threads(threads)
+        self.explainer = BatchExplainer(settings)
+        self.done_ids = done_ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        settings = self.explainer.settings
+        batch = drop_done_rows(batch, settings.columns, self.done_ids)
+        if batch.num_rows == 0:
+            return settings.layout.with_row_index().empty_table()
+        return self.explainer.explain_table(batch)
+
+
+class RayEngine:
+    """Explains a file on a Ray cluster.
+
+    Args:
+        address: a running cluster (checked now, before any work), or ``None`` for a local one.
+    """
+
+    def __init__(self, address: str | None) -> None:
+        if address is not None:
+            probe_address(address)
+        self.address = address
+
+    def run(
+        self,
+        settings: ExplainerSettings,
+        input_path: Path,
+        output_path: Path,
+        done_ids: pa.Array | None,
+        actors: int | None = None,
+        num_cpus: int | None = None,
+    ) -> pa.Table:
+        """The explained rows (output layout plus row index) in input order."""
+        started = not ray.is_initialized()
+        if started:
+            if self.address is None:
+                start_local_cluster(num_cpus)
+            else:
+                ray.init(address=self.address, log_to_driver=False)
+        try:
+            return self._run(settings, input_path, output_path, done_ids, actors)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, settings, input_path, output_path, done_ids, actors) -> pa.Table:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        dataset = _read(input_path, settings.columns.text)
+        index = ray.data.range(dataset.count()).rename_columns({"id": ROW_INDEX})
+        dataset = dataset.zip(index)
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if torch.cuda.is_available() else 0
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pool = actors or (gpus or cpus)
+        explained = dataset.map_batches(
+            RayBatchExplainer,
+            fn_constructor_kwargs={"settings": settings, "done_ids": done_ids, "threads": 1},
+            batch_size=settings.batch_size,
+            batch_format="pyarrow",
+            concurrency=pool,
+            num_cpus=1,
+            num_gpus=1 if gpus else 0,
+        )
+        parts = tempfile.mkdtemp(prefix=f".{output_path.name}.ray-", dir=output_path.parent)
+        try:
+            explained.write_parquet(parts)
+            return _gather(Path(parts), settings.layout.with_row_index())
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _read(path: Path, text_column: str) -> ray.data.Dataset:
+    fmt = input_format(path)
+    if fmt == "csv":
+        return ray.data.read_csv(str(path), convert_options=csv_convert_options(text_column))
+    if fmt == "jsonl":
+        return ray.data.read_json(str(path), lines=True)
+    return ray.data.read_parquet(str(path))
+
+
+def _gather(parts: Path, schema: pa.Schema) -> pa.Table:
+    files = sorted(parts.glob("*.parquet"))
+    tables = [pq.read_table(file).cast(schema) for file in files]
+    tables = [table for table in tables if table.num_rows]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).sort_by(ROW_INDEX)
