@@ -91,12 +91,13 @@ class RayEngine:
 
     Args:
         address: a running cluster (checked now, before any work), or ``None`` for a local one.
+        progress: show Ray Data's progress bars.
     """
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, progress: bool = True) -> None:
         if address is not None:
             probe_address(address)
-        self.address = address
+        self.address, self.progress = address, progress
 
     def run(
         self,
@@ -121,19 +122,19 @@ class RayEngine:
                 ray.shutdown()
 
     def _run(self, settings, input_path, output_path, done_ids, actors) -> pa.Table:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = self.progress
         dataset = _read(input_path, settings.columns.text)
         index = ray.data.range(dataset.count()).rename_columns({"id": ROW_INDEX})
         dataset = dataset.zip(index)
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if torch.cuda.is_available() else 0
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        pool = actors or (gpus or cpus)
+        pool, threads, gpus = _actor_pool(actors)
         explained = dataset.map_batches(
             RayBatchExplainer,
-            fn_constructor_kwargs={"settings": settings, "done_ids": done_ids, "threads": 1},
+            fn_constructor_kwargs={"settings": settings, "done_ids": done_ids, "threads": threads},
             batch_size=settings.batch_size,
             batch_format="pyarrow",
-            concurrency=pool,
+            compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=1,
             num_gpus=1 if gpus else 0,
         )
@@ -143,6 +144,17 @@ class RayEngine:
             return _gather(Path(parts), settings.layout.with_row_index())
         finally:
             shutil.rmtree(parts, ignore_errors=True)
+
+
+def _actor_pool(actors: int | None) -> tuple[int, int, int]:
+    """``(actors, torch threads per actor, GPUs)``: one actor per GPU, else one per CPU but one
+    (reading and writing tasks need a CPU, or the pipeline waits for ever on a full cluster)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if torch.cuda.is_available() else 0
+    cpus = max(1, int(resources.get("CPU", 1)))
+    pool = actors or gpus or max(1, cpus - 1)
+    threads = 1 if gpus else max(1, cpus // pool)
+    return pool, threads, gpus
 
 
 def _read(path: Path, text_column: str) -> ray.data.Dataset:

@@ -136,7 +136,8 @@ def explain_dataset(
         progress: progress bars on stderr (model training, rows explained).
         device: torch device for the model (local engine); default CUDA when available.
         checkpoint_rows: local engine: write the output every this many rows (0: only at the end).
-        ray_actors: Ray engine: model actors; default one per GPU, else one per CPU.
+        ray_actors: Ray engine: model actors; default one per GPU, else one per CPU but one
+            (left to Ray Data's reading and writing tasks).
         ray_num_cpus: Ray engine: CPUs of the local cluster it starts; default all.
 
     Returns:
@@ -161,7 +162,7 @@ def explain_dataset(
     if existing is not None:
         # Settings known before the model loads (the default model trains on first use).
         _check_resume(existing, run_metadata({}, parsed, 0, columns), ("methods", *RESUME_KEYS[3:]))
-    ray_engine = _ray_engine(ray_address) if engine == "ray" else None
+    ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
 
     is_default = model is None
     model_dir = default_model_dir(progress) if is_default else Path(model)
@@ -202,14 +203,14 @@ def explain_dataset(
     )
 
 
-def _ray_engine(address: str | None):
+def _ray_engine(address: str | None, progress: bool):
     try:
         from captum_effattn.dataset.engine_ray import RayEngine
     except ImportError as exc:
         raise EngineUnavailableError(
             f"engine 'ray' needs Ray Data: pip install 'captum-effattn[ray]' ({exc})"
         ) from exc
-    return RayEngine(address)
+    return RayEngine(address, progress)
 
 
 def _existing_metadata(output: Path) -> dict[str, Any] | None:

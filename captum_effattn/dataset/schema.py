@@ -62,7 +62,7 @@ class OutputLayout:
     """
 
     methods: tuple[Method, ...]
-    id_type: pa.DataType = pa.int64()
+    id_type: pa.DataType = pa.int64()  # noqa: RUF009 (immutable)
     label_type: pa.DataType | None = None
 
     def schema(self, metadata: dict[str, Any] | None = None) -> pa.Schema:
