@@ -93,7 +93,7 @@ def write_input(path, columns: dict) -> None:
     if path.suffix == ".jsonl":
         rows = [
             dict(zip(columns, values, strict=True))
-            for values in zip(*columns.values(), strict=False)
+            for values in zip(*columns.values(), strict=True)
         ]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     elif path.suffix == ".csv":
