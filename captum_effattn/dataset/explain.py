@@ -22,7 +22,7 @@ from captum_effattn.dataset.errors import EngineUnavailableError, ResumeMismatch
 from captum_effattn.dataset.explainer import (
     BatchExplainer,
     ExplainerSettings,
-    default_model_dir,
+    default_model,
     load_model,
     model_identity,
     resolve_max_length,
@@ -165,8 +165,11 @@ def explain_dataset(
     ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
 
     is_default = model is None
-    model_dir = default_model_dir(progress) if is_default else Path(model)
-    loaded_model, tokenizer = load_model(model_dir, device)
+    if is_default:
+        model_dir, loaded_model, tokenizer = default_model(progress, device)
+    else:
+        model_dir = Path(model)
+        loaded_model, tokenizer = load_model(model_dir, device)
     length = resolve_max_length(max_length, loaded_model, tokenizer)
     metadata = run_metadata(model_identity(model_dir, is_default), parsed, length, columns)
     if existing is not None:

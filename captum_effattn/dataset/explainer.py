@@ -60,11 +60,15 @@ class ExplainerSettings:
     device: str | None = None
 
 
-def default_model_dir(progress: bool) -> Path:
-    """The package's fine-tuned MiniLM, trained and cached on first use."""
+def default_model(progress: bool, device: str | None = None):
+    """``(directory, model, tokenizer)`` of the package's fine-tuned MiniLM, trained and cached on
+    first use."""
     from captum_effattn.data import load_sentiment_classifier
 
-    return Path(load_sentiment_classifier(progress=progress).metadata["directory"])
+    classifier = load_sentiment_classifier(progress=progress)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    directory = Path(classifier.metadata["directory"])
+    return directory, classifier.model.eval().to(device), classifier.tokenizer
 
 
 def model_identity(model_dir: Path, is_default: bool) -> dict[str, str]:
