@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -127,7 +128,11 @@ class RayEngine:
         context.enable_progress_bars = self.progress
         dataset = _read(input_path, settings.columns.text)
         index = ray.data.range(dataset.count()).rename_columns({"id": ROW_INDEX})
-        dataset = dataset.zip(index)
+        with warnings.catch_warnings():
+            # Deprecated in Ray 2.60 (removed in 2.64, hence the extra's bound), and the one public
+            # way to number the rows of a file read in parallel; preserve_order keeps it exact.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.zip(index)
         pool, threads, gpus = _actor_pool(actors)
         explained = dataset.map_batches(
             RayBatchExplainer,

@@ -60,7 +60,8 @@ class ExplainSummary:
         rows_explained: rows explained by this run, error rows included.
         rows_with_errors: rows of this run that could not be explained.
         rows_skipped: input rows skipped because the output already had their id (``resume``).
-        seconds: wall time of this run's explaining (model loading excluded).
+        seconds: wall time of this run's explaining (loading the model in this process
+            excluded; starting a Ray cluster and loading the model in its actors included).
         engine: ``"local"`` or ``"ray"``.
     """
 
@@ -165,7 +166,7 @@ def explain_dataset(
     ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
 
     is_default = model is None
-    if is_default:
+    if model is None:
         model_dir, loaded_model, tokenizer = default_model(progress, device)
     else:
         model_dir = Path(model)
