@@ -47,7 +47,12 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-length", type=int, help="word pieces kept per text (default: the model's maximum)"
     )
-    parser.add_argument("--engine", choices=("local", "ray"), default="local")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="where to run: this process, or Ray Data actors (default: ray when --ray-address "
+        "is given, else local)",
+    )
     parser.add_argument(
         "--ray-address", help="join this running Ray cluster (default: start a local one)"
     )
@@ -73,9 +78,6 @@ def run_explain(args: argparse.Namespace) -> int:
     """Run ``explain`` with parsed arguments; the summary is the last line on stderr."""
     from captum_effattn.dataset.explain import explain_dataset
 
-    if args.engine != "ray" and (args.ray_address or args.ray_actors):
-        print("error: --ray-address/--ray-actors need --engine ray", file=sys.stderr)
-        return EXIT_BAD_INPUT
     try:
         summary = explain_dataset(
             args.input,

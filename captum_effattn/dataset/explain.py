@@ -97,7 +97,7 @@ def explain_dataset(
     methods: str | Sequence[str] = DEFAULT_METHODS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int | None = None,
-    engine: str = "local",
+    engine: str | None = None,
     ray_address: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -128,7 +128,8 @@ def explain_dataset(
         batch_size: texts per forward pass (a positive int).
         max_length: word pieces kept per text; default: the model's maximum.
         engine: ``"local"`` (this process) or ``"ray"`` (Ray Data actors; ``pip install
-            captum-effattn[ray]``).
+            captum-effattn[ray]``); default ``"ray"`` when ``ray_address`` is given, else
+            ``"local"``.
         ray_address: a running Ray cluster to join (``host:port``, ``ray://host:port`` or
             ``auto``); default: start a local cluster, shut down at the end.
         resume: keep the rows of an existing ``output`` and explain only input rows whose id it
@@ -149,8 +150,7 @@ def explain_dataset(
             the columns present; an unknown method lists the valid ones); see
             :mod:`captum_effattn.dataset.errors` for the subclasses.
     """
-    if engine not in ENGINES:
-        raise EngineUnavailableError(f"engine must be one of {ENGINES}; got {engine!r}")
+    engine = _pick_engine(engine, ray_address)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     parsed = parse_methods(methods)
@@ -205,6 +205,18 @@ def explain_dataset(
         seconds=seconds,
         engine=engine,
     )
+
+
+def _pick_engine(engine: str | None, ray_address: str | None) -> str:
+    if engine is None:
+        return "local" if ray_address is None else "ray"
+    if engine not in ENGINES:
+        raise EngineUnavailableError(f"engine must be one of {ENGINES}; got {engine!r}")
+    if engine == "local" and ray_address is not None:
+        raise EngineUnavailableError(
+            f"a Ray address ({ray_address}) needs engine 'ray', not 'local'"
+        )
+    return engine
 
 
 def _ray_engine(address: str | None, progress: bool):

@@ -54,6 +54,17 @@ class ExplainedText:
     error: str | None
     label: Any = None
 
+    def __getitem__(self, key: str) -> Any:
+        """Field access by name (``row["tokens"]``), also by output column
+        (``row["scores_efficient"]``)."""
+        if key.startswith(SCORES_PREFIX) and key not in self.__dataclass_fields__:
+            for name, scores in self.scores.items():
+                if Method(*_split(name)).column == key:
+                    return scores
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        raise KeyError(key)
+
 
 def load_attributions(path: str | os.PathLike[str]) -> list[ExplainedText]:
     """The rows of an output Parquet file, in file order, with score tensors.

@@ -10,6 +10,7 @@ from captum_effattn import explain_dataset
 from captum_effattn.__main__ import main
 from captum_effattn.dataset import (
     DatasetInputError,
+    EngineUnavailableError,
     InputFileError,
     MissingColumnError,
     ModelLoadError,
@@ -142,6 +143,22 @@ def test_ray_address_that_does_not_answer(source, tmp_path, no_work):
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_ray_address_implies_the_ray_engine_on_the_cli(source, tmp_path, capsys, no_work):
+    pytest.importorskip("ray")
+    address = f"127.0.0.1:{_closed_port()}"
+    output = tmp_path / "o.parquet"
+    argv = ["explain", "--input", str(source), "--output", str(output), "--text-column", "review"]
+    assert main([*argv, "--ray-address", address]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"error: no Ray cluster answers at {address}")
+    )
+    assert main([*argv, "--ray-address", address, "--engine", "local"]) == 2
+    assert "needs engine 'ray'" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_input_on_stderr_with_status_2(source, tmp_path, tiny_model_dir, capsys):
     status = main(
         [
@@ -160,6 +177,12 @@ def test_cli_reports_bad_input_on_stderr_with_status_2(source, tmp_path, tiny_mo
 
 
 def test_every_error_is_a_value_error():
-    for error in (InputFileError, MissingColumnError, OutputPathError, RayAddressError):
+    for error in (
+        InputFileError,
+        MissingColumnError,
+        OutputPathError,
+        RayAddressError,
+        EngineUnavailableError,
+    ):
         assert issubclass(error, DatasetInputError)
         assert issubclass(error, ValueError)

@@ -72,6 +72,16 @@ def test_load_attributions_equals_attribute_on_each_text(explained, tiny_model_d
         assert row.convergence_delta == pytest.approx(max(deltas), abs=1e-9)
 
 
+def test_rows_read_like_mappings_too(explained):
+    _, output = explained
+    row = load_attributions(output)[1]
+    assert row["tokens"] == row.tokens
+    assert row["scores_efficient"] is row.scores["efficient"]
+    assert row["predicted_label"] == row.predicted_label
+    with pytest.raises(KeyError):
+        row["nope"]
+
+
 def test_prediction_comes_from_the_model(explained, tiny_model_dir):
     import transformers as tf
 
