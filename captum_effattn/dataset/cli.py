@@ -100,7 +100,11 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"interrupted: {args.output} was not changed", file=sys.stderr)
+        print(
+            f"interrupted: {args.output} holds only complete results (the file as it was, or the "
+            "last checkpoint); run again with --resume to continue",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     print(summary, file=sys.stderr)
     return 0

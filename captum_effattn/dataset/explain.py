@@ -166,11 +166,13 @@ def explain_dataset(
     ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
 
     is_default = model is None
+    # With Ray the model here is only checked: keep it off the GPUs the actors will use.
+    driver_device = "cpu" if ray_engine is not None else device
     if model is None:
-        model_dir, loaded_model, tokenizer = default_model(progress, device)
+        model_dir, loaded_model, tokenizer = default_model(progress, driver_device)
     else:
         model_dir = Path(model)
-        loaded_model, tokenizer = load_model(model_dir, device)
+        loaded_model, tokenizer = load_model(model_dir, driver_device)
     length = resolve_max_length(max_length, loaded_model, tokenizer)
     metadata = run_metadata(model_identity(model_dir, is_default), parsed, length, columns)
     if existing is not None:

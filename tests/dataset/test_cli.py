@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,39 @@ def test_subprocess_run_shows_progress_and_ends_with_a_summary(tmp_path, other_m
     # The config names its labels only LABEL_<i>: no label names.
     assert {row.predicted_label_name for row in rows} == {None}
     assert {row.predicted_label for row in rows[:-1]} <= {0, 1, 2}
+
+
+def test_ctrl_c_leaves_no_partial_file(tmp_path, tiny_model_dir):
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    write_input(source, {"text": TEXTS * 2000})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "captum_effattn",
+            "explain",
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            "--model",
+            str(tiny_model_dir),
+            "--checkpoint-rows",
+            "0",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        for line in iter(process.stderr.readline, ""):  # wait until rows are being explained
+            if "explaining:" in line and " 0/" not in line:
+                break
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "interrupted" in stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.parquet"]
