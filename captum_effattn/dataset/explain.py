@@ -59,7 +59,8 @@ class ExplainSummary:
         rows_written: rows in it (with ``resume``, the earlier rows included).
         rows_explained: rows explained by this run, error rows included.
         rows_with_errors: rows of this run that could not be explained.
-        rows_skipped: input rows skipped because the output already had their id (``resume``).
+        rows_kept: rows of the existing output kept, whose ids were not explained again
+            (``resume``).
         seconds: wall time of this run's explaining (loading the model in this process
             excluded; starting a Ray cluster and loading the model in its actors included).
         engine: ``"local"`` or ``"ray"``.
@@ -69,7 +70,7 @@ class ExplainSummary:
     rows_written: int
     rows_explained: int
     rows_with_errors: int
-    rows_skipped: int
+    rows_kept: int
     seconds: float
     engine: str
 
@@ -78,10 +79,10 @@ class ExplainSummary:
         return self.rows_explained / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
-        skipped = f", {self.rows_skipped} skipped (resume)" if self.rows_skipped else ""
+        kept = f", {self.rows_kept} kept from before (resume)" if self.rows_kept else ""
         return (
             f"wrote {self.rows_written} rows to {self.output}: {self.rows_explained} explained "
-            f"now{skipped}, {self.rows_with_errors} with errors; "
+            f"now{kept}, {self.rows_with_errors} with errors; "
             f"{self.rows_per_second:.2f} rows/s ({self.engine} engine, {self.seconds:.1f} s)"
         )
 
@@ -165,16 +166,11 @@ def explain_dataset(
         _check_resume(existing, run_metadata({}, parsed, 0, columns), ("methods", *RESUME_KEYS[3:]))
     ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
 
-    is_default = model is None
     # With Ray the model here is only checked: keep it off the GPUs the actors will use.
     driver_device = "cpu" if ray_engine is not None else device
-    if model is None:
-        model_dir, loaded_model, tokenizer = default_model(progress, driver_device)
-    else:
-        model_dir = Path(model)
-        loaded_model, tokenizer = load_model(model_dir, driver_device)
+    model_dir, loaded_model, tokenizer, identity = _load(model, driver_device, progress)
     length = resolve_max_length(max_length, loaded_model, tokenizer)
-    metadata = run_metadata(model_identity(model_dir, is_default), parsed, length, columns)
+    metadata = run_metadata(identity, parsed, length, columns)
     if existing is not None:
         _check_resume(existing, metadata, RESUME_KEYS)
     previous = pq.read_table(output_path) if existing is not None else None
@@ -203,10 +199,20 @@ def explain_dataset(
         rows_written=table.num_rows,
         rows_explained=new.num_rows,
         rows_with_errors=new.num_rows - pc.sum(pc.is_null(new.column(ERROR))).as_py(),
-        rows_skipped=0 if done_ids is None else len(done_ids),
+        rows_kept=0 if done_ids is None else len(done_ids),
         seconds=seconds,
         engine=engine,
     )
+
+
+def _load(model, device: str | None, progress: bool):
+    """``(directory, model, tokenizer, identity)`` of ``model``, or of the default model."""
+    if model is None:
+        directory, loaded, tokenizer = default_model(progress, device)
+    else:
+        directory = Path(model)
+        loaded, tokenizer = load_model(directory, device)
+    return directory, loaded, tokenizer, model_identity(directory, model is None)
 
 
 def _pick_engine(engine: str | None, ray_address: str | None) -> str:

@@ -239,5 +239,5 @@ def test_checkpoints_let_resume_finish_an_interrupted_run(tmp_path, tiny_model_d
     assert [row.id for row in load_attributions(output)] == [0, 1]  # the last checkpoint
     monkeypatch.undo()
     summary = explain_dataset(source, output, model=tiny_model_dir, resume=True, progress=False)
-    assert (summary.rows_skipped, summary.rows_explained, summary.rows_written) == (2, 3, 5)
+    assert (summary.rows_kept, summary.rows_explained, summary.rows_written) == (2, 3, 5)
     assert [row.id for row in load_attributions(output)] == [0, 1, 2, 3, 4]

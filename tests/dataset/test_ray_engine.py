@@ -84,7 +84,7 @@ def test_ray_resume_on_jsonl_skips_done_ids(cluster, tmp_path, tiny_model_dir):
     settings = {"model": tiny_model_dir, "progress": False}
     explain_dataset(head, tmp_path / "ray.parquet", **settings)
     summary = explain_dataset(full, tmp_path / "ray.parquet", engine="ray", resume=True, **settings)
-    assert (summary.rows_skipped, summary.rows_explained, summary.rows_written) == (2, 3, 5)
+    assert (summary.rows_kept, summary.rows_explained, summary.rows_written) == (2, 3, 5)
     explain_dataset(full, tmp_path / "local.parquet", **settings)
     _assert_same_rows(
         pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "ray.parquet")

@@ -39,7 +39,7 @@ def test_resume_explains_only_new_ids(first_run, tiny_model_dir, monkeypatch):
         full, output, id_column="id", model=tiny_model_dir, resume=True, progress=False
     )
     assert explained == ["doc-3", "doc-4"]
-    assert (summary.rows_skipped, summary.rows_explained, summary.rows_written) == (3, 2, 5)
+    assert (summary.rows_kept, summary.rows_explained, summary.rows_written) == (3, 2, 5)
     after = pq.read_table(output)
     assert after.slice(0, 3).equals(before)  # earlier rows kept as they were
     assert [row.id for row in load_attributions(output)] == [f"doc-{i}" for i in range(5)]
@@ -52,13 +52,13 @@ def test_resume_without_an_output_runs_everything(tmp_path, tiny_model_dir):
     summary = explain_dataset(
         source, tmp_path / "o.parquet", model=tiny_model_dir, resume=True, progress=False
     )
-    assert (summary.rows_skipped, summary.rows_written) == (0, 5)
+    assert (summary.rows_kept, summary.rows_written) == (0, 5)
 
 
 def test_without_resume_the_output_is_replaced(first_run, tiny_model_dir):
     full, output = first_run
     summary = explain_dataset(full, output, id_column="id", model=tiny_model_dir, progress=False)
-    assert (summary.rows_skipped, summary.rows_explained, summary.rows_written) == (0, 5, 5)
+    assert (summary.rows_kept, summary.rows_explained, summary.rows_written) == (0, 5, 5)
 
 
 @pytest.mark.parametrize(
