@@ -88,10 +88,15 @@ class RayBatchExplainer:
 
 
 class RayEngine:
-    """Explains a file on a Ray cluster.
+    """Explains a file on a Ray cluster; a context manager that shuts down only what it started.
+
+    Entering joins the cluster at ``address`` (so a wrong address fails before any work); with no
+    address, :meth:`run` starts a local cluster (after every other check has passed). Leaving
+    shuts down the cluster it started, or disconnects from the one it joined; a Ray session
+    that was already running is left alone.
 
     Args:
-        address: a running cluster (checked now, before any work), or ``None`` for a local one.
+        address: a running cluster (its port is probed now), or ``None`` for a local one.
         progress: show Ray Data's progress bars.
     """
 
@@ -99,6 +104,23 @@ class RayEngine:
         if address is not None:
             probe_address(address)
         self.address, self.progress = address, progress
+        self.started = False
+
+    def __enter__(self) -> RayEngine:
+        if self.address is not None and not ray.is_initialized():
+            try:
+                ray.init(address=self.address, log_to_driver=False)
+            except ConnectionError as exc:
+                raise RayAddressError(
+                    f"cannot join a Ray cluster at {self.address}: {exc}"
+                ) from None
+            self.started = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.started:
+            ray.shutdown()
+            self.started = False
 
     def run(
         self,
@@ -110,17 +132,10 @@ class RayEngine:
         num_cpus: int | None = None,
     ) -> pa.Table:
         """The explained rows (output layout plus row index) in input order."""
-        started = not ray.is_initialized()
-        if started:
-            if self.address is None:
-                start_local_cluster(num_cpus)
-            else:
-                ray.init(address=self.address, log_to_driver=False)
-        try:
-            return self._run(settings, input_path, output_path, done_ids, actors)
-        finally:
-            if started:
-                ray.shutdown()
+        if not ray.is_initialized():
+            start_local_cluster(num_cpus)
+            self.started = True
+        return self._run(settings, input_path, output_path, done_ids, actors)
 
     def _run(self, settings, input_path, output_path, done_ids, actors) -> pa.Table:
         context = ray.data.DataContext.get_current()

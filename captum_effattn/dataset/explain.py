@@ -7,6 +7,7 @@ the settings the existing output was written with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -165,44 +166,47 @@ def explain_dataset(
         # Settings known before the model loads (the default model trains on first use).
         _check_resume(existing, run_metadata({}, parsed, 0, columns), ("methods", *RESUME_KEYS[3:]))
     ray_engine = _ray_engine(ray_address, progress) if engine == "ray" else None
+    # A joined or started Ray cluster is left (shut down, disconnected) whatever happens.
+    with ray_engine or contextlib.nullcontext():
+        # With Ray the model here is only checked: keep it off the GPUs the actors will use.
+        driver_device = "cpu" if ray_engine is not None else device
+        model_dir, loaded_model, tokenizer, identity = _load(model, driver_device, progress)
+        length = resolve_max_length(max_length, loaded_model, tokenizer)
+        metadata = run_metadata(identity, parsed, length, columns)
+        if existing is not None:
+            _check_resume(existing, metadata, RESUME_KEYS)
+        previous = pq.read_table(output_path) if existing is not None else None
+        done_ids = None if previous is None else previous.column(ID).combine_chunks()
 
-    # With Ray the model here is only checked: keep it off the GPUs the actors will use.
-    driver_device = "cpu" if ray_engine is not None else device
-    model_dir, loaded_model, tokenizer, identity = _load(model, driver_device, progress)
-    length = resolve_max_length(max_length, loaded_model, tokenizer)
-    metadata = run_metadata(identity, parsed, length, columns)
-    if existing is not None:
-        _check_resume(existing, metadata, RESUME_KEYS)
-    previous = pq.read_table(output_path) if existing is not None else None
-    done_ids = None if previous is None else previous.column(ID).combine_chunks()
+        layout = layout_for(input_schema, columns, parsed)
+        schema = layout.schema(metadata)
+        settings = ExplainerSettings(
+            str(model_dir), parsed, length, batch_size, columns, layout, device
+        )
+        start = time.perf_counter()
+        if ray_engine is None:
+            explainer = BatchExplainer(settings, loaded_model, tokenizer)
+            checkpoint = _Checkpoint(output_path, previous, schema, checkpoint_rows)
+            from captum_effattn.dataset.engine_local import run_local
 
-    layout = layout_for(input_schema, columns, parsed)
-    schema = layout.schema(metadata)
-    settings = ExplainerSettings(
-        str(model_dir), parsed, length, batch_size, columns, layout, device
-    )
-    start = time.perf_counter()
-    if ray_engine is None:
-        explainer = BatchExplainer(settings, loaded_model, tokenizer)
-        checkpoint = _Checkpoint(output_path, previous, schema, checkpoint_rows)
-        from captum_effattn.dataset.engine_local import run_local
-
-        new = run_local(explainer, input_path, done_ids, progress=progress, on_batch=checkpoint)
-    else:
-        del loaded_model  # each actor loads its own
-        new = ray_engine.run(settings, input_path, output_path, done_ids, ray_actors, ray_num_cpus)
-    seconds = time.perf_counter() - start
-    table = _union(previous, new, schema)
-    write_table_atomically(table, output_path)
-    return ExplainSummary(
-        output=output_path,
-        rows_written=table.num_rows,
-        rows_explained=new.num_rows,
-        rows_with_errors=new.num_rows - pc.sum(pc.is_null(new.column(ERROR))).as_py(),
-        rows_kept=0 if done_ids is None else len(done_ids),
-        seconds=seconds,
-        engine=engine,
-    )
+            new = run_local(explainer, input_path, done_ids, progress=progress, on_batch=checkpoint)
+        else:
+            del loaded_model  # each actor loads its own
+            new = ray_engine.run(
+                settings, input_path, output_path, done_ids, ray_actors, ray_num_cpus
+            )
+        seconds = time.perf_counter() - start
+        table = _union(previous, new, schema)
+        write_table_atomically(table, output_path)
+        return ExplainSummary(
+            output=output_path,
+            rows_written=table.num_rows,
+            rows_explained=new.num_rows,
+            rows_with_errors=new.num_rows - pc.sum(pc.is_null(new.column(ERROR))).as_py(),
+            rows_kept=0 if done_ids is None else len(done_ids),
+            seconds=seconds,
+            engine=engine,
+        )
 
 
 def _load(model, device: str | None, progress: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,22 @@ def test_ray_address_that_does_not_answer(source, tmp_path, no_work):
             model=tmp_path / "no-model",
         )
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_ray_auto_address_without_a_cluster(source, tmp_path, no_work, monkeypatch):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized() or Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster is running on this machine")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RayAddressError, match="cannot join a Ray cluster at auto"):
+        explain_dataset(
+            source,
+            tmp_path / "o.parquet",
+            text_column="review",
+            ray_address="auto",
+            model=tmp_path / "no-model",
+        )
+    assert not ray.is_initialized()
 
 
 def test_ray_address_implies_the_ray_engine_on_the_cli(source, tmp_path, capsys, no_work):

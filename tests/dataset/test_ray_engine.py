@@ -102,8 +102,8 @@ def test_engine_shuts_down_only_the_cluster_it_started(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine_ray.RayEngine, "_run", failing_run)
-    with pytest.raises(KeyboardInterrupt):
-        engine_ray.RayEngine(None).run(None, tmp_path / "in.csv", tmp_path / "o.parquet", None)
+    with pytest.raises(KeyboardInterrupt), engine_ray.RayEngine(None) as engine:
+        engine.run(None, tmp_path / "in.csv", tmp_path / "o.parquet", None)
     assert calls == [("start", None), "shutdown"]
 
 
