@@ -34,6 +34,8 @@ from captum_effattn.dataset.schema import (
 )
 
 DEFAULT_MODEL_PREFIX = "captum_effattn:"
+FALLBACK_MAX_LENGTH = 512
+"""The longest input when neither the config nor the tokenizer says."""
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
 
 
@@ -97,6 +99,10 @@ def load_model(model_dir: str | Path, device: str | None = None):
         raise ModelLoadError(
             f"cannot load a sequence classifier with its tokenizer from {model_dir}: {exc}"
         ) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders (GPT-2, Llama) often ship none
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # to find each row's last real token
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.eval().to(device), tokenizer
 
@@ -109,7 +115,8 @@ def resolve_max_length(requested: int | None, model, tokenizer) -> int:
     """
     limits = [getattr(model.config, "max_position_embeddings", None)]
     limits.append(getattr(tokenizer, "model_max_length", None))
-    limit = min(int(value) for value in limits if value is not None and value < 1_000_000)
+    known = [int(value) for value in limits if value is not None and value < 1_000_000]
+    limit = min(known, default=FALLBACK_MAX_LENGTH)
     if requested is None:
         return limit
     if not isinstance(requested, int) or not 2 <= requested <= limit:

@@ -241,3 +241,28 @@ def test_checkpoints_let_resume_finish_an_interrupted_run(tmp_path, tiny_model_d
     summary = explain_dataset(source, output, model=tiny_model_dir, resume=True, progress=False)
     assert (summary.rows_kept, summary.rows_explained, summary.rows_written) == (2, 3, 5)
     assert [row.id for row in load_attributions(output)] == [0, 1, 2, 3, 4]
+
+
+def test_a_decoder_classifier_without_a_pad_token(tmp_path):
+    import transformers as tf
+
+    from tests.dataset.conftest import SPECIAL, WORDS
+
+    directory = tmp_path / "gpt2"
+    tokens = SPECIAL + list(WORDS)
+    tokenizer = tf.BertTokenizerFast(vocab={token: index for index, token in enumerate(tokens)})
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    config = tf.GPT2Config(
+        vocab_size=len(tokens), n_embd=32, n_layer=2, n_head=4, n_positions=40, num_labels=2
+    )
+    torch.manual_seed(0)
+    tf.GPT2ForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    write_input(source, {"text": TEXTS})
+    summary = explain_dataset(source, output, model=directory, batch_size=5, progress=False)
+    assert summary.rows_with_errors == 0
+    for row, text in zip(load_attributions(output), TEXTS, strict=True):
+        assert len(row.tokens) == len(row.scores["efficient"]) == len(text.split()) + 2
+        assert float(row.scores["efficient"].sum()) == pytest.approx(1.0, abs=1e-5)
