@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import statistics
 import time
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from captum_effattn.attr import VIEWS, EfficientAttentionAttribution
+from captum_effattn.metrics._checks import check_positive_int, check_texts, class_indices
 from captum_effattn.metrics.base import Metric, MetricContext, MetricInfo, get_metric
 from captum_effattn.metrics.eraser import check_target_range
 from captum_effattn.metrics.perturbations import explanation_function
@@ -65,7 +67,18 @@ def standard_methods(
     replaced by the baseline token; at most ``max(ig_steps, 64)`` inputs per internal batch)
     and Saliency (Captum's default absolute gradients); with
     ``extended=True`` also InputXGradient and FeatureAblation (one forward pass per token).
+
+    Raises:
+        TypeError: ``gate`` is not a :class:`TokenGate` (wrap the model:
+            ``TokenGate(model, tokenizer)``), or ``ig_steps`` is not an int.
+        ValueError: ``ig_steps`` below 1.
     """
+    if not isinstance(gate, TokenGate):
+        raise TypeError(
+            f"standard_methods needs a TokenGate, the classifier in token-gate space; got "
+            f"{type(gate).__name__}: pass TokenGate(model, tokenizer)"
+        )
+    ig_steps = check_positive_int(ig_steps, "ig_steps")
     attention = EfficientAttentionAttribution(gate, model=gate.model)
     methods: dict[str, MethodSpec] = {
         view.method_name: (attention, {"view": view.name}) for view in VIEWS.values()
@@ -98,12 +111,14 @@ def resolve_targets(gate: Callable[..., Tensor], inputs: GatedInputs, targets: A
     """``(B,)`` the class to explain for each example.
 
     Args:
-        targets: a sequence or tensor of ``B`` class indices, ``"predicted"`` (the model's own
-            answer), or ``None`` for a single-logit model.
+        targets: a sequence or tensor of ``B`` class indices (whole numbers: ``0.9`` is not
+            class 0), one int for every example, ``"predicted"`` (the model's own answer), or
+            ``None`` for a single-logit model.
 
     Raises:
-        ValueError: ``targets`` is missing for a multi-class model, has the wrong length, or
-            names a class the model does not have.
+        ValueError: ``targets`` is missing for a multi-class model, has the wrong length, is not
+            a whole number, or names a class the model does not have.
+        TypeError: ``targets`` is none of the above.
     """
     with torch.no_grad():
         logits = gate(inputs.gate, *inputs.additional_forward_args)
@@ -120,11 +135,13 @@ def resolve_targets(gate: Callable[..., Tensor], inputs: GatedInputs, targets: A
                 "per text) or targets='predicted'"
             )
         return logits.new_zeros(batch, dtype=torch.long)
-    target = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
-    if target.shape[0] != batch:
-        raise ValueError(f"got {target.shape[0]} targets for {batch} texts")
+    target = class_indices(targets, batch)
     check_target_range(target, classes, "targets")
     return target.to(logits.device)
+
+
+RECORD_FIELDS = ("example", "method", "metric", "value", "lower_is_better", "seconds", "target")
+"""The keys of every :attr:`Comparison.records` entry, in CSV column order."""
 
 
 @dataclass
@@ -132,10 +149,10 @@ class Comparison:
     """What :func:`compare_methods` measured.
 
     Attributes:
-        records: one dict per (example, method, metric): ``example`` (index into the texts),
-            ``method``, ``metric`` (the metric's label, with its parameters), ``value``,
-            ``lower_is_better``, ``seconds`` (the method's attribution time per example in its
-            batch), ``target``.
+        records: one dict per (example, method, metric), keyed by :data:`RECORD_FIELDS`:
+            ``example`` (index into the texts), ``method``, ``metric`` (the metric's label, with
+            its parameters), ``value``, ``lower_is_better``, ``seconds`` (the method's
+            attribution time per example in its batch), ``target``.
         metrics: the metrics' metadata, in order.
         methods: the method names, in order.
     """
@@ -146,63 +163,67 @@ class Comparison:
 
     def summary(self) -> list[dict[str, Any]]:
         """One dict per (method, metric): ``mean``, ``std`` (sample; 0 for one example), ``n``,
-        ``lower_is_better``, and ``seconds`` (mean attribution time per example)."""
-        rows = []
-        for method in self.methods:
-            for info in self.metrics:
-                values = [
-                    r["value"]
-                    for r in self.records
-                    if r["method"] == method and r["metric"] == info.label
-                ]
-                seconds = [r["seconds"] for r in self.records if r["method"] == method]
-                rows.append(
-                    {
-                        "method": method,
-                        "metric": info.label,
-                        "mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                        "n": len(values),
-                        "lower_is_better": info.lower_is_better,
-                        "seconds": statistics.fmean(seconds),
-                    }
-                )
-        return rows
+        ``lower_is_better``, and ``seconds`` (mean attribution time per example). A pair with no
+        records has ``n = 0`` and NaN for the rest."""
+        return [self._summarize(method, info) for method in self.methods for info in self.metrics]
+
+    def _summarize(self, method: str, info: MetricInfo) -> dict[str, Any]:
+        mine = [r for r in self.records if r["method"] == method]
+        values = [r["value"] for r in mine if r["metric"] == info.label]
+        seconds = [r["seconds"] for r in mine]
+        return {
+            "method": method,
+            "metric": info.label,
+            "mean": statistics.fmean(values) if values else math.nan,
+            "std": (statistics.stdev(values) if len(values) > 1 else 0.0) if values else math.nan,
+            "n": len(values),
+            "lower_is_better": info.lower_is_better,
+            "seconds": statistics.fmean(seconds) if seconds else math.nan,
+        }
 
     def format(self) -> str:
-        """The summary as a plain-text table: a row per method, mean ± std per metric."""
+        """The summary as a plain-text table: a row per method, mean ± std per metric (``-``
+        where nothing was scored)."""
         summary = {(row["method"], row["metric"]): row for row in self.summary()}
         headers = [
             "method",
             *(f"{i.name} {'↓' if i.lower_is_better else '↑'}" for i in self.metrics),
+            "s/example",
         ]
-        headers.append("s/example")
         lines = []
         for method in self.methods:
-            cells = [method]
-            for info in self.metrics:
-                row = summary[(method, info.label)]
-                cells.append(f"{row['mean']:.4f} ± {row['std']:.4f}")
-            cells.append(f"{summary[(method, self.metrics[0].label)]['seconds']:.3f}")
+            rows = [summary[(method, info.label)] for info in self.metrics]
+            cells = [method, *(_mean_and_std(row) for row in rows)]
+            seconds = rows[0]["seconds"] if rows else math.nan
+            cells.append("-" if math.isnan(seconds) else f"{seconds:.3f}")
             lines.append(cells)
         widths = [max(len(str(c)) for c in column) for column in zip(headers, *lines, strict=True)]
         render = [
             "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
             for cells in [headers, *lines]
         ]
-        settings = [f"{i.label}: {i.description}" for i in self.metrics]
-        return "\n".join([*render, "", *settings])
+        notes = [f"{i.label}: {i.description}" for i in self.metrics]
+        if not self.records:
+            notes.insert(0, "(no records: nothing was scored)")
+        return "\n".join([*render, "", *notes])
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write :attr:`records` as CSV."""
+        """Write :attr:`records` as CSV, columns :data:`RECORD_FIELDS` (only the header when
+        there are no records)."""
+        fields = list(RECORD_FIELDS)
+        fields += [key for record in self.records for key in record if key not in fields]
         with open(path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(self.records[0]))
+            writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(fields)))
             writer.writeheader()
             writer.writerows(self.records)
 
 
+def _mean_and_std(row: Mapping[str, Any]) -> str:
+    return "-" if row["n"] == 0 else f"{row['mean']:.4f} ± {row['std']:.4f}"
+
+
 def _batches(
-    texts: Sequence[str] | GatedInputs, gate: TokenGate, batch_size: int, max_length: int
+    texts: list[str] | GatedInputs, gate: TokenGate, batch_size: int, max_length: int | None
 ) -> list[tuple[int, GatedInputs]]:
     count = len(texts)
     starts = range(0, count, batch_size)
@@ -217,13 +238,13 @@ def _batches(
 def compare_methods(
     model: TokenGate | nn.Module,
     texts: Sequence[str] | GatedInputs,
-    targets: Sequence[int] | Tensor | str | None,
+    targets: Sequence[int] | Tensor | int | str | None,
     methods: Mapping[str, MethodSpec],
     metrics: Sequence[Metric | str] | None = None,
     *,
     tokenizer: Any = None,
     batch_size: int = 8,
-    max_length: int = 256,
+    max_length: int | None = None,
     seed: int = 0,
     max_examples_per_batch: int = 64,
     progress: bool = True,
@@ -233,10 +254,12 @@ def compare_methods(
     Args:
         model (TokenGate or nn.Module): the classifier in token-gate space, or a Hugging Face
             classifier (wrapped as ``TokenGate(model, tokenizer)``).
-        texts (list[str] or GatedInputs): the texts (tokenized here, ``max_length`` word pieces),
-            or token ids already in :class:`GatedInputs` (see
-            :func:`~captum_effattn.metrics.gated_inputs`).
-        targets: one class index per text, ``"predicted"``, or ``None`` (single-logit models).
+        texts (list[str] or GatedInputs): the texts (tokenized here, ``max_length`` word pieces;
+            a single ``str`` is refused: pass ``[text]``), or token ids already in
+            :class:`GatedInputs` (see :func:`~captum_effattn.metrics.gated_inputs`).
+        targets: one class index per text (whole numbers; a float such as ``0.9`` is refused,
+            not truncated), one int for every text, ``"predicted"``, or ``None`` (single-logit
+            models).
         methods (dict[str, ...]): name -> a Captum attribution built on the token gate, an
             ``(attribution, attribute_kwargs)`` pair, or a factory ``gate -> either`` (for
             example ``Saliency`` itself); :func:`standard_methods` builds the usual five.
@@ -244,7 +267,9 @@ def compare_methods(
             (:func:`~captum_effattn.metrics.default_metrics`).
         tokenizer: needed when ``model`` is a module and ``texts`` are strings.
         batch_size (int): texts per ``attribute`` call.
-        max_length (int): word pieces kept per text.
+        max_length (int, optional): word pieces kept per text, special tokens included (see
+            :meth:`TokenGate.encode`; ignored for :class:`GatedInputs`). Default: 256, or the
+            model's positions if fewer.
         seed (int): seeds every perturbation; each batch's perturbations are the same for
             every method, and the whole table is the same on a rerun.
         max_examples_per_batch (int): perturbed examples per forward pass inside the metrics.
@@ -255,16 +280,28 @@ def compare_methods(
         time per example), ``summary()``, ``format()``, ``to_csv()``.
 
     Raises:
-        ValueError: an empty text, targets missing for a multi-class model, a method whose
-            attributions are not ``(B, S)``.
+        ValueError: no texts, no methods or no metrics; an empty text; targets missing for a
+            multi-class model, not whole numbers, not one per text or out of the model's
+            classes; ``max_length`` out of range; a method whose attributions are not
+            ``(B, S)``. All are raised before any method runs, except the last.
+        TypeError: ``texts`` is a single string or holds a non-string, ``methods`` is not a
+            mapping, a method is not an attribution, ``model`` is not a classifier.
     """
     gate = model if isinstance(model, TokenGate) else TokenGate(model, tokenizer)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    resolved = [_resolve_method(name, spec, gate) for name, spec in methods.items()]
+    batch_size = check_positive_int(batch_size, "batch_size")
+    max_examples_per_batch = check_positive_int(max_examples_per_batch, "max_examples_per_batch")
+    resolved = _resolve_methods(methods, gate)
     scorers = [get_metric(m) for m in (default_metrics() if metrics is None else metrics)]
+    if not scorers:
+        raise ValueError("metrics is empty: pass metric names or instances, or None for all")
+    if not isinstance(texts, GatedInputs):
+        texts = check_texts(texts)
+    elif len(texts) == 0:
+        raise ValueError("texts is empty: there is nothing to explain")
     batches = _batches(texts, gate, batch_size, max_length)
     per_text = _per_text_targets(targets, len(texts))
+    wanted = (targets if per_text is None else per_text[s : s + len(b)] for s, b in batches)
+    batch_targets = [resolve_targets(gate, b, w) for (_, b), w in zip(batches, wanted, strict=True)]
 
     torch.manual_seed(seed)
     records: list[dict[str, Any]] = []
@@ -272,9 +309,7 @@ def compare_methods(
     with warnings.catch_warnings():
         # Saliency-like methods set requires_grad on the gate themselves and say so every call.
         warnings.filterwarnings("ignore", message=".*did not already require gradients")
-        for index, (start, inputs) in enumerate(batches):
-            wanted = targets if per_text is None else per_text[start : start + len(inputs)]
-            target = resolve_targets(gate, inputs, wanted)
+        for index, ((start, inputs), target) in enumerate(zip(batches, batch_targets, strict=True)):
             for method in resolved:
                 records += _score(
                     method,
@@ -291,6 +326,17 @@ def compare_methods(
     return Comparison(records, tuple(s.info for s in scorers), tuple(m.name for m in resolved))
 
 
+def _resolve_methods(methods: Any, gate: TokenGate) -> list[Method]:
+    if not isinstance(methods, Mapping):
+        raise TypeError(
+            f"methods must be a dict of name -> attribution (see standard_methods); got "
+            f"{type(methods).__name__}"
+        )
+    if not methods:
+        raise ValueError("methods is empty: pass at least one, e.g. standard_methods(gate)")
+    return [_resolve_method(name, spec, gate) for name, spec in methods.items()]
+
+
 def _per_text_targets(targets: Any, count: int) -> list[Any] | None:
     """``targets`` as a list of one class per text, or ``None`` when they are resolved per batch
     (``"predicted"``, or ``None`` for single-logit models).
@@ -300,10 +346,7 @@ def _per_text_targets(targets: Any, count: int) -> list[Any] | None:
     """
     if targets is None or isinstance(targets, str):
         return None
-    per_text = list(targets)
-    if len(per_text) != count:
-        raise ValueError(f"got {len(per_text)} targets for {count} texts")
-    return per_text
+    return class_indices(targets, count).tolist()
 
 
 def _score(

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
+
+from captum_effattn.metrics._checks import check_max_length, check_texts
 
 TokenGateTensor = Annotated[Tensor, "(B, S)"]
 """One float per token: 1 = the token as it is, 0 = replaced by the baseline token."""
@@ -158,20 +160,30 @@ class TokenGate:
         embeddings = self.embed(gate, input_ids)
         return self.model(inputs_embeds=embeddings, attention_mask=attention_mask).logits
 
-    def encode(self, texts: Sequence[str], max_length: int = 256) -> GatedInputs:
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> GatedInputs:
         """Tokenize texts (right padding) into :class:`GatedInputs`.
 
+        A text is text: strings such as ``"[CLS]"`` or ``"[PAD]"`` typed in it become ordinary
+        word pieces (the tokenizer's ``split_special_tokens``), never the model's special
+        tokens. Were a tokenizer to make special tokens of them anyway, they are not removable,
+        and a text with nothing else is refused.
+
+        Args:
+            texts (list[str]): the texts; a single ``str`` is refused (pass ``[text]``).
+            max_length (int, optional): word pieces kept per text, special tokens included. At
+                least the tokenizer's special tokens plus one, at most the model's positions.
+                Default: 256, or the model's positions if fewer.
+
         Raises:
-            ValueError: no tokenizer was given, no texts, or a text is empty.
+            ValueError: no tokenizer was given, no texts, a text is empty or only special
+                tokens, or ``max_length`` is out of range.
+            TypeError: ``texts`` is a single string or holds a non-string, ``max_length`` is
+                not an int.
         """
         if self.tokenizer is None:
             raise ValueError("TokenGate.encode needs the tokenizer: TokenGate(model, tokenizer)")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("no texts to encode")
-        for index, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"text {index} is empty ({text!r}): there is nothing to explain")
+        texts = check_texts(texts)
+        max_length = check_max_length(max_length, self.model, self.tokenizer)
         encoded = self.tokenizer(
             texts,
             return_tensors="pt",
@@ -179,10 +191,29 @@ class TokenGate:
             truncation=True,
             max_length=max_length,
             return_special_tokens_mask=True,
+            split_special_tokens=True,
         )
-        return gated_inputs(
-            encoded["input_ids"], encoded["attention_mask"], encoded["special_tokens_mask"]
-        )
+        ids = encoded["input_ids"]
+        special = encoded["special_tokens_mask"].bool() | _special_ids(self.tokenizer, ids)
+        real = encoded["attention_mask"].bool()
+        words = (real & ~special).any(-1)
+        if not words.all():
+            index = int((~words).nonzero()[0])
+            raise ValueError(
+                f"text {index} ({texts[index]!r}) is only special tokens, no words: there is "
+                "nothing to explain"
+            )
+        return gated_inputs(ids, encoded["attention_mask"], special)
+
+
+def _special_ids(tokenizer: Any, input_ids: TokenIds) -> Tensor:
+    """``(B, S)`` bool: ids of the tokenizer's special tokens, except the unknown-word token
+    (an unknown word is still a word)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ())) - {
+        getattr(tokenizer, "unk_token_id", None)
+    }
+    known = torch.tensor(sorted(i for i in ids if isinstance(i, int)), dtype=input_ids.dtype)
+    return torch.isin(input_ids, known.to(input_ids.device))
 
 
 def gated_inputs(
@@ -193,13 +224,21 @@ def gated_inputs(
     """:class:`GatedInputs` from token ids you already have.
 
     Args:
-        input_ids: ``(B, S)`` token ids.
+        input_ids: ``(B, S)`` token ids, ``B, S >= 1``.
         attention_mask: ``(B, S)``, 1 for real tokens. Default: all real.
         special_tokens_mask: ``(B, S)``, 1 for [CLS], [SEP] and the like (never removed by the
             ERASER metrics). Default: none.
+
+    Raises:
+        ValueError: ``input_ids`` is not ``(B, S)`` or empty, or an example has no real token or
+            only special tokens.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, S); got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)}: no examples or no tokens to explain"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
