@@ -71,9 +71,8 @@ def longest_input(model: nn.Module, tokenizer: Any = None) -> int | None:
     config = getattr(model, "config", None)
     limits = [getattr(config, "max_position_embeddings", None)]
     limits.append(getattr(tokenizer, "model_max_length", None))
-    known = [
-        int(x) for x in limits if isinstance(x, numbers.Integral) and 0 < x < _NO_TOKENIZER_LIMIT
-    ]
+    known = [int(x) for x in limits if isinstance(x, numbers.Integral)]
+    known = [x for x in known if 0 < x < _NO_TOKENIZER_LIMIT]
     return min(known) if known else None
 
 
@@ -116,6 +115,22 @@ def _integral(values: list[Any]) -> bool:
     )
 
 
+def _target_values(targets: Any) -> list[Any]:
+    """The entries of a sequence or 1-D tensor of targets, as Python numbers where possible."""
+    if isinstance(targets, Tensor):
+        if targets.dim() > 1:
+            raise ValueError(
+                f"targets must be (B,), one class per text; got shape {tuple(targets.shape)}"
+            )
+        return targets.reshape(-1).tolist()
+    if hasattr(targets, "__iter__") and not isinstance(targets, (str, bytes, dict)):
+        return [v.item() if isinstance(v, Tensor) and v.numel() == 1 else v for v in targets]
+    raise TypeError(
+        "targets must be class indices (a list or (B,) tensor of ints, or one int), "
+        f"'predicted', or None; got {type(targets).__name__}"
+    )
+
+
 def class_indices(targets: Any, count: int) -> Tensor:
     """``(count,)`` long tensor of class indices from a sequence, a tensor, or one int for all.
 
@@ -127,23 +142,11 @@ def class_indices(targets: Any, count: int) -> Tensor:
     """
     if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
         return torch.full((count,), int(targets), dtype=torch.long)
-    if isinstance(targets, Tensor):
-        if targets.dim() > 1:
-            raise ValueError(
-                f"targets must be (B,), one class per text; got shape {tuple(targets.shape)}"
-            )
-        values = targets.reshape(-1).tolist()
-    elif hasattr(targets, "__iter__") and not isinstance(targets, (str, bytes, dict)):
-        values = [v.item() if isinstance(v, Tensor) and v.numel() == 1 else v for v in targets]
-    else:
-        raise TypeError(
-            "targets must be class indices (a list or (B,) tensor of ints, or one int), "
-            f"'predicted', or None; got {type(targets).__name__}"
-        )
+    values = _target_values(targets)
     if len(values) != count:
         raise ValueError(f"got {len(values)} targets for {count} texts")
-    if not _integral(values):
-        wrong = [v for v in values if not _integral([v])]
+    wrong = [v for v in values if not _integral([v])]
+    if wrong:
         raise ValueError(
             f"targets must be whole-number class indices; got {wrong[:5]} (a float target is "
             "not truncated to a class)"

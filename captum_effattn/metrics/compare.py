@@ -197,11 +197,7 @@ class Comparison:
             seconds = rows[0]["seconds"] if rows else math.nan
             cells.append("-" if math.isnan(seconds) else f"{seconds:.3f}")
             lines.append(cells)
-        widths = [max(len(str(c)) for c in column) for column in zip(headers, *lines, strict=True)]
-        render = [
-            "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
-            for cells in [headers, *lines]
-        ]
+        render = _aligned([headers, *lines])
         notes = [f"{i.label}: {i.description}" for i in self.metrics]
         if not self.records:
             notes.insert(0, "(no records: nothing was scored)")
@@ -216,6 +212,14 @@ class Comparison:
             writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(fields)))
             writer.writeheader()
             writer.writerows(self.records)
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines, each column padded to its widest cell."""
+    widths = [max(len(str(c)) for c in column) for column in zip(*rows, strict=True)]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in rows
+    ]
 
 
 def _mean_and_std(row: Mapping[str, Any]) -> str:
