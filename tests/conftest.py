@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -41,17 +42,30 @@ def long_imdb_review(minilm_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def sentiment_classifier():
+def sentiment_classifier(request):
     """MiniLM fine-tuned on Rotten Tomatoes (`captum_effattn.data.load_sentiment_classifier`): a
     ``SentimentClassifier`` with ``model`` (eval mode), ``tokenizer``, ``labels``, ``metadata``.
 
     Fine-tuned once (minutes of CPU) when the cache ($CAPTUM_EFFATTN_CACHE, else
-    ~/.cache/captum_effattn) has none, then loaded from it. Shared by the whole session: a test
-    that changes the model (hooks, modes, attention implementation) must restore it.
+    ~/.cache/captum_effattn) has none, then loaded from it. The fine-tune says so and shows its
+    progress bar on the terminal, past pytest's output capture. Shared by the whole session: a
+    test that changes the model (hooks, modes, attention implementation) must restore it.
     """
     from captum_effattn.data import load_sentiment_classifier
 
-    return load_sentiment_classifier(progress=False)
+    with uncaptured(request):
+        return load_sentiment_classifier(progress=True)
+
+
+@contextlib.contextmanager
+def uncaptured(request):
+    """Let output through to the terminal, past pytest's capture (for long fixtures)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is None:
+        yield
+        return
+    with capture.global_and_fixture_disabled():
+        yield
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def load_sentiment_classifier(
         config: what to train; default :class:`TrainingConfig` (5,000 sentences, one epoch;
             about 80% held-out accuracy).
         retrain: fine-tune again even if the cache has this classifier, and replace it.
-        progress: show progress bars and accuracy while building.
+        progress: show progress bars and accuracy while building. Whatever it says, one line on
+            stderr announces a fine-tune before it starts (it takes minutes on a CPU).
 
     Returns:
         The classifier (model in eval mode). Its ``metadata["directory"]`` names the cache entry.
@@ -103,6 +105,7 @@ def load_sentiment_classifier(
     with exclusive(root / f"{directory.name}.lock"):
         if directory.is_dir() and not retrain:  # built by another process while we waited
             return _with_directory(read_sentiment_classifier(directory), directory)
+        announce_fine_tuning(config, directory)
         classifier = train_sentiment_classifier(config, progress=progress)
         if directory.is_dir():
             stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=root))
@@ -110,6 +113,17 @@ def load_sentiment_classifier(
             shutil.rmtree(stale, ignore_errors=True)
         save_sentiment_classifier(classifier, directory)
     return _with_directory(classifier, directory)
+
+
+def announce_fine_tuning(config: TrainingConfig, directory: Path) -> None:
+    """One line on stderr before a fine-tune: what runs, for how long, where it will be kept."""
+    print(
+        f"fine-tuning MiniLM on {config.splits.train:,} Rotten Tomatoes sentences "
+        f"({config.epochs} epoch{'s' if config.epochs > 1 else ''}; first use, minutes on a CPU; "
+        f"cached in {directory})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _with_directory(classifier: SentimentClassifier, directory: Path) -> SentimentClassifier:
