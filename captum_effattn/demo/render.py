@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from captum_effattn.attr import VIEWS
 from captum_effattn.demo.explain import Explanation
 
 SHORT_TEXT_TOKENS = 24
@@ -109,6 +110,45 @@ def _cell(token: str, value: float) -> str:
     return f'<span style="background:{colour}" title="{value:+.3f}">{html.escape(token)}</span>'
 
 
+SIGNED_METHODS = {
+    "IntegratedGradients": "signed: green for the predicted class, red against it",
+    "Saliency": "absolute gradients: never negative",
+}
+"""What the sign of each gradient method's scores means (the demo runs Saliency with abs=True)."""
+
+
+def _sign_meaning(method: str) -> str:
+    """What green and red mean for ``method``: from the view registry for attention views."""
+    views = {view.method_name: view for view in VIEWS.values()}
+    if method in views:
+        if views[method].distribution:
+            return "a distribution over the tokens: never negative"
+        return (
+            "not a distribution: weights can be negative (red) and need not sum to 1; a "
+            "negative weight is part of how the head output is built, not evidence against the "
+            "class"
+        )
+    return SIGNED_METHODS.get(method, "signed: green positive, red negative")
+
+
+def legend(explanations: Sequence[Explanation]) -> str:
+    """The HTML legend: the colour scale, and per method what its sign means and whether this
+    page holds negative scores for it."""
+    methods = list(explanations[0].scores) if explanations else []
+    items = []
+    for method in methods:
+        negative = any(bool((e.scores[method] < 0).any()) for e in explanations)
+        seen = "negative scores on this page (red)" if negative else "no negative score here"
+        items.append(
+            f"<li><b>{html.escape(method)}</b>: {html.escape(_sign_meaning(method))}; {seen}.</li>"
+        )
+    return (
+        "<p>Green: a positive score, red: a negative one, each method scaled to its largest "
+        "magnitude over the text's own word pieces ([CLS] and [SEP] saturate); hover a token for "
+        "its value.</p><ul>" + "".join(items) + "</ul>"
+    )
+
+
 def html_report(explanations: Sequence[Explanation]) -> str:
     """A standalone HTML page: one heatmap row of tokens per method and example."""
     parts = [
@@ -117,9 +157,7 @@ def html_report(explanations: Sequence[Explanation]) -> str:
         "span{padding:1px 2px;margin:1px;border-radius:3px;display:inline-block}"
         "td{vertical-align:top;padding:4px}th{text-align:left}</style>",
         "<h1>Efficient attention next to IntegratedGradients and Saliency</h1>",
-        "<p>Green: evidence for the predicted class (attention is never negative); red: against "
-        "(gradient methods only). Each method is scaled to its largest magnitude over the text's "
-        "own word pieces ([CLS] and [SEP] saturate).</p>",
+        legend(explanations),
     ]
     for number, explanation in enumerate(explanations, 1):
         parts.append(

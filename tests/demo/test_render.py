@@ -1,0 +1,59 @@
+"""The HTML page's legend says what each method's colours mean, truthfully (issue 18: it said
+attention is never negative while the effective view showed a red token)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from captum_effattn.demo.explain import Explanation, method_names
+from captum_effattn.demo.render import html_report, legend
+
+TOKENS = ["[CLS]", "a", "fine", "film", "[SEP]"]
+
+
+def explanation(negative_effective: bool) -> Explanation:
+    scores = {
+        name: torch.tensor([0.4, 0.1, 0.3, 0.2, 0.0], dtype=torch.float64)
+        for name in method_names()
+    }
+    scores["IntegratedGradients"] = torch.tensor([0.0, -0.2, 0.5, 0.1, 0.0], dtype=torch.float64)
+    if negative_effective:
+        scores["effective attention"] = torch.tensor(
+            [0.6, -0.1, 0.3, 0.4, 0.1], dtype=torch.float64
+        )
+    return Explanation("a fine film", TOKENS, "positive", "positive", 0.9, scores=scores)
+
+
+def legend_line(page: str, method: str) -> str:
+    return re.search(rf"<li><b>{method}</b>: (.*?)</li>", page)[1]
+
+
+def test_the_effective_view_is_said_to_take_negative_values():
+    page = html_report([explanation(negative_effective=True)])
+    assert "attention is never negative" not in page
+    effective = legend_line(page, "effective attention")
+    assert "not a distribution" in effective
+    assert "can be negative" in effective
+    assert "negative scores on this page" in effective
+    # The negative token is drawn red, with its value in the tooltip.
+    assert re.search(r'rgba\(200, 0, 0, 0\.\d+\)" title="-0\.\d+">a<', page)
+
+
+def test_distributions_are_said_never_negative_and_are_not():
+    page = html_report([explanation(negative_effective=False)])
+    for method in ("raw attention", "efficient attention", "Saliency"):
+        line = legend_line(page, method)
+        assert "never negative" in line
+        assert "no negative score here" in line
+    assert "red against" in legend_line(page, "IntegratedGradients")
+    assert "no negative score here" in legend_line(page, "effective attention")
+
+
+def test_the_legend_never_claims_no_negatives_where_there_are():
+    explanations = [explanation(True), explanation(False)]
+    text = legend(explanations)
+    for method in method_names():
+        negative = any(bool((e.scores[method] < 0).any()) for e in explanations)
+        assert ("negative scores on this page" in legend_line(text, method)) is negative
