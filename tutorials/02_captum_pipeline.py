@@ -25,7 +25,9 @@ model, tokenizer = classifier.model, classifier.tokenizer
 review = imdb_heldout(2)[0]
 enc = tokenizer(review.text, return_tensors="pt", truncation=True, max_length=128)
 mask = enc["attention_mask"]
-embeddings = model.get_input_embeddings()(enc["input_ids"]).detach()
+# Gradient methods differentiate with respect to the input: ask for its gradient up front, as
+# Captum expects (it would otherwise set requires_grad itself and warn on every Saliency call).
+embeddings = model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_()
 
 
 def forward(embeddings, mask):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import runpy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,10 @@ def test_why_efficient_attention(capsys, monkeypatch):
 
 
 def test_captum_pipeline(sentiment_classifier, capsys, monkeypatch):
-    out = run("02_captum_pipeline.py", capsys, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # past pyproject's filter of this very warning
+        out = run("02_captum_pipeline.py", capsys, monkeypatch)
+    assert not [w for w in caught if "did not already require gradients" in str(w.message)]
     shapes = re.findall(
         r"^(IntegratedGradients|Saliency|EfficientAttention)\s+(\(.*?\))", out, re.M
     )
