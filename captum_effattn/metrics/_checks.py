@@ -152,3 +152,31 @@ def class_indices(targets: Any, count: int) -> Tensor:
             "not truncated to a class)"
         )
     return torch.tensor([int(v) for v in values], dtype=torch.long)
+
+
+def check_fraction(value: Any, what: str) -> float:
+    """``value`` as a float in ``(0, 1]``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside ``(0, 1]`` (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in (0, 1]; got {type(value).__name__} {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{what} must be in (0, 1]; got {value}")
+    return float(value)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as a non-negative int (what ``torch.Generator.manual_seed`` takes).
+
+    Raises:
+        TypeError: not an int.
+        ValueError: negative.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int; got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int; got {seed}")
+    return int(seed)

@@ -21,11 +21,14 @@ earlier position.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor
+
+from captum_effattn.metrics._checks import check_positive_int
 
 ERASER_BINS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20, 0.50)
 """ERASER's AOPC bins, as fractions of the removable tokens."""
@@ -104,6 +107,7 @@ def probabilities_of_gates(
     Runs ``forward_func(gate, *additional_forward_args)`` on chunks of at most
     ``max_examples_per_batch`` gated examples, without gradients.
     """
+    max_examples_per_batch = check_positive_int(max_examples_per_batch, "max_examples_per_batch")
     versions, batch = gates.shape[:2]
     flat = gates.reshape(versions * batch, *gates.shape[2:])
     repeat = [a.repeat(versions, *([1] * (a.dim() - 1))) for a in additional_forward_args]
@@ -126,8 +130,41 @@ def _erase(
     return gate[None] * (~erase).to(gate.dtype)
 
 
+def check_token_batch(
+    gate: Tensor, attributions: TokenScores, removable: Tensor, target: Tensor | None
+) -> Tensor:
+    """``removable`` as bool after checking that the batch is one ``(B, S)`` shape throughout.
+
+    Raises:
+        ValueError: ``gate`` is not a non-empty float ``(B, S)``, ``attributions`` or
+            ``removable`` differ from its shape, or ``target`` is not ``B`` class indices.
+    """
+    if gate.dim() != 2 or gate.numel() == 0 or not gate.is_floating_point():
+        raise ValueError(
+            f"gate must be a non-empty float (B, S) tensor; got {gate.dtype} of shape "
+            f"{tuple(gate.shape)}"
+        )
+    for name, tensor in (("attributions", attributions), ("removable", removable)):
+        if tuple(tensor.shape) != tuple(gate.shape):
+            raise ValueError(
+                f"{name} have shape {tuple(tensor.shape)}; expected (B, S) = {tuple(gate.shape)}, "
+                "one entry per token"
+            )
+    if target is not None and target.numel() != gate.shape[0]:
+        raise ValueError(
+            f"target has {target.numel()} entries; expected one class per example ({gate.shape[0]})"
+        )
+    return removable.bool()
+
+
 def check_fractions(fractions: Sequence[float], what: str) -> tuple[float, ...]:
-    """``fractions`` as a tuple of floats in ``(0, 1]``, else a ValueError naming ``what``."""
+    """``fractions`` as a tuple of floats in ``(0, 1]``, else a ValueError (a TypeError for
+    non-numbers) naming ``what``."""
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of fractions in (0, 1]; got {fractions!r}")
+    fractions = tuple(fractions)
+    if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in fractions):
+        raise TypeError(f"{what} must be fractions in (0, 1] (0.01 = 1%); got {fractions}")
     fractions = tuple(float(f) for f in fractions)
     if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
         raise ValueError(f"{what} must be fractions in (0, 1] (0.01 = 1%); got {fractions}")
@@ -149,8 +186,13 @@ def erasure_curve(
 
     ``x'`` removes each example's top ``k`` tokens (``keep_top=False``: comprehensiveness), or
     keeps only them (``keep_top=True``: sufficiency).
+
+    Raises:
+        ValueError: ``bins`` not fractions in ``(0, 1]``, inputs of different ``(B, S)`` shapes,
+            a target out of the model's classes.
     """
     bins = check_fractions(bins, "bins")
+    removable = check_token_batch(gate, attributions, removable, target)
     counts = top_token_counts(removable, bins, at_least_one=True)
     erased = _erase(gate, attributions, removable, counts, keep_top)
     versions = torch.cat([gate[None], erased])
@@ -175,9 +217,14 @@ def perturbation_curve(
 
     Deletion removes the top ``ceil(f * n)`` tokens; insertion starts from the text with every
     removable token removed and puts the top ``ceil(f * n)`` back.
+
+    Raises:
+        ValueError: ``steps`` below 1, inputs of different ``(B, S)`` shapes, a target out of
+            the model's classes.
+        TypeError: ``steps`` not an int.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be a positive number of curve segments; got {steps}")
+    steps = check_positive_int(steps, "steps")
+    removable = check_token_batch(gate, attributions, removable, target)
     fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     counts = top_token_counts(removable, fractions.tolist(), at_least_one=False)
     versions = _erase(gate, attributions, removable, counts, keep_top=insertion)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from captum_effattn._captum_compat import format_tensor_into_tuples
+from captum_effattn.metrics._checks import check_fraction, check_seed
 
 TensorOrTuple = Tensor | tuple[Tensor, ...]
 
@@ -52,7 +53,8 @@ def token_removal(
         perturbed_gate``, so infidelity measures ``(I^T attr - (f(g) - f(g - I)))^2``.
 
     Raises:
-        ValueError: ``drop_probability`` not in ``(0, 1]``.
+        ValueError: ``drop_probability`` not in ``(0, 1]``, or a negative ``seed``.
+        TypeError: ``drop_probability`` not a number, or ``seed`` not an int.
 
     Example::
 
@@ -60,9 +62,8 @@ def token_removal(
         ...            additional_forward_args=inputs.additional_forward_args,
         ...            target=target, n_perturb_samples=10, normalize=True)
     """
-    if not 0.0 < drop_probability <= 1.0:
-        raise ValueError(f"drop_probability must be in (0, 1]; got {drop_probability}")
-    generator = torch.Generator().manual_seed(seed)
+    drop_probability = check_fraction(drop_probability, "drop_probability")
+    generator = torch.Generator().manual_seed(check_seed(seed))
 
     def perturb(inputs: TensorOrTuple) -> tuple[TensorOrTuple, TensorOrTuple]:
         gates = format_tensor_into_tuples(inputs)
@@ -91,11 +92,11 @@ def gate_noise(radius: float = 0.1, seed: int = 0) -> Callable[..., TensorOrTupl
         here, so pass the radius once, to this factory.
 
     Raises:
-        ValueError: ``radius`` not in ``(0, 1]``.
+        ValueError: ``radius`` not in ``(0, 1]``, or a negative ``seed``.
+        TypeError: ``radius`` not a number, or ``seed`` not an int.
     """
-    if not 0.0 < radius <= 1.0:
-        raise ValueError(f"the gate-noise radius must be in (0, 1]; got {radius}")
-    generator = torch.Generator().manual_seed(seed)
+    radius = check_fraction(radius, "the gate-noise radius")
+    generator = torch.Generator().manual_seed(check_seed(seed))
 
     def perturb(inputs: TensorOrTuple, perturb_radius: float | None = None) -> TensorOrTuple:
         del perturb_radius  # the radius is the factory's: sensitivity_max passes its default

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor
 
+from captum_effattn.metrics._checks import check_positive_int
 from captum_effattn.metrics.base import (
     METRICS,
     Metric,
@@ -26,12 +27,6 @@ from captum_effattn.metrics.eraser import (
     perturbation_curve,
 )
 from captum_effattn.metrics.perturbations import gate_noise, token_removal
-
-
-def _positive_count(value: int, what: str) -> int:
-    if int(value) < 1:
-        raise ValueError(f"{what} must be at least 1; got {value}")
-    return int(value)
 
 
 def _examples_per_batch(context: MetricContext, samples: int) -> int:
@@ -60,7 +55,7 @@ class Infidelity:
     ):
         token_removal(drop_probability)  # validates
         self.drop_probability = drop_probability
-        self.n_perturb_samples = _positive_count(n_perturb_samples, "n_perturb_samples")
+        self.n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
         self.normalize = normalize
         self.info = MetricInfo(
             name="infidelity",
@@ -117,7 +112,7 @@ class SensitivityMax:
     def __init__(self, radius: float = 0.1, n_perturb_samples: int = 5, norm_ord: str = "fro"):
         gate_noise(radius)  # validates
         self.radius = radius
-        self.n_perturb_samples = _positive_count(n_perturb_samples, "n_perturb_samples")
+        self.n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
         self.norm_ord = norm_ord
         self.info = MetricInfo(
             name="sensitivity_max",
@@ -198,7 +193,7 @@ class _CurveArea:
     insertion: bool
 
     def __init__(self, steps: int = 10):
-        self.steps = _positive_count(steps, "steps")
+        self.steps = check_positive_int(steps, "steps")
         name = "insertion_auc" if self.insertion else "deletion_auc"
         action = "put back into an empty text" if self.insertion else "removed"
         self.info = MetricInfo(
