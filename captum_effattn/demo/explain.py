@@ -13,6 +13,7 @@ from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import VIEWS, check_sufficiency
 from captum_effattn.attr._views import get_view
 from captum_effattn.data.training import SentimentClassifier
+from captum_effattn.metrics._checks import check_max_length, check_positive_int, check_texts
 
 GRADIENT_METHODS = ("IntegratedGradients", "Saliency")
 """The Captum methods shown next to the attention views."""
@@ -72,23 +73,29 @@ class Explainer:
 
     Args:
         classifier: the fine-tuned model and its tokenizer.
-        max_length: word pieces kept per text.
+        max_length: word pieces kept per text, special tokens included (default 256, or
+            the model's positions if fewer).
         ig_steps: IntegratedGradients' ``n_steps``.
         views: the attention views to show (default: every registered view).
+
+    Raises:
+        ValueError: ``max_length`` too short for a word or beyond the model's positions,
+            ``ig_steps`` below 1, or an unknown view.
+        TypeError: ``max_length`` or ``ig_steps`` not an int.
     """
 
     def __init__(
         self,
         classifier: SentimentClassifier,
-        max_length: int = 256,
+        max_length: int | None = None,
         ig_steps: int = 50,
         views: Sequence[str] | None = None,
     ):
         self.model = classifier.model.eval()
         self.tokenizer = classifier.tokenizer
         self.labels = classifier.labels
-        self.max_length = max_length
-        self.ig_steps = ig_steps
+        self.max_length = check_max_length(max_length, self.model, self.tokenizer)
+        self.ig_steps = check_positive_int(ig_steps, "ig_steps")
 
         def forward(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.model(inputs_embeds=embeddings, attention_mask=mask).logits
@@ -124,7 +131,15 @@ class Explainer:
         self._attention = attention
 
     def explain(self, text: str, label: int) -> Explanation:
-        enc = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=self.max_length)
+        check_texts([text], "text")
+        # Typed "[CLS]" or "[PAD]" in a text is text, not the model's special token.
+        enc = self.tokenizer(
+            text,
+            return_tensors="pt",
+            truncation=True,
+            max_length=self.max_length,
+            split_special_tokens=True,
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         embeddings = self.model.get_input_embeddings()(ids).detach()
         with torch.no_grad():

@@ -57,3 +57,28 @@ def test_the_legend_never_claims_no_negatives_where_there_are():
     for method in method_names():
         negative = any(bool((e.scores[method] < 0).any()) for e in explanations)
         assert ("negative scores on this page" in legend_line(text, method)) is negative
+
+
+def tiny_explainer(**kwargs):
+    from captum_effattn.data.training import SentimentClassifier
+    from captum_effattn.demo.explain import Explainer
+    from tests.attr.tiny_tokenizer import tiny_tokenizer
+    from tests.models.tiny import tiny_model
+
+    classifier = SentimentClassifier(tiny_model("bert"), tiny_tokenizer(bos=True), ("a", "b", "c"))
+    return Explainer(classifier, **kwargs)
+
+
+def test_the_explainer_checks_its_settings_and_reads_typed_special_tokens_as_text():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"max_length must be at least 2 .* got 1"):
+        tiny_explainer(max_length=1)
+    with pytest.raises(ValueError, match=r"max_length 65 is longer than the 64 positions"):
+        tiny_explainer(max_length=65)
+    with pytest.raises(ValueError, match=r"ig_steps must be at least 1; got 0"):
+        tiny_explainer(ig_steps=0)
+    explanation = tiny_explainer(ig_steps=2).explain("<pad> the </s>", 0)
+    assert explanation.tokens[0] == "<s>"
+    assert "<pad>" not in explanation.tokens
+    assert "</s>" not in explanation.tokens
