@@ -3,6 +3,11 @@ test` sat silent for twenty minutes while the fixture fine-tuned the classifier)
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from captum_effattn.data.classifier import CACHE_ENV, TrainingConfig, load_sentiment_classifier
@@ -37,3 +42,32 @@ def test_the_session_fixture_shows_the_fine_tune():
     source = inspect.getsource(conftest.sentiment_classifier)
     assert "progress=True" in source
     assert "uncaptured(request)" in source
+
+
+def test_uncaptured_output_reaches_the_terminal(tmp_path):
+    """What the fixture prints inside ``uncaptured`` is on pytest's output, not swallowed."""
+    (tmp_path / "test_loud.py").write_text(
+        "import sys\n"
+        "import pytest\n"
+        "from tests.conftest import uncaptured\n\n"
+        "@pytest.fixture(scope='session')\n"
+        "def loud(request):\n"
+        "    with uncaptured(request):\n"
+        "        print('fine-tuning, be patient', file=sys.stderr)\n"
+        "    print('swallowed', file=sys.stderr)\n\n"
+        "def test_loud(loud):\n"
+        "    pass\n"
+    )
+    root = Path(__file__).parents[2]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert "fine-tuning, be patient" in output
+    assert "swallowed" not in output
