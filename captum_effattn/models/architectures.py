@@ -104,6 +104,36 @@ for _spec in (
         "llama", "layers", "self_attn", causal=_decoder_causal, output_projection="self_attn.o_proj"
     ),
     ArchitectureSpec(
+        "electra",
+        "encoder.layer",
+        "attention.self",
+        causal=_causal_if_decoder,
+        output_projection="attention.output.dense",
+    ),
+    ArchitectureSpec(
+        "xlm-roberta",
+        "encoder.layer",
+        "attention.self",
+        causal=_causal_if_decoder,
+        output_projection="attention.output.dense",
+    ),
+    ArchitectureSpec(
+        "qwen2", "layers", "self_attn", causal=_decoder_causal, output_projection="self_attn.o_proj"
+    ),
+    ArchitectureSpec(
+        "gemma", "layers", "self_attn", causal=_decoder_causal, output_projection="self_attn.o_proj"
+    ),
+    ArchitectureSpec(
+        "phi3", "layers", "self_attn", causal=_decoder_causal, output_projection="self_attn.o_proj"
+    ),
+    ArchitectureSpec(
+        "gpt_neox",
+        "layers",
+        "attention",
+        causal=_decoder_causal,
+        output_projection="attention.dense",
+    ),
+    ArchitectureSpec(
         "vit",
         "layers",
         "attention",

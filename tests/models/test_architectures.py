@@ -6,8 +6,23 @@ import pytest
 import torch
 import transformers as tf
 
+from captum_effattn import EfficientAttentionAttribution
+from captum_effattn.attr import check_sufficiency
 from captum_effattn.models import ARCHITECTURES, UnsupportedModelError, describe_model
-from tests.models.tiny import HIDDEN, NUM_HEADS, NUM_LAYERS, PATCH_SIZE, TINY_MODELS, tiny_model
+from tests.models.tiny import (
+    HIDDEN,
+    MORE_CAUSAL_MODELS,
+    MORE_LAYERS,
+    MORE_MODELS,
+    NUM_HEADS,
+    NUM_LAYERS,
+    PATCH_SIZE,
+    TINY_MODELS,
+    tiny_inputs,
+    tiny_model,
+)
+
+CLAIM_TOL = 1e-5  # relative logit change for float32 models
 
 # Written out independently of the registry: where each tiny model keeps its attention modules.
 ATTENTION_MODULES = {
@@ -17,7 +32,15 @@ ATTENTION_MODULES = {
     "gpt2": lambda base: [block.attn for block in base.h],
     "llama": lambda base: [block.self_attn for block in base.layers],
     "vit": lambda base: [block.attention for block in base.layers],
+    "electra": lambda base: [block.attention.self for block in base.encoder.layer],
+    "xlm-roberta": lambda base: [block.attention.self for block in base.encoder.layer],
+    "qwen2": lambda base: [block.self_attn for block in base.layers],
+    "gemma": lambda base: [block.self_attn for block in base.layers],
+    "phi3": lambda base: [block.self_attn for block in base.layers],
+    "gpt_neox": lambda base: [block.attention for block in base.layers],
 }
+# Key/value heads of the later tiny models (grouped-query attention where fewer than 4).
+KV_HEADS = {"qwen2": 2, "gemma": 1, "phi3": 2}
 INPUT_EMBEDDINGS = {
     "bert": lambda base: base.embeddings.word_embeddings,
     "roberta": lambda base: base.embeddings.word_embeddings,
@@ -29,7 +52,7 @@ INPUT_EMBEDDINGS = {
 
 
 def test_every_tiny_model_is_registered():
-    assert set(TINY_MODELS) == set(ARCHITECTURES)
+    assert set(TINY_MODELS + MORE_MODELS) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -99,3 +122,57 @@ def test_a_changed_layout_is_reported_not_guessed():
     del model.bert.encoder.layer[1].attention.self
     with pytest.raises(UnsupportedModelError, match=r"no attention at 'attention.self'"):
         describe_model(model)
+
+
+@pytest.mark.parametrize("name", MORE_MODELS)
+@pytest.mark.parametrize("head", [True, False], ids=["head", "bare"])
+def test_later_architectures_attention_modules_and_geometry(name, head):
+    model = tiny_model(name, head=head)
+    arch = describe_model(model)
+    expected = ATTENTION_MODULES[name](model.base_model)
+    assert len(arch.attention_modules) == MORE_LAYERS
+    assert all(a is b for a, b in zip(arch.attention_modules, expected, strict=True))
+    assert arch.input_embeddings is model.get_input_embeddings()
+    assert (arch.num_heads, arch.head_dim) == (NUM_HEADS, HIDDEN // NUM_HEADS)
+    assert arch.num_kv_heads == KV_HEADS.get(name, NUM_HEADS)
+    assert arch.causal == (name in MORE_CAUSAL_MODELS)
+    assert arch.spec.input_name == model.main_input_name == "input_ids"
+
+
+def _text_forward(name, model):
+    """``forward(ids, mask) -> logits``; decoders get positions that skip left padding."""
+    causal = name in MORE_CAUSAL_MODELS
+
+    def forward(ids, mask):
+        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if causal else {}
+        return model(input_ids=ids, attention_mask=mask, **extra).logits
+
+    return forward
+
+
+@pytest.mark.parametrize("name", MORE_MODELS)
+def test_later_architectures_attribute_and_reproduce_the_logits(name):
+    model = tiny_model(name)
+    inputs = tiny_inputs(name, padding="left" if name in MORE_CAUSAL_MODELS else "right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    forward = _text_forward(name, model)
+    if name in MORE_CAUSAL_MODELS:
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+
+        def explained(ids, mask):
+            return forward(ids, mask)[torch.arange(len(ids)), last]
+    else:
+        explained = forward
+    scores = EfficientAttentionAttribution(explained, model=model).attribute(
+        ids, additional_forward_args=(mask,)
+    )
+    assert scores.shape == ids.shape
+    assert (scores[mask == 0] == 0).all()
+    assert (scores >= 0).all()
+    torch.testing.assert_close(scores.sum(-1), torch.ones(len(ids)), atol=1e-5, rtol=0)
+    report = check_sufficiency(model, ids, (mask,), forward_func=forward)
+    assert report.holds(CLAIM_TOL), report.relative_change
+    raw = EfficientAttentionAttribution(explained, model=model).attribute(
+        ids, additional_forward_args=(mask,), view="raw"
+    )
+    assert (raw - scores).abs().max() > 1e-4  # 16 tokens over 8-wide heads: rows do move

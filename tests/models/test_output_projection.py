@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from captum_effattn.models import ARCHITECTURES
-from tests.models.tiny import tiny_model
+from tests.models.tiny import MORE_MODELS, TINY_MODELS, tiny_model
 
-BUILT_IN = ["bert", "roberta", "distilbert", "gpt2", "llama", "vit"]
+BUILT_IN = [*TINY_MODELS, *MORE_MODELS]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

@@ -9,19 +9,48 @@ attention rows are not identifiable and efficient attention moves them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import transformers as tf
 
 TINY_MODELS = ("bert", "roberta", "distilbert", "gpt2", "llama", "vit")
-"""Every supported architecture, by ``config.model_type``."""
+"""The first six supported architectures, by ``config.model_type`` (3 layers each)."""
 
 CAUSAL_MODELS = ("gpt2", "llama")
+
+MORE_MODELS = ("electra", "xlm-roberta", "qwen2", "gemma", "phi3", "gpt_neox")
+"""The architectures added later (2 layers each), by ``config.model_type``."""
+
+MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox")
 
 NUM_LAYERS, NUM_HEADS, HIDDEN, VOCAB, SEQ_LEN, NUM_LABELS = 3, 4, 32, 99, 16, 3
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 INIT_STD = 0.2
 
 _COMMON = {"initializer_range": INIT_STD}
+MORE_LAYERS = 2
+# Shared by the later architectures: hidden 32, 2 layers, 4 heads of width 8, small vocabulary.
+_SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": MORE_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+    "num_labels": NUM_LABELS,
+    **_COMMON,
+}
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+_MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
+    "electra": lambda: tf.ElectraConfig(embedding_size=HIDDEN, **_SMALL),
+    "xlm-roberta": lambda: tf.XLMRobertaConfig(**_SMALL),
+    "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
+    "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_SMALL, **_TOKENS),
+    "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL, **_TOKENS),
+}
 
 
 def _config(name: str) -> tf.PreTrainedConfig:
@@ -96,7 +125,9 @@ def _config(name: str) -> tf.PreTrainedConfig:
             num_labels=NUM_LABELS,
             **_COMMON,
         )
-    raise KeyError(f"no tiny model {name!r}; known: {TINY_MODELS}")
+    if name in _MORE_CONFIGS:
+        return _MORE_CONFIGS[name]()
+    raise KeyError(f"no tiny model {name!r}; known: {TINY_MODELS + MORE_MODELS}")
 
 
 _HEAD_CLASSES = {
@@ -106,6 +137,12 @@ _HEAD_CLASSES = {
     "gpt2": tf.GPT2LMHeadModel,
     "llama": tf.LlamaForCausalLM,
     "vit": tf.ViTForImageClassification,
+    "electra": tf.ElectraForSequenceClassification,
+    "xlm-roberta": tf.XLMRobertaForSequenceClassification,
+    "qwen2": tf.Qwen2ForCausalLM,
+    "gemma": tf.GemmaForCausalLM,
+    "phi3": tf.Phi3ForCausalLM,
+    "gpt_neox": tf.GPTNeoXForCausalLM,
 }
 
 _BARE_CLASSES = {
@@ -115,11 +152,18 @@ _BARE_CLASSES = {
     "gpt2": tf.GPT2Model,
     "llama": tf.LlamaModel,
     "vit": tf.ViTModel,
+    "electra": tf.ElectraModel,
+    "xlm-roberta": tf.XLMRobertaModel,
+    "qwen2": tf.Qwen2Model,
+    "gemma": tf.GemmaModel,
+    "phi3": tf.Phi3Model,
+    "gpt_neox": tf.GPTNeoXModel,
 }
 
 
 def tiny_config(name: str) -> tf.PreTrainedConfig:
-    """The config of the tiny ``name`` model (3 layers, 4 heads of width 8)."""
+    """The config of the tiny ``name`` model (3 layers, or 2 for :data:`MORE_MODELS`; 4 heads of
+    width 8)."""
     return _config(name)
 
 
