@@ -14,7 +14,7 @@ relies on both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -38,6 +38,11 @@ def _causal_if_decoder(config: PreTrainedConfig) -> bool:
     return bool(config.is_decoder) and _decoder_causal(config)
 
 
+BlockList = Callable[[nn.Module], Sequence[nn.Module]]
+"""``blocks(base_model) -> blocks``: the transformer blocks in the order the forward runs them, one
+per layer; the same block may appear several times (ALBERT shares one block across layers)."""
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """How to find the self-attention of one model family.
@@ -45,7 +50,10 @@ class ArchitectureSpec:
     Attributes:
         model_type: the ``config.model_type`` this spec handles (``"bert"``, ``"gpt2"``, ...).
         layers: dotted path from the base model (``model.base_model``) to the ``ModuleList`` of
-            blocks, in execution order; a block's position in it is its layer index.
+            blocks, in execution order; a block's position in it is its layer index. Or, where
+            one path cannot say it, a :data:`BlockList` function returning the blocks in
+            execution order, one per layer (a block reused by several layers appears once per
+            layer: each run is a layer of its own).
         attention: dotted path from a block to the module that calls the attention function
             (the one holding the query/key/value projections).
         causal: whether self-attention is causal for a given config.
@@ -62,13 +70,26 @@ class ArchitectureSpec:
     """
 
     model_type: str
-    layers: str
+    layers: str | BlockList
     attention: str
     causal: Callable[[PreTrainedConfig], bool] = _never_causal
     input_name: str = "input_ids"
     embeds_name: str | None = "inputs_embeds"
     prepends_cls_token: bool = False
     output_projection: str | None = None
+
+
+def _albert_blocks(base: nn.Module) -> list[nn.Module]:
+    # ALBERT runs hidden layer i with layer group int(i / (L / G)), each group's blocks in order;
+    # with the default single group and single block, one block serves every layer.
+    config = base.config
+    per_group = config.num_hidden_layers / config.num_hidden_groups
+    groups = base.encoder.albert_layer_groups
+    return [
+        block
+        for i in range(config.num_hidden_layers)
+        for block in groups[int(i / per_group)].albert_layers
+    ]
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
@@ -133,6 +154,7 @@ for _spec in (
         causal=_decoder_causal,
         output_projection="attention.dense",
     ),
+    ArchitectureSpec("albert", _albert_blocks, "attention", output_projection="attention.dense"),
     ArchitectureSpec(
         "vit",
         "layers",
@@ -164,6 +186,8 @@ class ModelArchitecture:
             ``spec.embeds_name`` accepts, where the model has such an argument.
         image_size: ``(height, width)`` the model expects (ViT), else ``None``.
         patch_size: ``(height, width)`` of one patch (ViT), else ``None``.
+        blocks: the block of each layer (index = layer index; the same module repeats where
+            layers share a block); ``spec.output_projection`` is relative to these.
     """
 
     spec: ArchitectureSpec
@@ -176,6 +200,7 @@ class ModelArchitecture:
     input_embeddings: nn.Module
     image_size: tuple[int, int] | None = None
     patch_size: tuple[int, int] | None = None
+    blocks: tuple[nn.Module, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -208,8 +233,17 @@ def _submodule(root: nn.Module, path: str, what: str, model: PreTrainedModel) ->
         ) from None
 
 
-def _layer_list(model: PreTrainedModel, path: str) -> nn.ModuleList | nn.Sequential:
-    """The model's list of transformer blocks, in order."""
+def _layer_list(model: PreTrainedModel, path: str | BlockList) -> Sequence[nn.Module]:
+    """The model's transformer blocks, in execution order (one per layer)."""
+    if callable(path):
+        try:
+            return tuple(path(model.base_model))
+        except AttributeError as error:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type {model.config.model_type!r}): its blocks "
+                f"could not be listed ({error}): its layout differs from the registered one for "
+                "this transformers version"
+            ) from None
     blocks = _submodule(model.base_model, path, "layer list", model)
     if not isinstance(blocks, nn.ModuleList | nn.Sequential):
         raise UnsupportedModelError(
@@ -267,4 +301,5 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
         input_embeddings=model.get_input_embeddings(),
         image_size=_pair(config.image_size) if image else None,
         patch_size=_pair(config.patch_size) if image else None,
+        blocks=tuple(blocks),
     )

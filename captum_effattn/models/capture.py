@@ -415,6 +415,59 @@ class _KeyMaskMemo:
         return self._all_real
 
 
+class _SharedModuleTap:
+    """One attention module that runs as several layers (ALBERT): call ``k`` of a forward pass is
+    the module's ``k``-th layer, so captures are counted per call, not per module."""
+
+    def __init__(self, module: nn.Module, taps: list[_LayerTap | None]) -> None:
+        self.module = module
+        self.taps = taps  # per layer the module runs, in order; None where not selected
+        self.calls = 0
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tap = self.taps[self.calls % len(self.taps)]
+        self.calls += 1
+        if tap is None:
+            return sdpa_attention_forward(
+                self.module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **extra,
+            )
+        return tap(query, key, value, attention_mask, dropout, scaling, extra)
+
+
+def _taps_by_module(
+    architecture: ModelArchitecture, layer_taps: dict[int, _LayerTap]
+) -> dict[nn.Module, _interface.LayerTap]:
+    """The tap each attention module dispatches to: its layer's, or, for a module that runs as
+    several layers, one that counts its calls."""
+    runs: dict[nn.Module, list[int]] = {}
+    for layer, module in enumerate(architecture.attention_modules):
+        runs.setdefault(module, []).append(layer)
+    taps: dict[nn.Module, _interface.LayerTap] = {}
+    for module, layers in runs.items():
+        selected = [layer_taps.get(layer) for layer in layers]
+        if len(layers) > 1 and any(selected):
+            taps[module] = _SharedModuleTap(module, selected)
+        elif selected[0] is not None:
+            taps[module] = selected[0]
+    return taps
+
+
 def _require_eval_mode(model: nn.Module) -> None:
     training = [name for name, module in model.named_modules() if module.training]
     if training:
@@ -505,8 +558,8 @@ def capture_attention(
         )
     record = AttentionRecord(architecture, selection, on_layer)
     key_masks = _KeyMaskMemo()
-    taps = {
-        architecture.attention_modules[layer]: _LayerTap(
+    layer_taps = {
+        layer: _LayerTap(
             layer,
             heads,
             architecture,
@@ -519,6 +572,7 @@ def capture_attention(
         )
         for layer, heads in selection.items()
     }
+    taps = _taps_by_module(architecture, layer_taps)
     _interface.ensure_registered()
     _interface.ACTIVE_TAPS.update(taps)
     try:

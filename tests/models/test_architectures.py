@@ -8,7 +8,13 @@ import transformers as tf
 
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import check_sufficiency
-from captum_effattn.models import ARCHITECTURES, UnsupportedModelError, describe_model
+from captum_effattn.models import (
+    ARCHITECTURES,
+    UnsupportedModelError,
+    capture_attention,
+    describe_model,
+    select_heads,
+)
 from tests.models.tiny import (
     HIDDEN,
     MORE_CAUSAL_MODELS,
@@ -38,6 +44,7 @@ ATTENTION_MODULES = {
     "gemma": lambda base: [block.self_attn for block in base.layers],
     "phi3": lambda base: [block.self_attn for block in base.layers],
     "gpt_neox": lambda base: [block.attention for block in base.layers],
+    "albert": lambda base: [base.encoder.albert_layer_groups[0].albert_layers[0].attention] * 2,
 }
 # Key/value heads of the later tiny models (grouped-query attention where fewer than 4).
 KV_HEADS = {"qwen2": 2, "gemma": 1, "phi3": 2}
@@ -97,16 +104,14 @@ def test_bert_as_a_decoder_is_causal():
 
 
 def test_unsupported_architecture_names_class_type_and_supported_ones():
-    config = tf.AlbertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
-    )
-    model = tf.AlbertForSequenceClassification(config)
+    config = tf.CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
+    model = tf.CTRLLMHeadModel(config)
     with pytest.raises(UnsupportedModelError) as error:
         describe_model(model)
     message = str(error.value)
-    assert "AlbertForSequenceClassification" in message
-    assert "'albert'" in message
-    for supported in TINY_MODELS:
+    assert "CTRLLMHeadModel" in message
+    assert "'ctrl'" in message
+    for supported in TINY_MODELS + MORE_MODELS:
         assert supported in message
 
 
@@ -176,3 +181,18 @@ def test_later_architectures_attribute_and_reproduce_the_logits(name):
         ids, additional_forward_args=(mask,), view="raw"
     )
     assert (raw - scores).abs().max() > 1e-4  # 16 tokens over 8-wide heads: rows do move
+
+
+def test_albert_runs_its_one_block_as_every_layer_and_each_run_is_captured():
+    model = tiny_model("albert")
+    inputs = tiny_inputs("albert", padding="right")
+    with capture_attention(model, select_heads(model, layers=[1], heads=[0, 2])) as record:
+        model(**inputs)
+        model(**inputs)
+    assert [[c.layer for c in call] for call in record.calls] == [[1], [1]]
+    with capture_attention(model) as record:
+        model(**inputs)
+    first, second = record.layers
+    assert (first.layer, second.layer) == (0, 1)
+    # Same block, different inputs: the second run sees the first run's output.
+    assert (first.attn - second.attn).abs().max() > 1e-3

@@ -19,7 +19,7 @@ TINY_MODELS = ("bert", "roberta", "distilbert", "gpt2", "llama", "vit")
 
 CAUSAL_MODELS = ("gpt2", "llama")
 
-MORE_MODELS = ("electra", "xlm-roberta", "qwen2", "gemma", "phi3", "gpt_neox")
+MORE_MODELS = ("electra", "xlm-roberta", "qwen2", "gemma", "phi3", "gpt_neox", "albert")
 """The architectures added later (2 layers each), by ``config.model_type``."""
 
 MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox")
@@ -50,6 +50,8 @@ _MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
     "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_SMALL, **_TOKENS),
     "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL, **_TOKENS),
+    # One block shared by both layers (ALBERT's default single group of one block).
+    "albert": lambda: tf.AlbertConfig(embedding_size=16, **_SMALL),
 }
 
 
@@ -143,6 +145,7 @@ _HEAD_CLASSES = {
     "gemma": tf.GemmaForCausalLM,
     "phi3": tf.Phi3ForCausalLM,
     "gpt_neox": tf.GPTNeoXForCausalLM,
+    "albert": tf.AlbertForSequenceClassification,
 }
 
 _BARE_CLASSES = {
@@ -158,6 +161,7 @@ _BARE_CLASSES = {
     "gemma": tf.GemmaModel,
     "phi3": tf.Phi3Model,
     "gpt_neox": tf.GPTNeoXModel,
+    "albert": tf.AlbertModel,
 }
 
 
