@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -79,7 +80,7 @@ class ArchitectureSpec:
     output_projection: str | None = None
 
 
-def _albert_blocks(base: nn.Module) -> list[nn.Module]:
+def _albert_blocks(base: Any) -> list[nn.Module]:
     # ALBERT runs hidden layer i with layer group int(i / (L / G)), each group's blocks in order;
     # with the default single group and single block, one block serves every layer.
     config = base.config
@@ -155,6 +156,14 @@ for _spec in (
         output_projection="attention.dense",
     ),
     ArchitectureSpec("albert", _albert_blocks, "attention", output_projection="attention.dense"),
+    ArchitectureSpec(
+        "mistral",
+        "layers",
+        "self_attn",
+        causal=_decoder_causal,
+        output_projection="self_attn.o_proj",
+    ),
+    ArchitectureSpec("modernbert", "layers", "attn", output_projection="attn.Wo"),
     ArchitectureSpec(
         "vit",
         "layers",
@@ -251,7 +260,7 @@ def _layer_list(model: PreTrainedModel, path: str | BlockList) -> Sequence[nn.Mo
             f"{type(blocks).__name__} at {path!r}, not a list of layers: its layout differs from "
             "the registered one for this transformers version"
         )
-    return blocks
+    return tuple(blocks)
 
 
 def _unsupported(why: str) -> UnsupportedModelError:

@@ -37,10 +37,13 @@ from captum_effattn.models import _interface
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
+    KeyRanges,
     RowMasking,
     attention_rows_of,
     attention_rows_torch,
+    causal_offset,
     padding_of,
+    visible_keys,
 )
 
 HeadAttention = Annotated[torch.Tensor, "(B, H_sel, S_q, S_k)"]
@@ -52,9 +55,9 @@ HeadValues = Annotated[torch.Tensor, "(B, H_sel, S_k, d_head)"]
 RealKeys = Annotated[torch.Tensor, "(B, S_k)"]
 """``True`` for real keys, ``False`` for padding keys."""
 
-# Keyword arguments some attention modules pass that change the attention pattern: none of the
-# supported architectures does; refuse rather than silently ignore one.
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+# Keyword arguments some attention modules pass that change the attention pattern beyond what the
+# capture implements (a sliding window it does implement); refuse rather than silently ignore one.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,6 +83,11 @@ class CapturedHeads:
         scaling: the score scale the layer used.
         additive_mask: a float mask the model added to the scores (a user's 4D mask), if any.
         probabilities: ``(B, H_sel, S_q, S_k)`` recorded probabilities, or ``None``.
+        window: sliding-window (local) attention: query ``i`` sees only keys ``j`` with
+            ``|i + S_k - S_q - j| < window`` (on top of padding and causality), as the layer's
+            ``sliding_window`` says (Mistral, Qwen2, Phi-3, ModernBERT's local layers); ``None``
+            for global attention. Each row's valid set is the window it sees: see
+            :meth:`visible_keys`.
     """
 
     layer: int
@@ -93,11 +101,27 @@ class CapturedHeads:
     scaling: float = 1.0
     additive_mask: torch.Tensor | None = None
     probabilities: HeadAttention | None = None
+    window: int | None = None
 
     @property
     def masking(self) -> RowMasking:
-        """What each query row of this layer may see (padding, causal, additive mask)."""
-        return RowMasking(key_mask=self.key_mask, causal=self.causal, additive=self.additive_mask)
+        """What each query row of this layer may see (padding, causal, window, additive mask)."""
+        return row_masking(self, self._query_count())
+
+    def _query_count(self) -> int:
+        for recorded in (self.probabilities, self.query):
+            if recorded is not None:
+                return recorded.shape[-2]
+        return self.values.shape[-2]
+
+    def visible_keys(self, positions: torch.Tensor) -> torch.Tensor:
+        """The keys each query row may see: ``positions`` ``(Q,)`` or ``(B, Q)`` ->
+        ``(B, Q, S_k)`` booleans (padding, causality and the window together): the keys a row's
+        valid attention rows may use."""
+        batch, k_len = self.key_mask.shape
+        rows = positions.reshape(-1 if positions.dim() == 2 else 1, positions.shape[-1])
+        visible = visible_keys(self.masking, rows, self._query_count(), k_len)
+        return visible.expand(batch, -1, -1)
 
     @property
     def attn(self) -> HeadAttention:
@@ -156,6 +180,37 @@ class CapturedHeads:
             key=cut(self.key),
             probabilities=cut(self.probabilities),
         )
+
+
+def window_ranges(window: int, q_len: int, k_len: int) -> KeyRanges:
+    """The :data:`KeyRanges` of a sliding window: query ``i`` sees keys ``j`` with
+    ``|i + S_k - S_q - j| < window``."""
+    offset = causal_offset(q_len, k_len)
+
+    def ranges(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = positions + offset
+        return at - window + 1, at + window
+
+    return ranges
+
+
+def _sliding_window(extra: dict, q_len: int, k_len: int) -> tuple[int | None, KeyRanges | None]:
+    """The window a layer passes as ``sliding_window`` (taken out of ``extra``) and its ranges."""
+    window = extra.pop("sliding_window", None)
+    return window, None if window is None else window_ranges(window, q_len, k_len)
+
+
+def row_masking(captured: CapturedHeads, q_len: int) -> RowMasking:
+    """What each of ``q_len`` query rows of ``captured`` may see (padding, causal, window,
+    additive mask)."""
+    k_len = captured.key_mask.shape[-1]
+    ranges = None if captured.window is None else window_ranges(captured.window, q_len, k_len)
+    return RowMasking(
+        key_mask=captured.key_mask,
+        causal=captured.causal,
+        additive=captured.additive_mask,
+        key_ranges=ranges,
+    )
 
 
 AttentionTransform = Callable[[CapturedHeads], torch.Tensor]
@@ -272,8 +327,11 @@ class _LayerTap:
                     "function, which capture_attention does not implement"
                 )
 
-    def _key_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
-        """The real keys ``(B, S_k)`` of the model's mask, which must be padding (+ causal)."""
+    def _key_mask(
+        self, attention_mask: torch.Tensor | None, key: torch.Tensor, window: KeyRanges | None
+    ) -> torch.Tensor:
+        """The real keys ``(B, S_k)`` of the model's mask, which must be padding (+ causal, +
+        the layer's sliding window)."""
         batch, k_len = key.shape[0], key.shape[-2]
         if attention_mask is None:
             return torch.ones(batch, k_len, dtype=torch.bool, device=key.device)
@@ -282,13 +340,14 @@ class _LayerTap:
             # An additive float mask (a user's own 4D mask): hidden keys carry (about) the
             # dtype's minimum.
             allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        key_mask = padding_of(allowed, self.architecture.causal, batch)
+        key_mask = padding_of(allowed, self.architecture.causal, batch, window)
         if key_mask is None:
             kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
             raise ValueError(
                 f"the attention mask of layer {self.layer} of {self.architecture.model_class} is "
                 f"not a {kind or 'padding mask'}; capture_attention needs masks of that form (a "
-                "custom 4D mask, packed sequences or a sliding window are not supported)"
+                "custom 4D mask or packed sequences are not supported; a sliding window must be "
+                "the one the layer passes as `sliding_window`)"
             )
         return key_mask
 
@@ -309,17 +368,19 @@ class _LayerTap:
         additive = None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             additive = attention_mask
+        window, ranges = _sliding_window(extra, q_len, k_len)
         layer = CapturedHeads(
             layer=self.layer,
             heads=self.heads,
             kv_heads=self.kv_heads,
             values=_select_heads(value, self.kv_heads),
             key_mask=self.key_masks.get(
-                attention_mask, lambda: self._key_mask(attention_mask, key)
+                attention_mask, lambda: self._key_mask(attention_mask, key, ranges)
             ),
             causal=self.architecture.causal,
             scaling=scaling,
             additive_mask=additive,
+            window=window,
         )
         if not self.materialize:
             # Record queries and keys only; the layer runs transformers' own fast attention.
@@ -335,6 +396,7 @@ class _LayerTap:
                 and q_len == k_len
                 and attention_mask.shape[-2:] == (q_len, k_len)
                 and self.key_masks.all_real()
+                and window is None
             ):
                 # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
                 # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
@@ -344,7 +406,7 @@ class _LayerTap:
                 self.module, query, key, value, attention_mask, scaling=scaling, **extra
             )
         every_row = torch.arange(q_len, device=query.device)
-        probs = attention_rows_torch(query, key, every_row, layer.masking, scaling)
+        probs = attention_rows_torch(query, key, every_row, row_masking(layer, q_len), scaling)
         probs = probs.to(query.dtype)
         captured = replace(layer, probabilities=_select_heads(probs, self.heads))
         self.record.add(captured if self.keep_graph else captured.detach())

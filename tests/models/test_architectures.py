@@ -8,6 +8,7 @@ import transformers as tf
 
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import check_sufficiency
+from captum_effattn.attr._views import get_view, project_captured, project_matrices
 from captum_effattn.models import (
     ARCHITECTURES,
     UnsupportedModelError,
@@ -24,6 +25,8 @@ from tests.models.tiny import (
     NUM_LAYERS,
     PATCH_SIZE,
     TINY_MODELS,
+    WINDOW,
+    WINDOWED_MODELS,
     tiny_inputs,
     tiny_model,
 )
@@ -45,9 +48,11 @@ ATTENTION_MODULES = {
     "phi3": lambda base: [block.self_attn for block in base.layers],
     "gpt_neox": lambda base: [block.attention for block in base.layers],
     "albert": lambda base: [base.encoder.albert_layer_groups[0].albert_layers[0].attention] * 2,
+    "mistral": lambda base: [block.self_attn for block in base.layers],
+    "modernbert": lambda base: [block.attn for block in base.layers],
 }
 # Key/value heads of the later tiny models (grouped-query attention where fewer than 4).
-KV_HEADS = {"qwen2": 2, "gemma": 1, "phi3": 2}
+KV_HEADS = {"qwen2": 2, "gemma": 1, "phi3": 2, "mistral": 2}
 INPUT_EMBEDDINGS = {
     "bert": lambda base: base.embeddings.word_embeddings,
     "roberta": lambda base: base.embeddings.word_embeddings,
@@ -196,3 +201,54 @@ def test_albert_runs_its_one_block_as_every_layer_and_each_run_is_captured():
     assert (first.layer, second.layer) == (0, 1)
     # Same block, different inputs: the second run sees the first run's output.
     assert (first.attn - second.attn).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", WINDOWED_MODELS)
+def test_sliding_window_rows_are_projected_within_their_window(name):
+    model = tiny_model(name)
+    causal = name in MORE_CAUSAL_MODELS
+    inputs = tiny_inputs(name, padding="left" if causal else "right")
+    with torch.no_grad(), capture_attention(model) as record:
+        model(**inputs)
+    windowed = [c for c in record.layers if c.window is not None]
+    assert [c.layer for c in windowed] == ([0, 1] if name == "mistral" else [1])
+    keys = torch.arange(inputs["input_ids"].shape[1])
+    real = inputs["attention_mask"].bool()
+    distance = keys[:, None] - keys[None, :]  # query minus key
+    expected = (distance.abs() < WINDOW) & real[:, None, :]
+    if causal:
+        expected &= distance >= 0
+    efficient = get_view("efficient")
+    for captured in windowed:
+        assert captured.window == WINDOW
+        visible = captured.visible_keys(keys)
+        assert torch.equal(visible[real], expected[real])
+        assert (captured.attn * ~visible[:, None]).abs().max() == 0
+        rows, error = project_captured(captured, efficient)
+        on_real = rows.transpose(1, 2)[real]  # (real queries, H, S)
+        assert (on_real * ~visible[real][:, None]).abs().max() == 0
+        assert (on_real >= 0).all()
+        torch.testing.assert_close(on_real.sum(-1), torch.ones(on_real.shape[:2]))
+        assert error.max() <= 1e-9
+        assert (rows - captured.attn).abs().max() > 1e-3  # windows of 12 keys > d_head + 1
+        # Ignoring the window would move mass onto keys the row cannot see.
+        unwindowed, _ = project_matrices(
+            captured.attn, captured.values, captured.key_mask, causal, efficient
+        )
+        assert (unwindowed.transpose(1, 2)[real] * ~visible[real][:, None]).abs().max() > 1e-3
+
+
+def test_mistral_explanations_stay_within_the_last_rows_window():
+    model = tiny_model("mistral")
+    inputs = tiny_inputs("mistral", padding=None)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def last_logits(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+    scores = EfficientAttentionAttribution(last_logits, model=model).attribute(
+        ids, additional_forward_args=(mask,)
+    )
+    seen = ids.shape[1] - WINDOW
+    assert (scores[:, :seen] == 0).all()
+    torch.testing.assert_close(scores[:, seen:].sum(-1), torch.ones(len(ids)))

@@ -19,10 +19,27 @@ TINY_MODELS = ("bert", "roberta", "distilbert", "gpt2", "llama", "vit")
 
 CAUSAL_MODELS = ("gpt2", "llama")
 
-MORE_MODELS = ("electra", "xlm-roberta", "qwen2", "gemma", "phi3", "gpt_neox", "albert")
+MORE_MODELS = (
+    "electra",
+    "xlm-roberta",
+    "qwen2",
+    "gemma",
+    "phi3",
+    "gpt_neox",
+    "albert",
+    "mistral",
+    "modernbert",
+)
 """The architectures added later (2 layers each), by ``config.model_type``."""
 
-MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox")
+MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox", "mistral")
+
+WINDOW = 12
+"""Sliding window of the windowed tiny models (Mistral, Qwen2's and ModernBERT's local layers),
+below the 16-token inputs but above ``d_head + 1``: row ``i`` sees keys ``j`` with
+``|i - j| < WINDOW`` (``j <= i`` for decoders), enough keys for efficient rows to move."""
+
+WINDOWED_MODELS = ("qwen2", "mistral", "modernbert")
 
 NUM_LAYERS, NUM_HEADS, HIDDEN, VOCAB, SEQ_LEN, NUM_LABELS = 3, 4, 32, 99, 16, 3
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -46,12 +63,32 @@ _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
     "electra": lambda: tf.ElectraConfig(embedding_size=HIDDEN, **_SMALL),
     "xlm-roberta": lambda: tf.XLMRobertaConfig(**_SMALL),
-    "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
+    # Layer 0 global, layer 1 sliding-window attention.
+    "qwen2": lambda: tf.Qwen2Config(
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        **_SMALL,
+        **_TOKENS,
+    ),
     "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_SMALL, **_TOKENS),
     "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL, **_TOKENS),
     # One block shared by both layers (ALBERT's default single group of one block).
     "albert": lambda: tf.AlbertConfig(embedding_size=16, **_SMALL),
+    "mistral": lambda: tf.MistralConfig(
+        num_key_value_heads=2, sliding_window=WINDOW, **_SMALL, **_TOKENS
+    ),
+    # Layer 0 global, layer 1 local: keys within `local_attention // 2` = WINDOW - 1 positions.
+    "modernbert": lambda: tf.ModernBertConfig(
+        local_attention=2 * (WINDOW - 1),
+        global_attn_every_n_layers=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        **_SMALL,
+        **_TOKENS,
+    ),
 }
 
 
@@ -146,6 +183,8 @@ _HEAD_CLASSES = {
     "phi3": tf.Phi3ForCausalLM,
     "gpt_neox": tf.GPTNeoXForCausalLM,
     "albert": tf.AlbertForSequenceClassification,
+    "mistral": tf.MistralForCausalLM,
+    "modernbert": tf.ModernBertForSequenceClassification,
 }
 
 _BARE_CLASSES = {
@@ -162,6 +201,8 @@ _BARE_CLASSES = {
     "phi3": tf.Phi3Model,
     "gpt_neox": tf.GPTNeoXModel,
     "albert": tf.AlbertModel,
+    "mistral": tf.MistralModel,
+    "modernbert": tf.ModernBertModel,
 }
 
 
