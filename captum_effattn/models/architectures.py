@@ -68,6 +68,12 @@ class ArchitectureSpec:
             output projection ``W_O`` to the concatenated heads (an ``nn.Linear``, or GPT-2's
             ``Conv1D``); head ``h``'s slice ``W_O^h`` maps its values into the residual stream.
             ``None`` when unknown (then value-norm weighting is unavailable for the model).
+        decoder_layers: encoder-decoder models (T5, BART): dotted path from the base model to the
+            decoder's blocks, whose causal self-attention (at ``attention``, as in the encoder's
+            blocks) is numbered after the encoder's layers, in the order the forward runs them:
+            layers ``0..L_enc-1`` are the encoder's, ``L_enc..L_enc+L_dec-1`` the decoder's.
+            Cross-attention is not a layer: it runs unchanged. A model of the family without a
+            decoder (``T5EncoderModel``) has the encoder's layers only.
     """
 
     model_type: str
@@ -78,6 +84,7 @@ class ArchitectureSpec:
     embeds_name: str | None = "inputs_embeds"
     prepends_cls_token: bool = False
     output_projection: str | None = None
+    decoder_layers: str | None = None
 
 
 def _albert_blocks(base: Any) -> list[nn.Module]:
@@ -165,6 +172,27 @@ for _spec in (
     ),
     ArchitectureSpec("modernbert", "layers", "attn", output_projection="attn.Wo"),
     ArchitectureSpec(
+        "t5",
+        "encoder.block",
+        "layer.0.SelfAttention",
+        output_projection="layer.0.SelfAttention.o",
+        decoder_layers="decoder.block",
+    ),
+    ArchitectureSpec(
+        "bart",
+        "encoder.layers",
+        "self_attn",
+        output_projection="self_attn.out_proj",
+        decoder_layers="decoder.layers",
+    ),
+    ArchitectureSpec(
+        "mbart",
+        "encoder.layers",
+        "self_attn",
+        output_projection="self_attn.out_proj",
+        decoder_layers="decoder.layers",
+    ),
+    ArchitectureSpec(
         "vit",
         "layers",
         "attention",
@@ -197,6 +225,9 @@ class ModelArchitecture:
         patch_size: ``(height, width)`` of one patch (ViT), else ``None``.
         blocks: the block of each layer (index = layer index; the same module repeats where
             layers share a block); ``spec.output_projection`` is relative to these.
+        causal_layers: per layer, whether its self-attention is causal (differs between the
+            encoder's and the decoder's layers of an encoder-decoder model; otherwise every entry
+            is ``causal``).
     """
 
     spec: ArchitectureSpec
@@ -210,6 +241,11 @@ class ModelArchitecture:
     image_size: tuple[int, int] | None = None
     patch_size: tuple[int, int] | None = None
     blocks: tuple[nn.Module, ...] = ()
+    causal_layers: tuple[bool, ...] = ()
+
+    def layer_causal(self, layer: int) -> bool:
+        """Whether layer ``layer``'s self-attention is causal."""
+        return self.causal_layers[layer] if self.causal_layers else self.causal
 
     @property
     def num_layers(self) -> int:
@@ -240,6 +276,14 @@ def _submodule(root: nn.Module, path: str, what: str, model: PreTrainedModel) ->
             f"{type(model).__name__} (model_type {model.config.model_type!r}) has no {what} at "
             f"{path!r}: its layout differs from the registered one for this transformers version"
         ) from None
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _layer_list(model: PreTrainedModel, path: str | BlockList) -> Sequence[nn.Module]:
@@ -294,6 +338,11 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
             f"{type(model).__name__} (model_type {config.model_type!r}) is not supported",
         )
     blocks = _layer_list(model, spec.layers)
+    causal = spec.causal(config)
+    causal_layers = [causal] * len(blocks)
+    if spec.decoder_layers is not None and _has_submodule(model.base_model, spec.decoder_layers):
+        decoder = _layer_list(model, spec.decoder_layers)
+        blocks, causal_layers = [*blocks, *decoder], causal_layers + [True] * len(decoder)
     attention = tuple(_submodule(block, spec.attention, "attention", model) for block in blocks)
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -306,9 +355,10 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        causal=spec.causal(config),
+        causal=causal,
         input_embeddings=model.get_input_embeddings(),
         image_size=_pair(config.image_size) if image else None,
         patch_size=_pair(config.patch_size) if image else None,
         blocks=tuple(blocks),
+        causal_layers=tuple(causal_layers),
     )

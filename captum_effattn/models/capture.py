@@ -56,8 +56,9 @@ RealKeys = Annotated[torch.Tensor, "(B, S_k)"]
 """``True`` for real keys, ``False`` for padding keys."""
 
 # Keyword arguments some attention modules pass that change the attention pattern beyond what the
-# capture implements (a sliding window it does implement); refuse rather than silently ignore one.
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
+# capture implements (it implements `sliding_window` and T5's `position_bias`); refuse rather than
+# silently ignore one.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +195,33 @@ def window_ranges(window: int, q_len: int, k_len: int) -> KeyRanges:
     return ranges
 
 
+def _added_scores(
+    attention_mask: torch.Tensor | None, extra: dict
+) -> tuple[torch.Tensor | None, bool]:
+    """What the layer adds to its scores besides masking keys: a float mask (a user's 4D mask)
+    plus T5's relative position bias (taken out of ``extra``), and whether there was a bias.
+
+    The bias changes the scores, not the value space: the layer's probabilities are recorded
+    (computed with it) whatever ``materialize`` says, and projected like any others.
+    """
+    bias = extra.pop("position_bias", None)
+    float_mask = None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        float_mask = attention_mask
+    if bias is None:
+        return float_mask, False
+    return (bias if float_mask is None else float_mask + bias), True
+
+
+def _heads_of_additive(
+    additive: torch.Tensor | None, heads: tuple[int, ...], num_heads: int
+) -> torch.Tensor | None:
+    """The selected heads' slice of a per-head additive term ``(B or 1, H, S_q, S_k)``."""
+    if additive is None or additive.shape[1] != num_heads:
+        return additive
+    return _select_heads(additive, heads)
+
+
 def _sliding_window(extra: dict, q_len: int, k_len: int) -> tuple[int | None, KeyRanges | None]:
     """The window a layer passes as ``sliding_window`` (taken out of ``extra``) and its ranges."""
     window = extra.pop("sliding_window", None)
@@ -300,6 +328,7 @@ class _LayerTap:
         self.key_masks = key_masks
         self.module = module
         self.materialize = materialize
+        self.causal = architecture.layer_causal(layer)
         self.heads = heads
         self.kv_heads = tuple(architecture.kv_head(h) for h in heads)
         self.architecture = architecture
@@ -340,9 +369,9 @@ class _LayerTap:
             # An additive float mask (a user's own 4D mask): hidden keys carry (about) the
             # dtype's minimum.
             allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        key_mask = padding_of(allowed, self.architecture.causal, batch, window)
+        key_mask = padding_of(allowed, self.causal, batch, window)
         if key_mask is None:
-            kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
+            kind = "padding mask combined with a causal mask" if self.causal else ""
             raise ValueError(
                 f"the attention mask of layer {self.layer} of {self.architecture.model_class} is "
                 f"not a {kind or 'padding mask'}; capture_attention needs masks of that form (a "
@@ -365,9 +394,7 @@ class _LayerTap:
         q_len, head_dim = query.shape[-2:]
         k_len = key.shape[-2]
         scaling = head_dim**-0.5 if scaling is None else scaling
-        additive = None
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            additive = attention_mask
+        additive, biased = _added_scores(attention_mask, extra)
         window, ranges = _sliding_window(extra, q_len, k_len)
         layer = CapturedHeads(
             layer=self.layer,
@@ -377,38 +404,21 @@ class _LayerTap:
             key_mask=self.key_masks.get(
                 attention_mask, lambda: self._key_mask(attention_mask, key, ranges)
             ),
-            causal=self.architecture.causal,
+            causal=self.causal,
             scaling=scaling,
             additive_mask=additive,
             window=window,
         )
-        if not self.materialize:
-            # Record queries and keys only; the layer runs transformers' own fast attention.
-            captured = replace(
-                layer,
-                query=_select_heads(query, self.heads),
-                key=_select_heads(key, self.kv_heads),
-            )
-            self.record.add(captured if self.keep_graph else captured.detach())
-            if (
-                additive is None
-                and attention_mask is not None
-                and q_len == k_len
-                and attention_mask.shape[-2:] == (q_len, k_len)
-                and self.key_masks.all_real()
-                and window is None
-            ):
-                # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
-                # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
-                attention_mask = None
-                extra = {**extra, "is_causal": self.architecture.causal}
-            return sdpa_attention_forward(
-                self.module, query, key, value, attention_mask, scaling=scaling, **extra
-            )
+        if not self.materialize and not biased:
+            return self._record_lazily(layer, query, key, value, attention_mask, extra)
         every_row = torch.arange(q_len, device=query.device)
         probs = attention_rows_torch(query, key, every_row, row_masking(layer, q_len), scaling)
         probs = probs.to(query.dtype)
-        captured = replace(layer, probabilities=_select_heads(probs, self.heads))
+        captured = replace(
+            layer,
+            probabilities=_select_heads(probs, self.heads),
+            additive_mask=_heads_of_additive(additive, self.heads, probs.shape[1]),
+        )
         self.record.add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             heads = torch.tensor(self.heads, device=query.device)
@@ -416,6 +426,39 @@ class _LayerTap:
             probs = probs.index_copy(1, heads, replaced.to(probs.dtype))
         output = _grouped_product(probs, value)
         return output.transpose(1, 2).contiguous(), probs
+
+    def _record_lazily(
+        self,
+        layer: CapturedHeads,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Record queries and keys only; the layer runs transformers' own fast attention."""
+        captured = replace(
+            layer,
+            query=_select_heads(query, self.heads),
+            key=_select_heads(key, self.kv_heads),
+        )
+        self.record.add(captured if self.keep_graph else captured.detach())
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        if (
+            layer.additive_mask is None
+            and attention_mask is not None
+            and q_len == k_len
+            and attention_mask.shape[-2:] == (q_len, k_len)
+            and self.key_masks.all_real()
+            and layer.window is None
+        ):
+            # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
+            # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
+            attention_mask = None
+            extra = {**extra, "is_causal": self.causal}
+        return sdpa_attention_forward(
+            self.module, query, key, value, attention_mask, scaling=layer.scaling, **extra
+        )
 
     def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
         replaced = transform(captured)

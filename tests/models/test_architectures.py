@@ -17,6 +17,7 @@ from captum_effattn.models import (
     select_heads,
 )
 from tests.models.tiny import (
+    ENCODER_DECODER_MODELS,
     HIDDEN,
     MORE_CAUSAL_MODELS,
     MORE_LAYERS,
@@ -50,6 +51,15 @@ ATTENTION_MODULES = {
     "albert": lambda base: [base.encoder.albert_layer_groups[0].albert_layers[0].attention] * 2,
     "mistral": lambda base: [block.self_attn for block in base.layers],
     "modernbert": lambda base: [block.attn for block in base.layers],
+    "t5": lambda base: [
+        block.layer[0].SelfAttention for block in [*base.encoder.block, *base.decoder.block]
+    ],
+    "bart": lambda base: [
+        block.self_attn for block in [*base.encoder.layers, *base.decoder.layers]
+    ],
+    "mbart": lambda base: [
+        block.self_attn for block in [*base.encoder.layers, *base.decoder.layers]
+    ],
 }
 # Key/value heads of the later tiny models (grouped-query attention where fewer than 4).
 KV_HEADS = {"qwen2": 2, "gemma": 1, "phi3": 2, "mistral": 2}
@@ -140,21 +150,28 @@ def test_later_architectures_attention_modules_and_geometry(name, head):
     model = tiny_model(name, head=head)
     arch = describe_model(model)
     expected = ATTENTION_MODULES[name](model.base_model)
-    assert len(arch.attention_modules) == MORE_LAYERS
+    assert len(arch.attention_modules) == MORE_LAYERS * (2 if name in ENCODER_DECODER_MODELS else 1)
     assert all(a is b for a, b in zip(arch.attention_modules, expected, strict=True))
     assert arch.input_embeddings is model.get_input_embeddings()
     assert (arch.num_heads, arch.head_dim) == (NUM_HEADS, HIDDEN // NUM_HEADS)
     assert arch.num_kv_heads == KV_HEADS.get(name, NUM_HEADS)
     assert arch.causal == (name in MORE_CAUSAL_MODELS)
+    decoder = name in ENCODER_DECODER_MODELS
+    assert arch.causal_layers == (False, False, True, True) if decoder else (arch.causal,) * 2
     assert arch.spec.input_name == model.main_input_name == "input_ids"
 
 
 def _text_forward(name, model):
-    """``forward(ids, mask) -> logits``; decoders get positions that skip left padding."""
-    causal = name in MORE_CAUSAL_MODELS
+    """``forward(ids, mask) -> logits``; decoders get positions that skip left padding, the
+    decoders of encoder-decoder classifiers the input's mask (so their last real row is the end
+    of sequence token's, which the classifier reads)."""
+    extra = {}
 
     def forward(ids, mask):
-        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if causal else {}
+        if name in MORE_CAUSAL_MODELS:
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        if name in ENCODER_DECODER_MODELS:
+            extra["decoder_attention_mask"] = mask
         return model(input_ids=ids, attention_mask=mask, **extra).logits
 
     return forward
@@ -173,8 +190,10 @@ def test_later_architectures_attribute_and_reproduce_the_logits(name):
             return forward(ids, mask)[torch.arange(len(ids)), last]
     else:
         explained = forward
+    # Encoder-decoder classifiers are explained by their decoder's layers (eos rows).
+    layers = [2, 3] if name in ENCODER_DECODER_MODELS else None
     scores = EfficientAttentionAttribution(explained, model=model).attribute(
-        ids, additional_forward_args=(mask,)
+        ids, additional_forward_args=(mask,), layers=layers
     )
     assert scores.shape == ids.shape
     assert (scores[mask == 0] == 0).all()
@@ -183,7 +202,7 @@ def test_later_architectures_attribute_and_reproduce_the_logits(name):
     report = check_sufficiency(model, ids, (mask,), forward_func=forward)
     assert report.holds(CLAIM_TOL), report.relative_change
     raw = EfficientAttentionAttribution(explained, model=model).attribute(
-        ids, additional_forward_args=(mask,), view="raw"
+        ids, additional_forward_args=(mask,), view="raw", layers=layers
     )
     assert (raw - scores).abs().max() > 1e-4  # 16 tokens over 8-wide heads: rows do move
 
@@ -252,3 +271,52 @@ def test_mistral_explanations_stay_within_the_last_rows_window():
     seen = ids.shape[1] - WINDOW
     assert (scores[:, :seen] == 0).all()
     torch.testing.assert_close(scores[:, seen:].sum(-1), torch.ones(len(ids)))
+
+
+@pytest.mark.parametrize("name", ENCODER_DECODER_MODELS)
+@pytest.mark.parametrize("materialize", [True, False], ids=["materialized", "lazy"])
+def test_encoder_then_decoder_layers_match_eager_attention(name, materialize):
+    """Layers 0-1 are the encoder's, 2-3 the decoder's causal self-attention; T5's relative
+    position bias is in the captured probabilities (they match eager attention, which adds it)."""
+    inputs = tiny_inputs(name, padding="right")
+    inputs["decoder_attention_mask"] = inputs["attention_mask"]
+    eager = tiny_model(name, "eager")
+    with torch.no_grad():
+        expected = eager(**inputs, output_attentions=True)
+    model = tiny_model(name)
+    with torch.no_grad(), capture_attention(model, materialize=materialize) as record:
+        model(**inputs)
+    captured = record.layers
+    assert [c.causal for c in captured] == [False, False, True, True]
+    real = inputs["attention_mask"].bool()
+    for c, reference in zip(
+        captured, [*expected.encoder_attentions, *expected.decoder_attentions], strict=True
+    ):
+        torch.testing.assert_close(
+            c.attn.transpose(1, 2)[real],  # real query rows
+            reference.transpose(1, 2)[real],
+            atol=1e-6,
+            rtol=0,
+            msg=f"layer {c.layer}",
+        )
+    if name == "t5":
+        assert captured[0].additive_mask is not None  # the position bias
+        assert captured[0].probabilities is not None  # recorded even when not materializing
+
+
+def test_encoder_and_decoder_layers_explain_separately():
+    model = tiny_model("bart")
+    inputs = tiny_inputs("bart", padding="right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, decoder_attention_mask=mask).logits
+
+    explainer = EfficientAttentionAttribution(forward, model=model)
+    for layers in ([0, 1], [2, 3]):
+        scores = explainer.attribute(ids, additional_forward_args=(mask,), layers=layers)
+        assert (scores[mask == 0] == 0).all()
+        torch.testing.assert_close(scores.sum(-1), torch.ones(len(ids)))
+    # The decoder's explaining row is the end-of-sequence token's, which sees every real token.
+    decoder = explainer.attribute(ids, additional_forward_args=(mask,), layers=[3], view="raw")
+    assert (decoder[mask == 1] > 0).all()

@@ -29,6 +29,9 @@ MORE_MODELS = (
     "albert",
     "mistral",
     "modernbert",
+    "t5",
+    "bart",
+    "mbart",
 )
 """The architectures added later (2 layers each), by ``config.model_type``."""
 
@@ -40,6 +43,9 @@ below the 16-token inputs but above ``d_head + 1``: row ``i`` sees keys ``j`` wi
 ``|i - j| < WINDOW`` (``j <= i`` for decoders), enough keys for efficient rows to move."""
 
 WINDOWED_MODELS = ("qwen2", "mistral", "modernbert")
+
+ENCODER_DECODER_MODELS = ("t5", "bart", "mbart")
+"""Encoder-decoder models: layers 0-1 are the encoder's, 2-3 the decoder's causal layers."""
 
 NUM_LAYERS, NUM_HEADS, HIDDEN, VOCAB, SEQ_LEN, NUM_LABELS = 3, 4, 32, 99, 16, 3
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -59,6 +65,25 @@ _SMALL = {
     **_COMMON,
 }
 _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _seq2seq() -> dict:
+    return {
+        "vocab_size": VOCAB,
+        "d_model": HIDDEN,
+        "encoder_layers": MORE_LAYERS,
+        "decoder_layers": MORE_LAYERS,
+        "encoder_attention_heads": NUM_HEADS,
+        "decoder_attention_heads": NUM_HEADS,
+        "encoder_ffn_dim": 37,
+        "decoder_ffn_dim": 37,
+        "max_position_embeddings": 64,
+        "num_labels": NUM_LABELS,
+        "init_std": INIT_STD,
+        "decoder_start_token_id": 2,
+        **_TOKENS,
+    }
+
 
 _MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
     "electra": lambda: tf.ElectraConfig(embedding_size=HIDDEN, **_SMALL),
@@ -89,6 +114,22 @@ _MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
         **_SMALL,
         **_TOKENS,
     ),
+    "t5": lambda: tf.T5Config(
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=HIDDEN // NUM_HEADS,
+        num_heads=NUM_HEADS,
+        num_layers=MORE_LAYERS,
+        d_ff=37,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        num_labels=NUM_LABELS,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    ),
+    "bart": lambda: tf.BartConfig(**_seq2seq()),
+    "mbart": lambda: tf.MBartConfig(**_seq2seq()),
 }
 
 
@@ -185,6 +226,9 @@ _HEAD_CLASSES = {
     "albert": tf.AlbertForSequenceClassification,
     "mistral": tf.MistralForCausalLM,
     "modernbert": tf.ModernBertForSequenceClassification,
+    "t5": tf.T5ForSequenceClassification,
+    "bart": tf.BartForSequenceClassification,
+    "mbart": tf.MBartForSequenceClassification,
 }
 
 _BARE_CLASSES = {
@@ -203,6 +247,9 @@ _BARE_CLASSES = {
     "albert": tf.AlbertModel,
     "mistral": tf.MistralModel,
     "modernbert": tf.ModernBertModel,
+    "t5": tf.T5Model,
+    "bart": tf.BartModel,
+    "mbart": tf.MBartModel,
 }
 
 
@@ -250,4 +297,8 @@ def tiny_inputs(
         short = slice(SEQ_LEN - 5, None) if padding == "right" else slice(0, 5)
         mask[1, short] = 0
         ids[1, short] = pad
+    if name in ENCODER_DECODER_MODELS:
+        # Their classifiers read the decoder at each example's (one) end-of-sequence token.
+        last = SEQ_LEN - 1 - mask.flip(1).argmax(1)
+        ids[torch.arange(batch), last] = config.eos_token_id
     return {"input_ids": ids, "attention_mask": mask}
