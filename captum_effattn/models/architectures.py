@@ -103,9 +103,63 @@ def _albert_blocks(base: Any) -> list[nn.Module]:
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 """The registry: ``config.model_type`` -> :class:`ArchitectureSpec`."""
 
+_NO_ATTENTION_INTERFACE = (
+    "computes its attention inside {module} without transformers' attention interface "
+    "(ALL_ATTENTION_FUNCTIONS), so its attention probabilities cannot be captured or replaced"
+)
+
+KNOWN_UNSUPPORTED: dict[str, str] = {
+    "deberta-v2": _NO_ATTENTION_INTERFACE.format(module="DisentangledSelfAttention")
+    + " (its disentangled content-to-position and position-to-content terms are added to the "
+    "scores there)",
+    "deberta": _NO_ATTENTION_INTERFACE.format(module="DisentangledSelfAttention"),
+}
+"""Model types known not to work, ``config.model_type`` -> why (the error says it)."""
+
 
 def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
-    """Add (or replace) the spec for ``spec.model_type``; returns it."""
+    """Add (or replace) the spec for ``spec.model_type``; returns it.
+
+    Every name a spec needs is public: paths are dotted strings, ``causal`` any function of the
+    config. A model whose ``config.model_type`` is a variant of a built-in architecture (a
+    renamed or fine-tuned BERT, say) reuses the built-in spec under its own type name.
+
+    Example:
+        >>> import dataclasses
+        >>> import transformers
+        >>> from captum_effattn.models import (
+        ...     ARCHITECTURES, ArchitectureSpec, describe_model, register_architecture)
+        >>> class MyBertConfig(transformers.BertConfig):
+        ...     model_type = "my-bert"  # a BERT variant under its own model type
+        >>> spec = register_architecture(
+        ...     dataclasses.replace(ARCHITECTURES["bert"], model_type="my-bert"))
+        >>> config = MyBertConfig(
+        ...     vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+        >>> describe_model(transformers.BertModel(config)).num_layers
+        2
+
+        Written out, the same spec reads (for a new family, set the paths of its own modules):
+
+        >>> spec = register_architecture(ArchitectureSpec(
+        ...     "my-bert",
+        ...     layers="encoder.layer",                      # from model.base_model
+        ...     attention="attention.self",                  # from a block
+        ...     causal=lambda config: config.is_decoder,
+        ...     output_projection="attention.output.dense",  # from a block
+        ... ))
+        >>> describe_model(transformers.BertModel(config)).causal
+        False
+
+    The architecture must compute attention through transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``) and build its masks with ``masking_utils``, as the built-in ones
+    do; see :mod:`captum_effattn.models.capture`.
+
+    Args:
+        spec: where the model family keeps its self-attention.
+
+    Returns:
+        ``spec``, now in :data:`ARCHITECTURES`.
+    """
     ARCHITECTURES[spec.model_type] = spec
     return spec
 
@@ -325,7 +379,8 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
 
     Raises:
         UnsupportedModelError: not a transformers model, or its ``config.model_type`` is not
-            registered (the message names the class, the model type and what is supported).
+            registered (the message names the class, the model type and what is supported; for
+            a type in :data:`KNOWN_UNSUPPORTED`, such as DeBERTa-v2, also why).
     """
     if not isinstance(model, PreTrainedModel):
         raise _unsupported(
@@ -333,6 +388,11 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
         )
     config = model.config
     spec = ARCHITECTURES.get(config.model_type)
+    if spec is None and config.model_type in KNOWN_UNSUPPORTED:
+        raise _unsupported(
+            f"{type(model).__name__} (model_type {config.model_type!r}) is not supported: it "
+            f"{KNOWN_UNSUPPORTED[config.model_type]}"
+        )
     if spec is None:
         raise _unsupported(
             f"{type(model).__name__} (model_type {config.model_type!r}) is not supported",

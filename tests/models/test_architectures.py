@@ -26,6 +26,7 @@ from tests.models.tiny import (
     NUM_LAYERS,
     PATCH_SIZE,
     TINY_MODELS,
+    VOCAB,
     WINDOW,
     WINDOWED_MODELS,
     tiny_inputs,
@@ -320,3 +321,67 @@ def test_encoder_and_decoder_layers_explain_separately():
     # The decoder's explaining row is the end-of-sequence token's, which sees every real token.
     decoder = explainer.attribute(ids, additional_forward_args=(mask,), layers=[3], view="raw")
     assert (decoder[mask == 1] > 0).all()
+
+
+def test_deberta_v2_is_refused_with_the_reason():
+    config = tf.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = tf.DebertaV2ForSequenceClassification(config).eval()
+    with pytest.raises(UnsupportedModelError) as error:
+        describe_model(model)
+    message = str(error.value)
+    assert "DebertaV2ForSequenceClassification (model_type 'deberta-v2')" in message
+    assert "DisentangledSelfAttention" in message
+    assert "attention interface" in message
+    assert "cannot be captured" in message
+
+
+@pytest.fixture
+def restore_registry():
+    saved = dict(ARCHITECTURES)
+    yield
+    ARCHITECTURES.clear()
+    ARCHITECTURES.update(saved)
+
+
+def test_register_architecture_docstring_example_runs(restore_registry):
+    import doctest
+
+    from captum_effattn.models import architectures
+
+    finder = doctest.DocTestFinder()
+    (test,) = finder.find(architectures.register_architecture, "register_architecture")
+    result = doctest.DocTestRunner(verbose=False).run(test)
+    assert result.attempted >= 8
+    assert result.failed == 0
+    assert "my-bert" in ARCHITECTURES
+
+
+def test_a_registered_variant_of_a_built_in_type_attributes_and_is_sufficient(restore_registry):
+    import dataclasses
+
+    from captum_effattn.models import register_architecture
+
+    class VariantConfig(tf.BertConfig):
+        model_type = "bert-variant"
+
+    register_architecture(dataclasses.replace(ARCHITECTURES["bert"], model_type="bert-variant"))
+    settings = tiny_model("bert").config.to_diff_dict()
+    settings.pop("model_type", None)
+    config = VariantConfig(**settings)
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(config).eval()
+    assert model.config.model_type == "bert-variant"
+    assert describe_model(model).spec.model_type == "bert-variant"
+    inputs = tiny_inputs("bert")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    scores = EfficientAttentionAttribution(forward, model=model).attribute(
+        ids, additional_forward_args=(mask,)
+    )
+    torch.testing.assert_close(scores.sum(-1), torch.ones(len(ids)))
+    assert check_sufficiency(model, ids, (mask,), forward_func=forward).holds(CLAIM_TOL)
