@@ -38,11 +38,11 @@ MORE_MODELS = (
 MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox", "mistral")
 
 WINDOW = 12
-"""Sliding window of the windowed tiny models (Mistral, Qwen2's and ModernBERT's local layers),
-below the 16-token inputs but above ``d_head + 1``: row ``i`` sees keys ``j`` with
+"""Sliding window of the windowed tiny models (Mistral, Phi-3, Qwen2's and ModernBERT's local
+layers), below the 16-token inputs but above ``d_head + 1``: row ``i`` sees keys ``j`` with
 ``|i - j| < WINDOW`` (``j <= i`` for decoders), enough keys for efficient rows to move."""
 
-WINDOWED_MODELS = ("qwen2", "mistral", "modernbert")
+WINDOWED_MODELS = ("qwen2", "phi3", "mistral", "modernbert")
 
 ENCODER_DECODER_MODELS = ("t5", "bart", "mbart")
 """Encoder-decoder models: layers 0-1 are the encoder's, 2-3 the decoder's causal layers."""
@@ -98,7 +98,9 @@ _MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
         **_TOKENS,
     ),
     "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_SMALL, **_TOKENS),
-    "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **_SMALL, **_TOKENS),
+    "phi3": lambda: tf.Phi3Config(
+        num_key_value_heads=2, sliding_window=WINDOW, **_SMALL, **_TOKENS
+    ),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL, **_TOKENS),
     # One block shared by both layers (ALBERT's default single group of one block).
     "albert": lambda: tf.AlbertConfig(embedding_size=16, **_SMALL),
