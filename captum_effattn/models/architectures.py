@@ -9,7 +9,11 @@ function, what the model's primary input is, and whether its self-attention is c
 Every supported architecture computes self-attention by dispatching on
 ``config._attn_implementation`` through transformers' ``AttentionInterface`` and builds its mask
 with ``masking_utils`` (checked against transformers 5.24); :mod:`captum_effattn.models.capture`
-relies on both.
+relies on both. Types known to compute attention otherwise (DeBERTa, DeBERTa-v2) are refused with
+the reason (:data:`KNOWN_UNSUPPORTED`).
+
+Layers are numbered in the order the forward runs them: a block that runs as several layers
+(ALBERT) is several layers; an encoder-decoder model's decoder layers follow its encoder's.
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ Hugging Face model (loaded with ``sdpa``, ``eager`` or any other implementation)
 attention implementation (:mod:`captum_effattn.models._interface`) that computes the selected
 layers' attention explicitly:
 
-    A = softmax(Q K^T * scaling, masked)   (B, H, S_q, S_k), softmax in float32
-    output = A V                           V repeated per query head for grouped-query attention
+    A = softmax(Q K^T * scaling + bias, masked)   (B, H, S_q, S_k), softmax in float32
+    output = A V                                  V repeated per query head under GQA
 
-and records, for the selected heads only, ``A``, the values ``V`` (projection bias included) and
+(``bias``: T5's relative position bias, whose layers always record their probabilities; the mask
+includes a layer's sliding window, recorded as :attr:`CapturedHeads.window`) and records, for the
+selected heads only, ``A``, the values ``V`` (projection bias included) and
 the real (non-padding) keys read from the mask the model built itself. An optional ``transform``
 replaces the selected heads' probabilities before ``A V`` is taken: substituting efficient
 attention leaves the model's output unchanged, substituting a perturbed distribution does not.
