@@ -269,7 +269,7 @@ def project_captured(captured: CapturedHeads, view: View) -> tuple[torch.Tensor,
     return torch.where(real_queries, rows, captured.attn), error * captured.key_mask[:, None, :]
 
 
-def _project_windowed_layer(captured: CapturedHeads, queries: QueryRows, view: View) -> LayerResult:
+def _project_layer_alone(captured: CapturedHeads, queries: QueryRows, view: View) -> LayerResult:
     if queries.all_rows:
         return project_captured(captured, view)
     rows = captured.rows(queries.positions)
@@ -292,9 +292,10 @@ def project_layers(
     Returns:
         Per layer, ``(rows, output_error)`` of shapes ``(B, H_sel, Q, S)`` and ``(B, H_sel, Q)``.
     """
-    if any(c.window is not None for c in captured):
-        # Sliding windows: each row has its own valid set, so layers are projected one by one.
-        return [_project_windowed_layer(c, queries, view) for c in captured]
+    if any(c.window is not None for c in captured) or len({c.causal for c in captured}) > 1:
+        # Sliding windows (each row has its own valid set) or encoder and decoder layers
+        # together: each layer is projected on its own, with the keys its rows see.
+        return [_project_layer_alone(c, queries, view) for c in captured]
     key_mask, causal = captured[0].key_mask, captured[0].causal
     values = torch.cat([c.values for c in captured], dim=1)
     if queries.all_rows:

@@ -84,7 +84,9 @@ class CapturedHeads:
             ``None`` when the probabilities were materialized.
         key: ``(B, H_sel, S_k, d_head)`` their keys, likewise.
         scaling: the score scale the layer used.
-        additive_mask: a float mask the model added to the scores (a user's 4D mask), if any.
+        additive_mask: what the model added to the scores besides masking, if anything: a user's
+            float 4D mask, T5's relative position bias ``(1, H_sel, S_q, S_k)`` (the selected
+            heads' slice).
         probabilities: ``(B, H_sel, S_q, S_k)`` recorded probabilities, or ``None``.
         window: sliding-window (local) attention: query ``i`` sees only keys ``j`` with
             ``|i + S_k - S_q - j| < window`` (on top of padding and causality), as the layer's

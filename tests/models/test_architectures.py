@@ -385,3 +385,21 @@ def test_a_registered_variant_of_a_built_in_type_attributes_and_is_sufficient(re
     )
     torch.testing.assert_close(scores.sum(-1), torch.ones(len(ids)))
     assert check_sufficiency(model, ids, (mask,), forward_func=forward).holds(CLAIM_TOL)
+
+
+def test_encoder_and_decoder_layers_together_keep_each_layers_causality():
+    model = tiny_model("bart")
+    inputs = tiny_inputs("bart", padding="right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, decoder_attention_mask=mask).logits
+
+    per_head = EfficientAttentionAttribution(forward, model=model).attribute(
+        ids, additional_forward_args=(mask,), reduce=None
+    )  # (B, L, H, S) for the first token's row (the encoder's rule: layer 0 decides)
+    assert per_head.shape == (2, 4, NUM_HEADS, ids.shape[1])
+    # The decoder's row 0 sees only key 0: its efficient row is one-hot there.
+    assert (per_head[:, 2:, :, 1:] == 0).all()
+    torch.testing.assert_close(per_head[:, 2:, :, 0], torch.ones(2, 2, NUM_HEADS))
+    assert (per_head[:, :2, :, 1:] > 0).any()
