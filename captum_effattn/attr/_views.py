@@ -229,6 +229,55 @@ def project_matrices(
     return rows, error.to(attn.device) * key_mask[:, None, :]
 
 
+def project_with_row_masks(
+    attn: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, view: View
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project rows whose valid sets differ row by row (sliding windows): each row on its own.
+
+    Args:
+        attn: ``(B, H, Q, S)`` attention rows.
+        values: ``(B, H, S, d)`` their value vectors.
+        visible: ``(B, Q, S)`` the keys each row sees (padding, causality and window together);
+            row ``q`` is projected within the value space of its visible keys.
+        view: the view to apply.
+
+    Returns:
+        ``(rows, output_error)`` of shapes ``(B, H, Q, S)`` and ``(B, H, Q)``; a row that sees no
+        key (a padding query) comes back unchanged with error 0.
+    """
+    seen = visible.any(-1)[:, None, :, None]  # (B, 1, Q, 1)
+    # A row that sees nothing is given every key and a uniform row (projected, then discarded).
+    masks = visible | ~seen[:, 0]
+    rows_in = torch.where(seen, attn, torch.full_like(attn, 1 / attn.shape[-1]))
+    rows, error = view.project(rows_in[..., None, :], values[:, :, None], masks[:, None], False)
+    rows, error = rows[..., 0, :], error[..., 0]
+    return torch.where(seen, rows, attn), error.to(attn.device) * seen[..., 0]
+
+
+def project_captured(captured: CapturedHeads, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of one captured layer's selected heads in ``view``, each row within the keys it
+    sees (its causal prefix, its sliding window); as :func:`project_matrices` returns them."""
+    if captured.window is None:
+        return project_matrices(
+            captured.attn, captured.values, captured.key_mask, captured.causal, view
+        )
+    every_row = torch.arange(captured.attn.shape[-2], device=captured.attn.device)
+    rows, error = project_with_row_masks(
+        captured.attn, captured.values, captured.visible_keys(every_row), view
+    )
+    real_queries = captured.key_mask[:, None, :, None]
+    return torch.where(real_queries, rows, captured.attn), error * captured.key_mask[:, None, :]
+
+
+def _project_layer_alone(captured: CapturedHeads, queries: QueryRows, view: View) -> LayerResult:
+    if queries.all_rows:
+        return project_captured(captured, view)
+    rows = captured.rows(queries.positions)
+    return project_with_row_masks(
+        rows, captured.values, captured.visible_keys(queries.positions), view
+    )
+
+
 def project_layers(
     captured: Sequence[CapturedHeads], queries: QueryRows, view: View
 ) -> list[LayerResult]:
@@ -243,6 +292,10 @@ def project_layers(
     Returns:
         Per layer, ``(rows, output_error)`` of shapes ``(B, H_sel, Q, S)`` and ``(B, H_sel, Q)``.
     """
+    if any(c.window is not None for c in captured) or len({c.causal for c in captured}) > 1:
+        # Sliding windows (each row has its own valid set) or encoder and decoder layers
+        # together: each layer is projected on its own, with the keys its rows see.
+        return [_project_layer_alone(c, queries, view) for c in captured]
     key_mask, causal = captured[0].key_mask, captured[0].causal
     values = torch.cat([c.values for c in captured], dim=1)
     if queries.all_rows:
@@ -300,5 +353,5 @@ def project_captured_matrices(
     Returns:
         ``(B, L, H, S, S)`` projected matrices and ``(B, L, H, S)`` relative head-output errors.
     """
-    projected = [project_matrices(c.attn, c.values, c.key_mask, c.causal, view) for c in captured]
+    projected = [project_captured(c, view) for c in captured]
     return torch.stack([p[0] for p in projected], 1), torch.stack([p[1] for p in projected], 1)

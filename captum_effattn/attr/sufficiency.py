@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_effattn._captum_compat import format_additional_forward_args, format_tensor_into_tuples
-from captum_effattn.attr._views import View, get_view, project_matrices
+from captum_effattn.attr._views import View, get_view, project_captured
 from captum_effattn.models import CapturedHeads, capture_attention, select_heads
 from captum_effattn.models.selection import HeadSpec, IndexSpec
 
@@ -105,9 +105,7 @@ def check_sufficiency(
         name = chosen.name
 
         def transform(captured: CapturedHeads) -> Tensor:
-            rows, error = project_matrices(
-                captured.attn, captured.values, captured.key_mask, captured.causal, chosen
-            )
+            rows, error = project_captured(captured, chosen)
             errors.append(error.reshape(error.shape[0], -1).amax(-1))
             return rows
 

@@ -5,10 +5,12 @@ Hugging Face model (loaded with ``sdpa``, ``eager`` or any other implementation)
 attention implementation (:mod:`captum_effattn.models._interface`) that computes the selected
 layers' attention explicitly:
 
-    A = softmax(Q K^T * scaling, masked)   (B, H, S_q, S_k), softmax in float32
-    output = A V                           V repeated per query head for grouped-query attention
+    A = softmax(Q K^T * scaling + bias, masked)   (B, H, S_q, S_k), softmax in float32
+    output = A V                                  V repeated per query head under GQA
 
-and records, for the selected heads only, ``A``, the values ``V`` (projection bias included) and
+(``bias``: T5's relative position bias, whose layers always record their probabilities; the mask
+includes a layer's sliding window, recorded as :attr:`CapturedHeads.window`) and records, for the
+selected heads only, ``A``, the values ``V`` (projection bias included) and
 the real (non-padding) keys read from the mask the model built itself. An optional ``transform``
 replaces the selected heads' probabilities before ``A V`` is taken: substituting efficient
 attention leaves the model's output unchanged, substituting a perturbed distribution does not.
@@ -37,10 +39,13 @@ from captum_effattn.models import _interface
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
+    KeyRanges,
     RowMasking,
     attention_rows_of,
     attention_rows_torch,
+    causal_offset,
     padding_of,
+    visible_keys,
 )
 
 HeadAttention = Annotated[torch.Tensor, "(B, H_sel, S_q, S_k)"]
@@ -52,9 +57,10 @@ HeadValues = Annotated[torch.Tensor, "(B, H_sel, S_k, d_head)"]
 RealKeys = Annotated[torch.Tensor, "(B, S_k)"]
 """``True`` for real keys, ``False`` for padding keys."""
 
-# Keyword arguments some attention modules pass that change the attention pattern: none of the
-# supported architectures does; refuse rather than silently ignore one.
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+# Keyword arguments some attention modules pass that change the attention pattern beyond what the
+# capture implements (it implements `sliding_window` and T5's `position_bias`); refuse rather than
+# silently ignore one.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,8 +84,15 @@ class CapturedHeads:
             ``None`` when the probabilities were materialized.
         key: ``(B, H_sel, S_k, d_head)`` their keys, likewise.
         scaling: the score scale the layer used.
-        additive_mask: a float mask the model added to the scores (a user's 4D mask), if any.
+        additive_mask: what the model added to the scores besides masking, if anything: a user's
+            float 4D mask, T5's relative position bias ``(1, H_sel, S_q, S_k)`` (the selected
+            heads' slice).
         probabilities: ``(B, H_sel, S_q, S_k)`` recorded probabilities, or ``None``.
+        window: sliding-window (local) attention: query ``i`` sees only keys ``j`` with
+            ``|i + S_k - S_q - j| < window`` (on top of padding and causality), as the layer's
+            ``sliding_window`` says (Mistral, Qwen2, Phi-3, ModernBERT's local layers); ``None``
+            for global attention. Each row's valid set is the window it sees: see
+            :meth:`visible_keys`.
     """
 
     layer: int
@@ -93,11 +106,27 @@ class CapturedHeads:
     scaling: float = 1.0
     additive_mask: torch.Tensor | None = None
     probabilities: HeadAttention | None = None
+    window: int | None = None
 
     @property
     def masking(self) -> RowMasking:
-        """What each query row of this layer may see (padding, causal, additive mask)."""
-        return RowMasking(key_mask=self.key_mask, causal=self.causal, additive=self.additive_mask)
+        """What each query row of this layer may see (padding, causal, window, additive mask)."""
+        return row_masking(self, self._query_count())
+
+    def _query_count(self) -> int:
+        for recorded in (self.probabilities, self.query):
+            if recorded is not None:
+                return recorded.shape[-2]
+        return self.values.shape[-2]
+
+    def visible_keys(self, positions: torch.Tensor) -> torch.Tensor:
+        """The keys each query row may see: ``positions`` ``(Q,)`` or ``(B, Q)`` ->
+        ``(B, Q, S_k)`` booleans (padding, causality and the window together): the keys a row's
+        valid attention rows may use."""
+        batch, k_len = self.key_mask.shape
+        rows = positions.reshape(-1 if positions.dim() == 2 else 1, positions.shape[-1])
+        visible = visible_keys(self.masking, rows, self._query_count(), k_len)
+        return visible.expand(batch, -1, -1)
 
     @property
     def attn(self) -> HeadAttention:
@@ -156,6 +185,64 @@ class CapturedHeads:
             key=cut(self.key),
             probabilities=cut(self.probabilities),
         )
+
+
+def window_ranges(window: int, q_len: int, k_len: int) -> KeyRanges:
+    """The :data:`KeyRanges` of a sliding window: query ``i`` sees keys ``j`` with
+    ``|i + S_k - S_q - j| < window``."""
+    offset = causal_offset(q_len, k_len)
+
+    def ranges(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = positions + offset
+        return at - window + 1, at + window
+
+    return ranges
+
+
+def _added_scores(
+    attention_mask: torch.Tensor | None, extra: dict
+) -> tuple[torch.Tensor | None, bool]:
+    """What the layer adds to its scores besides masking keys: a float mask (a user's 4D mask)
+    plus T5's relative position bias (taken out of ``extra``), and whether there was a bias.
+
+    The bias changes the scores, not the value space: the layer's probabilities are recorded
+    (computed with it) whatever ``materialize`` says, and projected like any others.
+    """
+    bias = extra.pop("position_bias", None)
+    float_mask = None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        float_mask = attention_mask
+    if bias is None:
+        return float_mask, False
+    return (bias if float_mask is None else float_mask + bias), True
+
+
+def _heads_of_additive(
+    additive: torch.Tensor | None, heads: tuple[int, ...], num_heads: int
+) -> torch.Tensor | None:
+    """The selected heads' slice of a per-head additive term ``(B or 1, H, S_q, S_k)``."""
+    if additive is None or additive.shape[1] != num_heads:
+        return additive
+    return _select_heads(additive, heads)
+
+
+def _sliding_window(extra: dict, q_len: int, k_len: int) -> tuple[int | None, KeyRanges | None]:
+    """The window a layer passes as ``sliding_window`` (taken out of ``extra``) and its ranges."""
+    window = extra.pop("sliding_window", None)
+    return window, None if window is None else window_ranges(window, q_len, k_len)
+
+
+def row_masking(captured: CapturedHeads, q_len: int) -> RowMasking:
+    """What each of ``q_len`` query rows of ``captured`` may see (padding, causal, window,
+    additive mask)."""
+    k_len = captured.key_mask.shape[-1]
+    ranges = None if captured.window is None else window_ranges(captured.window, q_len, k_len)
+    return RowMasking(
+        key_mask=captured.key_mask,
+        causal=captured.causal,
+        additive=captured.additive_mask,
+        key_ranges=ranges,
+    )
 
 
 AttentionTransform = Callable[[CapturedHeads], torch.Tensor]
@@ -245,6 +332,7 @@ class _LayerTap:
         self.key_masks = key_masks
         self.module = module
         self.materialize = materialize
+        self.causal = architecture.layer_causal(layer)
         self.heads = heads
         self.kv_heads = tuple(architecture.kv_head(h) for h in heads)
         self.architecture = architecture
@@ -272,8 +360,11 @@ class _LayerTap:
                     "function, which capture_attention does not implement"
                 )
 
-    def _key_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
-        """The real keys ``(B, S_k)`` of the model's mask, which must be padding (+ causal)."""
+    def _key_mask(
+        self, attention_mask: torch.Tensor | None, key: torch.Tensor, window: KeyRanges | None
+    ) -> torch.Tensor:
+        """The real keys ``(B, S_k)`` of the model's mask, which must be padding (+ causal, +
+        the layer's sliding window)."""
         batch, k_len = key.shape[0], key.shape[-2]
         if attention_mask is None:
             return torch.ones(batch, k_len, dtype=torch.bool, device=key.device)
@@ -282,13 +373,14 @@ class _LayerTap:
             # An additive float mask (a user's own 4D mask): hidden keys carry (about) the
             # dtype's minimum.
             allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        key_mask = padding_of(allowed, self.architecture.causal, batch)
+        key_mask = padding_of(allowed, self.causal, batch, window)
         if key_mask is None:
-            kind = "padding mask combined with a causal mask" if self.architecture.causal else ""
+            kind = "padding mask combined with a causal mask" if self.causal else ""
             raise ValueError(
                 f"the attention mask of layer {self.layer} of {self.architecture.model_class} is "
                 f"not a {kind or 'padding mask'}; capture_attention needs masks of that form (a "
-                "custom 4D mask, packed sequences or a sliding window are not supported)"
+                "custom 4D mask or packed sequences are not supported; a sliding window must be "
+                "the one the layer passes as `sliding_window`)"
             )
         return key_mask
 
@@ -306,47 +398,31 @@ class _LayerTap:
         q_len, head_dim = query.shape[-2:]
         k_len = key.shape[-2]
         scaling = head_dim**-0.5 if scaling is None else scaling
-        additive = None
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            additive = attention_mask
+        additive, biased = _added_scores(attention_mask, extra)
+        window, ranges = _sliding_window(extra, q_len, k_len)
         layer = CapturedHeads(
             layer=self.layer,
             heads=self.heads,
             kv_heads=self.kv_heads,
             values=_select_heads(value, self.kv_heads),
             key_mask=self.key_masks.get(
-                attention_mask, lambda: self._key_mask(attention_mask, key)
+                attention_mask, lambda: self._key_mask(attention_mask, key, ranges)
             ),
-            causal=self.architecture.causal,
+            causal=self.causal,
             scaling=scaling,
             additive_mask=additive,
+            window=window,
         )
-        if not self.materialize:
-            # Record queries and keys only; the layer runs transformers' own fast attention.
-            captured = replace(
-                layer,
-                query=_select_heads(query, self.heads),
-                key=_select_heads(key, self.kv_heads),
-            )
-            self.record.add(captured if self.keep_graph else captured.detach())
-            if (
-                additive is None
-                and attention_mask is not None
-                and q_len == k_len
-                and attention_mask.shape[-2:] == (q_len, k_len)
-                and self.key_masks.all_real()
-            ):
-                # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
-                # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
-                attention_mask = None
-                extra = {**extra, "is_causal": self.architecture.causal}
-            return sdpa_attention_forward(
-                self.module, query, key, value, attention_mask, scaling=scaling, **extra
-            )
+        if not self.materialize and not biased:
+            return self._record_lazily(layer, query, key, value, attention_mask, extra)
         every_row = torch.arange(q_len, device=query.device)
-        probs = attention_rows_torch(query, key, every_row, layer.masking, scaling)
+        probs = attention_rows_torch(query, key, every_row, row_masking(layer, q_len), scaling)
         probs = probs.to(query.dtype)
-        captured = replace(layer, probabilities=_select_heads(probs, self.heads))
+        captured = replace(
+            layer,
+            probabilities=_select_heads(probs, self.heads),
+            additive_mask=_heads_of_additive(additive, self.heads, probs.shape[1]),
+        )
         self.record.add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
             heads = torch.tensor(self.heads, device=query.device)
@@ -354,6 +430,39 @@ class _LayerTap:
             probs = probs.index_copy(1, heads, replaced.to(probs.dtype))
         output = _grouped_product(probs, value)
         return output.transpose(1, 2).contiguous(), probs
+
+    def _record_lazily(
+        self,
+        layer: CapturedHeads,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Record queries and keys only; the layer runs transformers' own fast attention."""
+        captured = replace(
+            layer,
+            query=_select_heads(query, self.heads),
+            key=_select_heads(key, self.kv_heads),
+        )
+        self.record.add(captured if self.keep_graph else captured.detach())
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        if (
+            layer.additive_mask is None
+            and attention_mask is not None
+            and q_len == k_len
+            and attention_mask.shape[-2:] == (q_len, k_len)
+            and self.key_masks.all_real()
+            and layer.window is None
+        ):
+            # No padding: the mask says no more than ``is_causal`` does, and ``sdpa`` without
+            # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
+            attention_mask = None
+            extra = {**extra, "is_causal": self.causal}
+        return sdpa_attention_forward(
+            self.module, query, key, value, attention_mask, scaling=layer.scaling, **extra
+        )
 
     def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
         replaced = transform(captured)
@@ -413,6 +522,59 @@ class _KeyMaskMemo:
         if self._all_real is None:
             self._all_real = bool(self._keys.all())
         return self._all_real
+
+
+class _SharedModuleTap:
+    """One attention module that runs as several layers (ALBERT): call ``k`` of a forward pass is
+    the module's ``k``-th layer, so captures are counted per call, not per module."""
+
+    def __init__(self, module: nn.Module, taps: list[_LayerTap | None]) -> None:
+        self.module = module
+        self.taps = taps  # per layer the module runs, in order; None where not selected
+        self.calls = 0
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        extra: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tap = self.taps[self.calls % len(self.taps)]
+        self.calls += 1
+        if tap is None:
+            return sdpa_attention_forward(
+                self.module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **extra,
+            )
+        return tap(query, key, value, attention_mask, dropout, scaling, extra)
+
+
+def _taps_by_module(
+    architecture: ModelArchitecture, layer_taps: dict[int, _LayerTap]
+) -> dict[nn.Module, _interface.LayerTap]:
+    """The tap each attention module dispatches to: its layer's, or, for a module that runs as
+    several layers, one that counts its calls."""
+    runs: dict[nn.Module, list[int]] = {}
+    for layer, module in enumerate(architecture.attention_modules):
+        runs.setdefault(module, []).append(layer)
+    taps: dict[nn.Module, _interface.LayerTap] = {}
+    for module, layers in runs.items():
+        selected = [layer_taps.get(layer) for layer in layers]
+        if len(layers) > 1 and any(selected):
+            taps[module] = _SharedModuleTap(module, selected)
+        elif selected[0] is not None:
+            taps[module] = selected[0]
+    return taps
 
 
 def _require_eval_mode(model: nn.Module) -> None:
@@ -505,8 +667,8 @@ def capture_attention(
         )
     record = AttentionRecord(architecture, selection, on_layer)
     key_masks = _KeyMaskMemo()
-    taps = {
-        architecture.attention_modules[layer]: _LayerTap(
+    layer_taps = {
+        layer: _LayerTap(
             layer,
             heads,
             architecture,
@@ -519,6 +681,7 @@ def capture_attention(
         )
         for layer, heads in selection.items()
     }
+    taps = _taps_by_module(architecture, layer_taps)
     _interface.ensure_registered()
     _interface.ACTIVE_TAPS.update(taps)
     try:

@@ -105,9 +105,9 @@ def test_forward_that_runs_the_model_twice():
 
 
 def test_unsupported_model_and_missing_model():
-    config = tf.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=20, num_layers=1, num_heads=2)
-    t5 = tf.T5EncoderModel(config).eval()
-    with pytest.raises(UnsupportedModelError, match=r"T5EncoderModel.*t5.*supported"):
-        EfficientAttentionAttribution(t5)
+    config = tf.CTRLConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
+    ctrl = tf.CTRLModel(config).eval()
+    with pytest.raises(UnsupportedModelError, match=r"CTRLModel.*ctrl.*supported"):
+        EfficientAttentionAttribution(ctrl)
     with pytest.raises(TypeError, match="pass model="):
         EfficientAttentionAttribution(lambda x: x)

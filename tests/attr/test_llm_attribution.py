@@ -17,10 +17,11 @@ PROMPT = "the cat sees the dog and the bird in the big old house near the river"
 TARGET = "paris is the capital of france"
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=["gpt2", "llama", "mistral"])
 def decoder(request):
-    """``(model, tokenizer)``: the Llama tokenizer prepends ``<s>``, GPT-2's adds nothing."""
-    return tiny_model(request.param), tiny_tokenizer(bos=request.param == "llama")
+    """``(model, tokenizer)``: the Llama tokenizer prepends ``<s>``, GPT-2's adds nothing.
+    Mistral's 12-token sliding window is shorter than prompt + target."""
+    return tiny_model(request.param), tiny_tokenizer(bos=request.param != "gpt2")
 
 
 def reference_rows(model, prompt_ids, target_ids, **options):
@@ -184,3 +185,17 @@ def test_bad_input():
         LLMEfficientAttentionAttribution(tiny_model("bert"), tokenizer)
     with pytest.raises(ValueError, match="no language modelling head"):
         LLMEfficientAttentionAttribution(tiny_model("gpt2", head=False), tokenizer)
+
+
+def test_sliding_window_rows_explain_only_their_window():
+    from tests.models.tiny import WINDOW
+
+    model, tokenizer = tiny_model("mistral"), tiny_tokenizer(bos=True)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    result = LLMEfficientAttentionAttribution(model, tokenizer).attribute(inp, target=TARGET)
+    prompt_len = inp.inp_tensor.shape[1]
+    for t, row in enumerate(result.token_attr):
+        predicting = prompt_len - 1 + t  # the row that predicts target token t
+        first_seen = predicting - WINDOW + 1
+        assert (row[: max(first_seen, 0)] == 0).all()
+        assert row[max(first_seen, 0) :].sum() > 0

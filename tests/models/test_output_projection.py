@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from captum_effattn.models import ARCHITECTURES
-from tests.models.tiny import tiny_model
+from captum_effattn.models import ARCHITECTURES, describe_model
+from tests.models.tiny import MORE_MODELS, TINY_MODELS, tiny_model
 
-BUILT_IN = ["bert", "roberta", "distilbert", "gpt2", "llama", "vit"]
+BUILT_IN = [*TINY_MODELS, *MORE_MODELS]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -19,7 +19,9 @@ def test_output_projection_maps_heads_to_the_residual_stream(name):
     model = tiny_model(name)
     spec = ARCHITECTURES[model.config.model_type]
     assert spec.output_projection is not None
-    block = operator.attrgetter(spec.layers)(model.base_model)[0]
+    block = describe_model(model).blocks[0]
+    if isinstance(spec.layers, str):
+        assert block is operator.attrgetter(spec.layers)(model.base_model)[0]
     projection = operator.attrgetter(spec.output_projection)(block)
     assert isinstance(projection, nn.Module)
     hidden = model.config.hidden_size

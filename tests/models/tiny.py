@@ -9,19 +9,130 @@ attention rows are not identifiable and efficient attention moves them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import transformers as tf
 
 TINY_MODELS = ("bert", "roberta", "distilbert", "gpt2", "llama", "vit")
-"""Every supported architecture, by ``config.model_type``."""
+"""The first six supported architectures, by ``config.model_type`` (3 layers each)."""
 
 CAUSAL_MODELS = ("gpt2", "llama")
+
+MORE_MODELS = (
+    "electra",
+    "xlm-roberta",
+    "qwen2",
+    "gemma",
+    "phi3",
+    "gpt_neox",
+    "albert",
+    "mistral",
+    "modernbert",
+    "t5",
+    "bart",
+    "mbart",
+)
+"""The architectures added later (2 layers each), by ``config.model_type``."""
+
+MORE_CAUSAL_MODELS = ("qwen2", "gemma", "phi3", "gpt_neox", "mistral")
+
+WINDOW = 12
+"""Sliding window of the windowed tiny models (Mistral, Phi-3, Qwen2's and ModernBERT's local
+layers), below the 16-token inputs but above ``d_head + 1``: row ``i`` sees keys ``j`` with
+``|i - j| < WINDOW`` (``j <= i`` for decoders), enough keys for efficient rows to move."""
+
+WINDOWED_MODELS = ("qwen2", "phi3", "mistral", "modernbert")
+
+ENCODER_DECODER_MODELS = ("t5", "bart", "mbart")
+"""Encoder-decoder models: layers 0-1 are the encoder's, 2-3 the decoder's causal layers."""
 
 NUM_LAYERS, NUM_HEADS, HIDDEN, VOCAB, SEQ_LEN, NUM_LABELS = 3, 4, 32, 99, 16, 3
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 INIT_STD = 0.2
 
 _COMMON = {"initializer_range": INIT_STD}
+MORE_LAYERS = 2
+# Shared by the later architectures: hidden 32, 2 layers, 4 heads of width 8, small vocabulary.
+_SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": MORE_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+    "num_labels": NUM_LABELS,
+    **_COMMON,
+}
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _seq2seq() -> dict:
+    return {
+        "vocab_size": VOCAB,
+        "d_model": HIDDEN,
+        "encoder_layers": MORE_LAYERS,
+        "decoder_layers": MORE_LAYERS,
+        "encoder_attention_heads": NUM_HEADS,
+        "decoder_attention_heads": NUM_HEADS,
+        "encoder_ffn_dim": 37,
+        "decoder_ffn_dim": 37,
+        "max_position_embeddings": 64,
+        "num_labels": NUM_LABELS,
+        "init_std": INIT_STD,
+        "decoder_start_token_id": 2,
+        **_TOKENS,
+    }
+
+
+_MORE_CONFIGS: dict[str, Callable[[], tf.PreTrainedConfig]] = {
+    "electra": lambda: tf.ElectraConfig(embedding_size=HIDDEN, **_SMALL),
+    "xlm-roberta": lambda: tf.XLMRobertaConfig(**_SMALL),
+    # Layer 0 global, layer 1 sliding-window attention.
+    "qwen2": lambda: tf.Qwen2Config(
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        **_SMALL,
+        **_TOKENS,
+    ),
+    "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8, **_SMALL, **_TOKENS),
+    "phi3": lambda: tf.Phi3Config(
+        num_key_value_heads=2, sliding_window=WINDOW, **_SMALL, **_TOKENS
+    ),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL, **_TOKENS),
+    # One block shared by both layers (ALBERT's default single group of one block).
+    "albert": lambda: tf.AlbertConfig(embedding_size=16, **_SMALL),
+    "mistral": lambda: tf.MistralConfig(
+        num_key_value_heads=2, sliding_window=WINDOW, **_SMALL, **_TOKENS
+    ),
+    # Layer 0 global, layer 1 local: keys within `local_attention // 2` = WINDOW - 1 positions.
+    "modernbert": lambda: tf.ModernBertConfig(
+        local_attention=2 * (WINDOW - 1),
+        global_attn_every_n_layers=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        **_SMALL,
+        **_TOKENS,
+    ),
+    "t5": lambda: tf.T5Config(
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=HIDDEN // NUM_HEADS,
+        num_heads=NUM_HEADS,
+        num_layers=MORE_LAYERS,
+        d_ff=37,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        num_labels=NUM_LABELS,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    ),
+    "bart": lambda: tf.BartConfig(**_seq2seq()),
+    "mbart": lambda: tf.MBartConfig(**_seq2seq()),
+}
 
 
 def _config(name: str) -> tf.PreTrainedConfig:
@@ -96,7 +207,9 @@ def _config(name: str) -> tf.PreTrainedConfig:
             num_labels=NUM_LABELS,
             **_COMMON,
         )
-    raise KeyError(f"no tiny model {name!r}; known: {TINY_MODELS}")
+    if name in _MORE_CONFIGS:
+        return _MORE_CONFIGS[name]()
+    raise KeyError(f"no tiny model {name!r}; known: {TINY_MODELS + MORE_MODELS}")
 
 
 _HEAD_CLASSES = {
@@ -106,6 +219,18 @@ _HEAD_CLASSES = {
     "gpt2": tf.GPT2LMHeadModel,
     "llama": tf.LlamaForCausalLM,
     "vit": tf.ViTForImageClassification,
+    "electra": tf.ElectraForSequenceClassification,
+    "xlm-roberta": tf.XLMRobertaForSequenceClassification,
+    "qwen2": tf.Qwen2ForCausalLM,
+    "gemma": tf.GemmaForCausalLM,
+    "phi3": tf.Phi3ForCausalLM,
+    "gpt_neox": tf.GPTNeoXForCausalLM,
+    "albert": tf.AlbertForSequenceClassification,
+    "mistral": tf.MistralForCausalLM,
+    "modernbert": tf.ModernBertForSequenceClassification,
+    "t5": tf.T5ForSequenceClassification,
+    "bart": tf.BartForSequenceClassification,
+    "mbart": tf.MBartForSequenceClassification,
 }
 
 _BARE_CLASSES = {
@@ -115,11 +240,24 @@ _BARE_CLASSES = {
     "gpt2": tf.GPT2Model,
     "llama": tf.LlamaModel,
     "vit": tf.ViTModel,
+    "electra": tf.ElectraModel,
+    "xlm-roberta": tf.XLMRobertaModel,
+    "qwen2": tf.Qwen2Model,
+    "gemma": tf.GemmaModel,
+    "phi3": tf.Phi3Model,
+    "gpt_neox": tf.GPTNeoXModel,
+    "albert": tf.AlbertModel,
+    "mistral": tf.MistralModel,
+    "modernbert": tf.ModernBertModel,
+    "t5": tf.T5Model,
+    "bart": tf.BartModel,
+    "mbart": tf.MBartModel,
 }
 
 
 def tiny_config(name: str) -> tf.PreTrainedConfig:
-    """The config of the tiny ``name`` model (3 layers, 4 heads of width 8)."""
+    """The config of the tiny ``name`` model (3 layers, or 2 for :data:`MORE_MODELS`; 4 heads of
+    width 8)."""
     return _config(name)
 
 
@@ -161,4 +299,8 @@ def tiny_inputs(
         short = slice(SEQ_LEN - 5, None) if padding == "right" else slice(0, 5)
         mask[1, short] = 0
         ids[1, short] = pad
+    if name in ENCODER_DECODER_MODELS:
+        # Their classifiers read the decoder at each example's (one) end-of-sequence token.
+        last = SEQ_LEN - 1 - mask.flip(1).argmax(1)
+        ids[torch.arange(batch), last] = config.eos_token_id
     return {"input_ids": ids, "attention_mask": mask}

@@ -20,7 +20,7 @@ from captum_effattn.attr._reductions import (
     RolloutReduction,
     attention_rollout,
 )
-from captum_effattn.attr._views import View, get_view
+from captum_effattn.attr._views import View, get_view, project_captured, project_with_row_masks
 from captum_effattn.models import CapturedHeads, capture_attention, describe_model, select_heads
 from captum_effattn.models.selection import HeadSpec, IndexSpec
 
@@ -291,23 +291,26 @@ class LLMEfficientAttentionAttribution(Attribution):
 def _explaining_rows(
     captured: Sequence[CapturedHeads], positions: Tensor, view: View, reduction: Reduction
 ) -> Tensor:
-    """``(T, N)``: the rows at ``positions``, projected in their causal prefix and reduced over
-    the selected (layer, head) pairs."""
-    project = view.project
+    """``(T, N)``: the rows at ``positions``, projected in their causal prefix (and sliding
+    window) and reduced over the selected (layer, head) pairs."""
     if isinstance(reduction, RolloutReduction):  # full matrices through the layers
         matrices = []
         for c in captured:
-            rows, _ = project(c.attn, c.values, c.key_mask[:, None], True)
+            rows, _ = project_captured(c, view)
             matrices.append(rows.double().mean(1))
         flow = attention_rollout(torch.stack(matrices, 1), reduction.residual)  # (1, N, N)
         return flow[0, positions].float()
-    rows = torch.cat([c.rows(positions[None]) for c in captured], dim=1)  # (1, H, T, N)
-    values = torch.cat([c.values for c in captured], dim=1)  # (1, H, N, d)
-    keys = torch.arange(rows.shape[-1], device=rows.device)
-    # One problem per row: each row's keys are its causal prefix.
-    visible = captured[0].key_mask[:, None, :] & (keys <= positions[:, None])  # (1, T, N)
-    projected, _ = project(rows[..., None, :], values[:, :, None], visible[:, None], False)
-    per_pair = projected[0, :, :, 0].transpose(0, 1)  # (T, H, N)
+    # One problem per row: each row's keys are its causal prefix (within its window).
+    projected = torch.cat(
+        [
+            project_with_row_masks(
+                c.rows(positions[None]), c.values, c.visible_keys(positions[None]), view
+            )[0]
+            for c in captured
+        ],
+        dim=1,
+    )  # (1, H, T, N)
+    per_pair = projected[0].transpose(0, 1)  # (T, H, N)
     if not isinstance(reduction, PairReduction):
         raise ValueError(f"reduce={reduction.name!r} is neither a pair reduction nor rollout")
     return reduction.combine(per_pair)

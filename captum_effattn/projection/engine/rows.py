@@ -186,7 +186,9 @@ def attention_rows_of(
     return chosen.attention_rows(query, key, rows, masking, scale)
 
 
-def padding_of(mask: torch.Tensor, causal: bool, batch: int) -> torch.Tensor | None:
+def padding_of(
+    mask: torch.Tensor, causal: bool, batch: int, key_ranges: KeyRanges | None = None
+) -> torch.Tensor | None:
     """The real keys ``(B, S_k)`` of a boolean mask, if the mask is nothing more.
 
     Args:
@@ -194,6 +196,8 @@ def padding_of(mask: torch.Tensor, causal: bool, batch: int) -> torch.Tensor | N
         causal: whether the mask is expected to be causal as well (offset as in
             :func:`causal_offset`).
         batch: ``B``.
+        key_ranges: the window each query row is expected to see as well (see
+            :data:`KeyRanges`), or ``None``.
 
     Returns:
         A key is real when some query may attend to it. ``None`` when ``mask`` is not exactly the
@@ -203,7 +207,7 @@ def padding_of(mask: torch.Tensor, causal: bool, batch: int) -> torch.Tensor | N
     """
     q_len, k_len = mask.shape[-2:]
     key_mask = mask.any(-2).any(1).expand(batch, -1)
-    masking = RowMasking(key_mask=key_mask, causal=causal)
+    masking = RowMasking(key_mask=key_mask, causal=causal, key_ranges=key_ranges)
     full = mask.expand(batch, -1, -1, -1)
     step = _chunk_rows(batch, mask.shape[1], k_len, 1)
     for start in range(0, q_len, step):
