@@ -94,7 +94,7 @@ class NormWeighting(Weighting):
         architecture: ModelArchitecture,
         gradient: torch.Tensor | None,
     ) -> WeightFactors:
-        slices = architecture.output_projection_slices(captured.layer)
+        slices = architecture.output_projection_slices(captured.layer).detach()
         heads = torch.tensor(captured.heads, device=slices.device)
         return value_norms(captured.values, slices.index_select(0, heads))[:, :, None, :]
 
