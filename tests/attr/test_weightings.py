@@ -1,4 +1,4 @@
-"""Weightings: value norms and target gradients, checked against hand computations on tiny models."""
+"""Weightings: value norms and target gradients, checked by hand on tiny models."""
 
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def test_gradient_weighting_equals_finite_differences():
         bump[:, key] = eps
         finite[:, key] = (logit_with(bump) - logit_with(-bump)) / (2 * eps)
     expected = finite.clamp_min(0) * attn
-    assert (finite > 1e-3).any() and (finite < -1e-3).any()  # both signs: the clamp matters
+    assert (finite > 1e-3).any()
+    assert (finite < -1e-3).any()
     torch.testing.assert_close(weighted, expected, atol=1e-7, rtol=1e-6)
 
 
@@ -249,8 +250,10 @@ def test_every_view_weighting_and_reduction_composes(name):
                 )  # fmt: skip
                 shape = ids.shape if reduce is not None else (2, 3, NUM_HEADS, ids.shape[1])
                 assert scores.shape == shape, (view, weighting, reduce)
-                assert torch.isfinite(scores).all() and delta.shape == (2,)
-                assert not scores.requires_grad and scores.is_contiguous()
+                assert torch.isfinite(scores).all()
+                assert delta.shape == (2,)
+                assert not scores.requires_grad
+                assert scores.is_contiguous()
                 padding = (mask == 0)[:, None, None, :] if reduce is None else mask == 0
                 assert (scores * padding == 0).all()
         matrices = explainer.attention_matrices(ids, (mask,), view=view, weighting="norm", target=1)
