@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
 
@@ -390,7 +390,9 @@ class EfficientAttentionAttribution(Attribution):
             validate_target(call.target, as_output_tensor(output))
         return record.layers
 
-    def _capture_gradients(self, call: _Call) -> tuple[tuple[CapturedHeads, ...], list[Tensor]]:
+    def _capture_gradients(
+        self, call: _Call
+    ) -> tuple[tuple[CapturedHeads, ...], Sequence[Tensor | None]]:
         """One forward with gradients and one backward pass from the target logit.
 
         A zero tensor that requires grad is added to each selected layer's attention during the
