@@ -397,3 +397,13 @@ def test_norm_weighting_needs_the_output_projection():
             explainer.attribute(ids, additional_forward_args=(mask,), weighting="norm")
     finally:
         register_architecture(spec)
+
+
+def test_check_sufficiency_validates_its_target():
+    from captum_effattn.attr import check_sufficiency
+
+    model, forward, ids, mask = text_setup("bert")
+    report = check_sufficiency(model, ids, (mask,), forward_func=forward, target=2)
+    assert report.holds(1e-5)
+    with pytest.raises(ValueError, match=f"the output has {NUM_LABELS} classes"):
+        check_sufficiency(model, ids, (mask,), forward_func=forward, target=99)
