@@ -262,8 +262,11 @@ def test_every_view_weighting_and_reduction_composes(name):
 
 @pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
 @pytest.mark.parametrize("reduce", ["mean", "rollout"])
-def test_batch_invariance_alone_versus_padded(weighting, reduce):
-    model, forward, ids, mask = text_setup("bert", "right")
+@pytest.mark.parametrize(("name", "padding"), [("bert", "right"), ("llama", "left")])
+def test_batch_invariance_alone_versus_padded(weighting, reduce, name, padding):
+    model, forward, ids, mask = text_setup(name, padding)
+    if name == "llama":
+        forward = logits_of_last_real_token(forward)
     explainer = EfficientAttentionAttribution(forward, model=model)
     target = torch.tensor([2, 1])
     options = {"weighting": weighting, "reduce": reduce}
@@ -316,6 +319,9 @@ def test_gradient_weighting_leaves_the_model_as_it_was_also_after_an_error():
         )
         assert not torch.is_grad_enabled()
     assert scores.abs().sum() > 0
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        explainer.attribute(ids, target=1, additional_forward_args=(mask,), weighting="gradient")
+    assert _state(model) == before
 
 
 # ---------------------------------------------------------------- bad input

@@ -217,7 +217,7 @@ class EfficientAttentionAttribution(Attribution):
                 ``weighting="gradient"`` on an output that is not ``(B, C)`` or that does not
                 depend on the selected heads' attention.
             RuntimeError: the model is in training mode, or ``forward_func`` did not run the
-                model exactly once.
+                model exactly once; ``weighting="gradient"`` under ``torch.inference_mode()``.
         """
         del baselines  # attention needs no reference input
         attention_view, weighter = get_view(view), get_weighting(weighting)
@@ -402,6 +402,11 @@ class EfficientAttentionAttribution(Attribution):
         Returns:
             The captured layers (detached) and, per layer, ``(B, H_sel, S, S)`` gradients.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "weighting='gradient' runs a backward pass, which torch.inference_mode() forbids: "
+                "call attribute outside inference mode (torch.no_grad() is fine)"
+            )
         offsets: list[Tensor] = []
 
         def differentiable(captured: CapturedHeads) -> Tensor:
