@@ -14,11 +14,13 @@ from captum_effattn.attr._reductions import (
     attention_rollout,
 )
 from captum_effattn.attr._views import VIEWS, View, register_view
+from captum_effattn.attr._weightings import WEIGHTINGS, Weighting
 from captum_effattn.attr.sufficiency import SufficiencyReport, check_sufficiency
 
 __all__ = [
     "REDUCTIONS",
     "VIEWS",
+    "WEIGHTINGS",
     "EfficientAttentionAttribution",
     "LayerEfficientAttentionAttribution",
     "PairReduction",
@@ -26,6 +28,7 @@ __all__ = [
     "RolloutReduction",
     "SufficiencyReport",
     "View",
+    "Weighting",
     "attention_rollout",
     "check_sufficiency",
     "register_view",

@@ -24,11 +24,18 @@ from typing import ClassVar
 import torch
 
 from captum_effattn.attr._queries import QueryRows
+from captum_effattn.attr._rollout import attention_rollout
 from captum_effattn.attr._views import (
     ProjectedRows,
     View,
     project_captured_matrices,
     project_rows,
+)
+from captum_effattn.attr._weightings import (
+    WeightFactors,
+    Weighting,
+    weight_matrices,
+    weight_rows,
 )
 from captum_effattn.models import CapturedHeads, HeadSelection
 
@@ -45,11 +52,19 @@ class AttentionReading:
         queries: the explaining query rows, resolved on the real tokens.
         projected: those rows in the requested view, when they were projected during the forward
             (``None`` when the reduction reads full matrices).
+        weighting: the weighting of the rows (``None``: rows as they are).
+        factors: with a weighting, its factors for each captured layer.
     """
 
     captured: Sequence[CapturedHeads]
     queries: QueryRows
     projected: ProjectedRows | None = None
+    weighting: Weighting | None = None
+    factors: Sequence[WeightFactors] = ()
+
+    def weighted(self, projected: ProjectedRows) -> ProjectedRows:
+        """``projected`` (rows of this reading) with the weighting applied."""
+        return projected if self.weighting is None else weight_rows(projected, self.factors)
 
     @property
     def key_mask(self) -> torch.Tensor:
@@ -95,13 +110,14 @@ class PairReduction(Reduction):
         projected = reading.projected
         if projected is None:
             projected = project_rows(reading.captured, reading.queries, view)
-        per_head, error = per_head_scores(projected, reading.queries)
+        per_head, error = per_head_scores(reading.weighted(projected), reading.queries)
         return self.combine(per_head), error
 
 
 @dataclass(frozen=True)
 class RolloutReduction(Reduction):
-    """Attention rollout through the selected consecutive layers (:func:`attention_rollout`).
+    """Attention rollout through the selected consecutive layers (:func:`attention_rollout`);
+    with a weighting, its :meth:`~captum_effattn.attr._weightings.Weighting.rollout`.
 
     Attributes:
         residual: weight of the identity (the residual stream) mixed into each layer.
@@ -120,7 +136,12 @@ class RolloutReduction(Reduction):
 
     def reduce(self, reading: AttentionReading, view: View) -> tuple[torch.Tensor, torch.Tensor]:
         matrices, errors = project_captured_matrices(reading.captured, view)
-        flow = attention_rollout(matrices.double().mean(2), self.residual)
+        full = matrices.double()
+        if reading.weighting is None:
+            flow = attention_rollout(full.mean(2), self.residual)
+        else:
+            weighted = weight_matrices(full, reading.factors)
+            flow = reading.weighting.rollout(full, weighted, self.residual)
         positions = reading.queries.positions
         rows = flow.gather(1, positions[..., None].expand(-1, -1, flow.shape[-1]))[:, None]
         scores = mean_over_queries(rows, reading.queries.real)[:, 0].to(matrices.dtype)
@@ -173,24 +194,3 @@ def per_head_scores(
     head-output error of the real query rows."""
     per_head = mean_over_queries(projected.rows, queries.real)
     return per_head, per_example_max(projected.output_error * queries.real[:, None, :])
-
-
-def attention_rollout(matrices: torch.Tensor, residual: float = 0.5) -> torch.Tensor:
-    """Attention rollout through consecutive layers.
-
-    Args:
-        matrices: ``(B, L, S, S)`` head-averaged attention of consecutive layers, first layer
-            first.
-        residual: weight of the identity (the residual stream) mixed into each layer.
-
-    Returns:
-        ``(B, S, S)``: ``R = A_L' ... A_1'`` with ``A_l' = (1 - residual) A_l + residual I``;
-        row ``i`` says how much each input token flows into position ``i`` at the last layer.
-        Distribution rows in give distribution rows out.
-    """
-    length = matrices.shape[-1]
-    identity = torch.eye(length, dtype=matrices.dtype, device=matrices.device)
-    flow = identity.expand(matrices.shape[0], length, length)
-    for layer in range(matrices.shape[1]):
-        flow = ((1 - residual) * matrices[:, layer] + residual * identity) @ flow
-    return flow

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_effattn._captum_compat import format_additional_forward_args, format_tensor_into_tuples
+from captum_effattn._captum_compat import (
+    TargetType,
+    format_additional_forward_args,
+    format_tensor_into_tuples,
+)
+from captum_effattn.attr._targets import as_output_tensor, validate_target
 from captum_effattn.attr._views import View, get_view, project_captured
 from captum_effattn.models import CapturedHeads, capture_attention, select_heads
 from captum_effattn.models.selection import HeadSpec, IndexSpec
@@ -49,19 +54,6 @@ class SufficiencyReport:
         return self.max_relative_change <= tol
 
 
-def _as_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"forward_func must return a tensor, a model output with .logits, or a tuple starting "
-        f"with a tensor; got {type(output).__name__}"
-    )
-
-
 def check_sufficiency(
     model: nn.Module,
     inputs: Tensor | tuple[Tensor, ...],
@@ -70,6 +62,7 @@ def check_sufficiency(
     layers: IndexSpec = None,
     heads: HeadSpec = None,
     view: str | Replacement = "efficient",
+    target: TargetType = None,
 ) -> SufficiencyReport:
     """Run the model plainly and with every selected head's attention substituted; compare.
 
@@ -83,6 +76,9 @@ def check_sufficiency(
             :meth:`EfficientAttentionAttribution.attribute`.
         view: ``"efficient"``, ``"effective"``, ``"raw"``, or a :data:`Replacement` callable
             producing rows to substitute (e.g. a perturbed distribution, as a negative control).
+        target: accepted so the check takes the arguments of an attribution call; validated
+            against the output (an impossible index raises), then unused: every output element
+            is compared.
 
     Returns:
         A :class:`SufficiencyReport`; ``report.holds(1e-5)`` is the claim for float32 models.
@@ -110,9 +106,10 @@ def check_sufficiency(
             return rows
 
     with torch.no_grad():
-        plain = _as_tensor(forward_func(*args))
+        plain = as_output_tensor(forward_func(*args))
+        validate_target(target, plain)
         with capture_attention(model, selection, transform):
-            substituted = _as_tensor(forward_func(*args))
+            substituted = as_output_tensor(forward_func(*args))
     batch = plain.shape[0]
     change = (substituted - plain).reshape(batch, -1).double().norm(dim=-1)
     scale = (

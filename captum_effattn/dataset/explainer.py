@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from captum_effattn.attr import WEIGHTINGS
 from captum_effattn.dataset.errors import ModelLoadError
 from captum_effattn.dataset.methods import Method
 from captum_effattn.dataset.schema import (
@@ -232,9 +233,13 @@ class BatchExplainer:
         mask = encoded["attention_mask"].to(self.device)
         self._logits.clear()
         scores, deltas = {}, []
+        target = None  # the predicted class, for class-specific weightings
         for method in self.settings.methods:
+            if target is None and _needs_target(method.weighting):
+                target = self._forward(input_ids, mask).argmax(dim=-1)
             attributions, delta = self.attribution.attribute(
                 input_ids,
+                target=target,
                 additional_forward_args=(mask,),
                 return_convergence_delta=True,
                 **method.attribute_kwargs(),
@@ -260,6 +265,11 @@ class BatchExplainer:
                 fields[column] = values[row][real[row]].tolist()
             rows.append(fields)
         return rows
+
+
+def _needs_target(weighting: str | None) -> bool:
+    """Whether a weighting explains a class (then the predicted class is explained)."""
+    return weighting is not None and WEIGHTINGS[weighting].needs_gradient
 
 
 def drop_done_rows(batch: pa.Table, columns: InputColumns, done_ids: pa.Array | None) -> pa.Table:

@@ -29,7 +29,7 @@ def available_views() -> tuple[str, ...]:
 
 
 def available_weightings() -> tuple[str, ...]:
-    """Names of the weightings :mod:`captum_effattn.attr` registers (none yet)."""
+    """Names of the weightings :mod:`captum_effattn.attr` registers."""
     from captum_effattn import attr
 
     return tuple(getattr(attr, "WEIGHTINGS", {}))

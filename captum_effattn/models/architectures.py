@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 
 class UnsupportedModelError(ValueError):
@@ -286,6 +288,8 @@ class ModelArchitecture:
         causal_layers: per layer, whether its self-attention is causal (differs between the
             encoder's and the decoder's layers of an encoder-decoder model; otherwise every entry
             is ``causal``).
+        output_projections: each layer's ``W_O`` module (``spec.output_projection``), or ``()``
+            when the spec does not name one.
     """
 
     spec: ArchitectureSpec
@@ -300,6 +304,7 @@ class ModelArchitecture:
     patch_size: tuple[int, int] | None = None
     blocks: tuple[nn.Module, ...] = ()
     causal_layers: tuple[bool, ...] = ()
+    output_projections: tuple[nn.Module, ...] = ()
 
     def layer_causal(self, layer: int) -> bool:
         """Whether layer ``layer``'s self-attention is causal."""
@@ -317,6 +322,36 @@ class ModelArchitecture:
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads."""
         return head // self.kv_group_size
+
+    def output_projection_slices(self, layer: int) -> torch.Tensor:
+        """``(H, d_head, E)``: head ``h``'s slice ``W_O^h`` of layer ``layer``'s output
+        projection, oriented so that ``values_h @ W_O^h`` is the head's contribution to the
+        residual stream (bias excluded: it is added once, not per key).
+
+        Raises:
+            UnsupportedModelError: the architecture's spec names no output projection, or the
+                module is neither an ``nn.Linear`` nor a GPT-2 ``Conv1D`` of the expected width.
+        """
+        if not self.output_projections:
+            raise UnsupportedModelError(
+                f"{self.model_class}: its architecture spec ({self.spec.model_type!r}) names no "
+                "output_projection, which value-norm weighting needs; register one with "
+                "ArchitectureSpec(output_projection=...)"
+            )
+        module = self.output_projections[layer]
+        width = self.num_heads * self.head_dim
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight is not None:
+            weight = weight.T  # (in, out)
+        elif not isinstance(module, Conv1D):
+            weight = None
+        if weight is None or weight.shape[0] != width:
+            raise UnsupportedModelError(
+                f"{self.model_class} layer {layer}: the output projection "
+                f"{self.spec.output_projection!r} is a {type(module).__name__}; expected an "
+                f"nn.Linear or Conv1D taking the {width} concatenated head features"
+            )
+        return weight.reshape(self.num_heads, self.head_dim, -1)
 
 
 def _pair(size: int | Iterable[int]) -> tuple[int, int]:
@@ -412,6 +447,12 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     image = spec.input_name == "pixel_values"
+    projections: tuple[nn.Module, ...] = ()
+    if spec.output_projection is not None:
+        projections = tuple(
+            _submodule(block, spec.output_projection, "output projection", model)
+            for block in blocks
+        )
     return ModelArchitecture(
         spec=spec,
         model_class=type(model).__name__,
@@ -425,4 +466,5 @@ def describe_model(model: nn.Module) -> ModelArchitecture:
         patch_size=_pair(config.patch_size) if image else None,
         blocks=tuple(blocks),
         causal_layers=tuple(causal_layers),
+        output_projections=projections,
     )

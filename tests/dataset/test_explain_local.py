@@ -266,3 +266,22 @@ def test_a_decoder_classifier_without_a_pad_token(tmp_path):
     for row, text in zip(load_attributions(output), TEXTS, strict=True):
         assert len(row.tokens) == len(row.scores["efficient"]) == len(text.split()) + 2
         assert float(row.scores["efficient"].sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_weighted_methods_explain_the_predicted_class(tmp_path, tiny_model_dir):
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    write_input(source, {"text": TEXTS[:3]})
+    summary = explain_dataset(
+        source,
+        output,
+        model=tiny_model_dir,
+        methods="efficient+gradient,raw+norm",
+        batch_size=2,
+        progress=False,
+    )
+    assert summary.rows_with_errors == 0
+    rows = load_attributions(output)
+    for row in rows:
+        assert set(row.scores) == {"efficient+gradient", "raw+norm"}
+        assert all(bool(torch.isfinite(s).all()) for s in row.scores.values())
+        assert row.scores["efficient+gradient"].abs().sum() > 0

@@ -9,8 +9,10 @@ from captum_effattn.dataset import UnknownMethodError
 from captum_effattn.dataset.methods import Method, available_methods, parse_methods
 
 
-def test_views_are_the_methods():
-    assert available_methods() == tuple(attr.VIEWS)
+def test_views_and_weighted_views_are_the_methods():
+    weighted = tuple(f"{v}+{w}" for v in attr.VIEWS for w in attr.WEIGHTINGS)
+    assert available_methods() == tuple(attr.VIEWS) + weighted
+    assert "efficient+gradient" in weighted
     assert parse_methods("efficient, raw") == (Method("efficient"), Method("raw"))
     assert parse_methods(["effective"])[0].column == "scores_effective"
 
@@ -32,7 +34,7 @@ def test_weightings_compose_with_views(monkeypatch):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("efficient+norm", "unknown method 'efficient\\+norm'; choose from raw, effective"),
+        ("efficient+nope", "unknown method 'efficient\\+nope'; choose from raw, effective"),
         ("", "no method given"),
         ("raw,raw", "listed twice: raw"),
     ],

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +28,15 @@ from captum_effattn.attr._reductions import (
     per_head_scores,
 )
 from captum_effattn.attr._spread import spread_to_input
+from captum_effattn.attr._targets import as_output_tensor, class_indices, validate_target
 from captum_effattn.attr._views import (
     View,
     get_view,
     project_captured_matrices,
+    project_rows,
     stack_layers,
 )
+from captum_effattn.attr._weightings import Weighting, get_weighting, weight_matrices
 from captum_effattn.models import (
     CapturedHeads,
     HeadSelection,
@@ -59,10 +63,12 @@ class EfficientAttentionAttribution(Attribution):
     last real token for decoders. Their efficient attention over the input tokens, reduced over
     layers and heads, is each token's attribution.
 
-    Attention is not class-specific: ``target`` is accepted so the method fits pipelines that
-    pass one, and ignored. Inputs may be token ids, embeddings, a token gate, or ViT pixels; the
-    model must be in evaluation mode (dropout would make attention random) and comes back as it
-    was: its attention implementation, hooks, training flag and grad mode are untouched.
+    Attention is not class-specific: ``target`` is validated and used only by the class-specific
+    ``weighting="gradient"``; ``baselines`` is accepted (and unused) so the method fits pipelines
+    written for Captum's gradient methods. Inputs may be token ids, embeddings, a token gate, or
+    ViT pixels; the model must be in evaluation mode (dropout would make attention random) and
+    comes back as it was: its attention implementation, hooks, training flag and grad mode are
+    untouched.
 
     Example::
 
@@ -102,10 +108,44 @@ class EfficientAttentionAttribution(Attribution):
     def has_convergence_delta(self) -> bool:
         return True
 
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Any = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        layers: IndexSpec = None,
+        heads: HeadSpec = None,
+        view: str = "efficient",
+        query: QuerySpec = "auto",
+        reduce: str | None = "mean",
+        return_convergence_delta: Literal[False] = False,
+        weighting: str | None = None,
+    ) -> TensorOrTupleOfTensorsGeneric: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Any = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        layers: IndexSpec = None,
+        heads: HeadSpec = None,
+        view: str = "efficient",
+        query: QuerySpec = "auto",
+        reduce: str | None = "mean",
+        *,
+        return_convergence_delta: Literal[True],
+        weighting: str | None = None,
+    ) -> tuple[TensorOrTupleOfTensorsGeneric, Tensor]: ...
+
     @log_usage(part_of_slo=True)
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: Any = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
         layers: IndexSpec = None,
@@ -114,6 +154,7 @@ class EfficientAttentionAttribution(Attribution):
         query: QuerySpec = "auto",
         reduce: str | None = "mean",
         return_convergence_delta: bool = False,
+        weighting: str | None = None,
     ) -> TensorOrTupleOfTensorsGeneric | tuple[TensorOrTupleOfTensorsGeneric, Tensor]:
         r"""Attribute the model's prediction to its input tokens through attention.
 
@@ -122,8 +163,14 @@ class EfficientAttentionAttribution(Attribution):
                 method: token ids ``(B, S)``, embeddings ``(B, S, E)``, a token gate ``(B, S)``,
                 or ViT pixels ``(B, C, H, W)``; several tensors as a tuple. Each input aligned
                 with the model's sequence receives the token scores.
-            target (int, tuple, Tensor or list, optional): accepted for compatibility and
-                ignored: attention does not depend on the class being explained.
+            baselines (Any, optional): accepted where Captum's gradient methods take it, so
+                pipelines written for them run unchanged, and unused: attention needs no
+                reference input.
+            target (int, tuple, Tensor or list, optional): the explained output, in Captum's
+                forms. Validated against the forward output on every call (an index out of
+                range raises ``ValueError`` naming the number of classes); used only by
+                ``weighting="gradient"`` (attention itself does not depend on the class), and
+                ignored otherwise.
             additional_forward_args (Any, optional): extra arguments appended to ``inputs`` when
                 calling ``forward_func`` (e.g. the attention mask).
             layers (int, slice, list[int] or "all", optional): layers to read; negative indices
@@ -147,88 +194,135 @@ class EfficientAttentionAttribution(Attribution):
             return_convergence_delta (bool, optional): also return, per example, the largest
                 relative head-output error ``||x V - a V|| / ||a V||`` of the projected rows
                 (0 for ``view="raw"``).
+            weighting (str or None, optional): a name in
+                :data:`~captum_effattn.attr.WEIGHTINGS`, applied to the rows of the chosen view:
+                ``"norm"`` (each key times ``||v_j W_O^h||``, Kobayashi et al. 2020),
+                ``"gradient"`` (each entry times the positive part of the target logit's
+                gradient with respect to it, Chefer et al. 2021; with ``reduce="rollout"``,
+                their relevance propagation; needs a ``(B, C)`` output and a ``target`` when
+                ``C > 1``), or ``None`` (default: rows as they are).
 
         Returns:
-            **attributions** (*Tensor* or *tuple[Tensor, ...]*): one per input, of the input's
-            shape (token scores spread evenly over embedding features, or over each patch's
-            pixels); padding tokens get 0. With ``reduce=None``: a ``(B, L, H, S)`` tensor.
+            **attributions** (*Tensor* or *tuple[Tensor, ...]*): one contiguous tensor per
+            input, of the input's shape (token scores spread evenly over embedding features, or
+            over each patch's pixels); padding tokens get 0. With ``reduce=None``: a
+            ``(B, L, H, S)`` tensor.
             **delta** (*Tensor*, returned if ``return_convergence_delta=True``): ``(B,)``.
 
         Raises:
-            ValueError: unknown ``view``/``reduce``/``query``; layers or heads out of range (the
-                message names the index and the valid range); ``reduce="rollout"`` on a selection
-                that is not all heads of consecutive layers; inputs that do not fit the model.
+            ValueError: unknown ``view``/``reduce``/``query``/``weighting``; layers or heads out
+                of range (the message names the index and the valid range);
+                ``reduce="rollout"`` on a selection that is not all heads of consecutive layers;
+                inputs that do not fit the model; an invalid ``target``;
+                ``weighting="gradient"`` on an output that is not ``(B, C)`` or that does not
+                depend on the selected heads' attention.
             RuntimeError: the model is in training mode, or ``forward_func`` did not run the
-                model exactly once.
+                model exactly once; ``weighting="gradient"`` under ``torch.inference_mode()``.
         """
-        del target  # attention is not class-specific
-        attention_view = get_view(view)
+        del baselines  # attention needs no reference input
+        attention_view, weighter = get_view(view), get_weighting(weighting)
         reduction = None if reduce is None else get_reduction(reduce)
         selection = select_heads(self.model, layers, heads)
         inputs_tuple = format_tensor_into_tuples(inputs)
         if reduction is None:
-            return self._per_head_scores(
-                inputs_tuple,
-                additional_forward_args,
-                selection,
-                query,
-                attention_view,
-                return_convergence_delta,
-            )
-        reduction.check_selection(selection)
+            _require_rectangular(selection, "reduce=None")
+        else:
+            reduction.check_selection(selection)
         reading = self._read(
-            inputs_tuple,
-            additional_forward_args,
-            selection,
+            _Call(inputs_tuple, additional_forward_args, target, selection),
             query,
             attention_view,
-            project_queries=not reduction.reads_full_matrices,
+            weighter,
+            project_queries=reduction is None or not reduction.reads_full_matrices,
         )
+        if reduction is None:
+            return _with_delta(*self._per_head_scores(reading), return_convergence_delta)
         scores, delta = reduction.reduce(reading, attention_view)
         attributions = tuple(
-            spread_to_input(scores, tensor, i, self.architecture)
+            spread_to_input(scores, tensor, i, self.architecture).contiguous()
             for i, tensor in enumerate(inputs_tuple)
         )
         output = format_output(is_tuple(inputs), attributions)
         return _with_delta(output, delta, return_convergence_delta)
 
-    def _per_head_scores(
+    def compute_convergence_delta(
         self,
-        inputs: tuple[Tensor, ...],
-        additional_forward_args: Any,
-        selection: HeadSelection,
-        query: QuerySpec,
-        view: View,
-        return_convergence_delta: bool,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``reduce=None``: ``(B, L, H, S)`` token scores of every selected head."""
-        _require_rectangular(selection, "reduce=None")
-        reading = self._read(inputs, additional_forward_args, selection, query, view)
+        attributions: Any,
+        start_point: Any,
+        end_point: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        **options: Any,
+    ) -> Tensor:
+        r"""The ``(B,)`` convergence delta of the attributions of ``end_point``.
+
+        Here the delta is not a completeness gap (attention has no path from a baseline): it is
+        the largest relative head-output error ``||x V - a V|| / ||a V||`` of the projected rows
+        behind the attributions, as :meth:`attribute` returns with
+        ``return_convergence_delta=True``. It needs the rows, so it is recomputed with one
+        :meth:`attribute` call on ``end_point``.
+
+        Args:
+            attributions (Any): accepted for Captum's signature and unused.
+            start_point (Any): accepted for Captum's signature (the baselines) and unused.
+            end_point (Tensor or tuple[Tensor, ...]): the inputs that were explained.
+            target, additional_forward_args: as in :meth:`attribute`.
+            **options: the selectors and options of the :meth:`attribute` call that made
+                ``attributions`` (``layers``, ``heads``, ``view``, ``query``, ``reduce``,
+                ``weighting``).
+
+        Returns:
+            ``(B,)`` float64 delta, one per example.
+        """
+        del attributions, start_point
+        options["return_convergence_delta"] = True
+        _, delta = self.attribute(
+            end_point, target=target, additional_forward_args=additional_forward_args, **options
+        )
+        return delta
+
+    def _per_head_scores(self, reading: AttentionReading) -> tuple[Tensor, Tensor]:
+        """``reduce=None``: ``(B, L, H, S)`` token scores of every selected head, and the delta."""
         assert reading.projected is not None  # projected during the forward
-        per_head, delta = per_head_scores(reading.projected, reading.queries)
+        per_head, delta = per_head_scores(reading.weighted(reading.projected), reading.queries)
         batch, _, length = per_head.shape
-        result = per_head.reshape(batch, len(selection.layers), -1, length)
-        return _with_delta(result, delta, return_convergence_delta)
+        layers = len({layer for layer, _ in reading.projected.pairs})
+        return per_head.reshape(batch, layers, -1, length), delta
 
     def _read(
         self,
-        inputs: tuple[Tensor, ...],
-        additional_forward_args: Any,
-        selection: HeadSelection,
+        call: _Call,
         query: QuerySpec,
         view: View,
+        weighting: Weighting | None,
         project_queries: bool = True,
+    ) -> AttentionReading:
+        """Run the forward pass once, capturing the selected heads (with ``project_queries``,
+        their explaining rows in ``view``), and weigh the rows with ``weighting``."""
+        if weighting is not None and weighting.needs_gradient:
+            captured, gradients = self._capture_gradients(call)
+            queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+            projected = project_rows(captured, queries, view) if project_queries else None
+            reading = AttentionReading(captured, queries, projected)
+        else:
+            reading = self._read_projecting(call, query, view, project_queries)
+            gradients = (None,) * len(reading.captured)
+        if weighting is None:
+            return reading
+        factors = tuple(
+            weighting.factors(c, self.architecture, g)
+            for c, g in zip(reading.captured, gradients, strict=True)
+        )
+        return replace(reading, weighting=weighting, factors=factors)
+
+    def _read_projecting(
+        self, call: _Call, query: QuerySpec, view: View, project_queries: bool
     ) -> AttentionReading:
         """Run the forward pass once, capturing the selected heads; with ``project_queries``,
         the explaining rows are projected layer by layer while the later layers run."""
         pipeline = LayerPipeline(query, view) if project_queries else None
         try:
-            captured = self._capture(
-                inputs,
-                additional_forward_args,
-                selection,
-                on_layer=None if pipeline is None else pipeline.submit,
-            )
+            captured = self._capture(call, on_layer=None if pipeline is None else pipeline.submit)
             queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
             if pipeline is None:
                 return AttentionReading(captured, queries)
@@ -246,6 +340,8 @@ class EfficientAttentionAttribution(Attribution):
         heads: HeadSpec = None,
         view: str = "efficient",
         return_convergence_delta: bool = False,
+        weighting: str | None = None,
+        target: TargetType = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         r"""The full selected attention matrices in one view, for analysis.
 
@@ -254,44 +350,113 @@ class EfficientAttentionAttribution(Attribution):
                 selection must have the same heads in every selected layer.
             return_convergence_delta (bool, optional): also return the ``(B,)`` largest relative
                 head-output error over all real rows.
+            weighting, target: as in :meth:`attribute`: every entry of the matrices is weighted
+                (not renormalized).
 
         Returns:
             ``(B, L, H, S, S)`` matrices (rows: queries, columns: keys); rows of padding queries
-            are returned as the model computed them.
+            are returned as the model computed them (weighted, with a weighting).
         """
-        attention_view = get_view(view)
+        attention_view, weighter = get_view(view), get_weighting(weighting)
         selection = select_heads(self.model, layers, heads)
         _require_rectangular(selection, "attention_matrices")
-        captured = self._capture(
-            format_tensor_into_tuples(inputs), additional_forward_args, selection
-        )
+        call = _Call(format_tensor_into_tuples(inputs), additional_forward_args, target, selection)
+        if weighter is not None and weighter.needs_gradient:
+            captured, gradients = self._capture_gradients(call)
+        else:
+            captured, gradients = self._capture(call), (None,) * len(selection.layers)
         matrices, errors = project_captured_matrices(captured, attention_view)
+        if weighter is not None:
+            factors = [
+                weighter.factors(c, self.architecture, g)
+                for c, g in zip(captured, gradients, strict=True)
+            ]
+            matrices = weight_matrices(matrices, factors)
         delta = per_example_max(errors * captured[0].key_mask[:, None, None, :])
         return _with_delta(matrices, delta, return_convergence_delta)
 
     def _capture(
-        self,
-        inputs: tuple[Tensor, ...],
-        additional_forward_args: Any,
-        selection: HeadSelection,
-        on_layer: Callable[[CapturedHeads], None] | None = None,
+        self, call: _Call, on_layer: Callable[[CapturedHeads], None] | None = None
     ) -> tuple[CapturedHeads, ...]:
-        extra = format_additional_forward_args(additional_forward_args)
+        """One forward without gradients; ``target`` is checked against its output."""
         with (
             capture_attention(
-                self.model, selection, materialize=False, on_layer=on_layer
+                self.model, call.selection, materialize=False, on_layer=on_layer
             ) as record,
             torch.no_grad(),
         ):
-            try:
-                self.forward_func(*inputs, *extra)
-            except (IndexError, RuntimeError, ValueError) as error:
-                shapes = [tuple(t.shape) for t in inputs]
-                raise ValueError(
-                    f"forward_func failed on inputs of shapes {shapes} inside "
-                    f"{self.architecture.model_class}: {error}"
-                ) from error
+            output = self._forward(call)
+        if call.target is not None:
+            validate_target(call.target, as_output_tensor(output))
         return record.layers
+
+    def _capture_gradients(
+        self, call: _Call
+    ) -> tuple[tuple[CapturedHeads, ...], Sequence[Tensor | None]]:
+        """One forward with gradients and one backward pass from the target logit.
+
+        A zero tensor that requires grad is added to each selected layer's attention during the
+        forward, so the gradient with respect to it is the gradient with respect to the
+        attention, whether or not the model's parameters require gradients.
+
+        Returns:
+            The captured layers (detached) and, per layer, ``(B, H_sel, S, S)`` gradients.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "weighting='gradient' runs a backward pass, which torch.inference_mode() forbids: "
+                "call attribute outside inference mode (torch.no_grad() is fine)"
+            )
+        offsets: list[Tensor] = []
+
+        def differentiable(captured: CapturedHeads) -> Tensor:
+            offsets.append(torch.zeros_like(captured.attn, requires_grad=True))
+            return captured.attn + offsets[-1]
+
+        with (
+            capture_attention(self.model, call.selection, differentiable) as record,
+            torch.enable_grad(),
+        ):
+            output = as_output_tensor(self._forward(call))
+            classes = class_indices(call.target, output, "weighting='gradient'")
+            explained = output.gather(1, classes[:, None]).sum()
+            gradients = (
+                torch.autograd.grad(explained, offsets, allow_unused=True)
+                if explained.requires_grad
+                else (None,) * len(offsets)
+            )
+        if all(g is None or not bool(g.any()) for g in gradients):
+            raise ValueError(
+                "weighting='gradient': the output of forward_func does not depend on the "
+                f"attention of the selected heads {dict(call.selection.items())} (its gradient "
+                "is zero or missing): forward_func must compute its output from the model's "
+                "forward pass, with gradients enabled"
+            )
+        return record.layers, [
+            torch.zeros_like(o) if g is None else g.detach()
+            for o, g in zip(offsets, gradients, strict=True)
+        ]
+
+    def _forward(self, call: _Call) -> Any:
+        extra = format_additional_forward_args(call.additional_forward_args)
+        try:
+            return self.forward_func(*call.inputs, *extra)
+        except (IndexError, RuntimeError, ValueError) as error:
+            shapes = [tuple(t.shape) for t in call.inputs]
+            raise ValueError(
+                f"forward_func failed on inputs of shapes {shapes} inside "
+                f"{self.architecture.model_class}: {error}"
+            ) from error
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's inputs, forward arguments, target and head selection."""
+
+    inputs: tuple[Tensor, ...]
+    additional_forward_args: Any
+    target: TargetType
+    selection: HeadSelection
 
 
 def _with_delta(result: Any, delta: Tensor, return_convergence_delta: bool) -> Any:

@@ -136,8 +136,10 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
                 ``LayerIntegratedGradients``: token ids ``(B, S)`` or embeddings ``(B, S, E)``.
             baselines (Any, optional): accepted so pipelines written for gradient methods run
                 unchanged, and unused: attention needs no reference input.
-            target (int, tuple, Tensor or list, optional): accepted and ignored: attention does
-                not depend on the class being explained.
+            target (int, tuple, Tensor or list, optional): as in
+                :meth:`EfficientAttentionAttribution.attribute
+                <captum_effattn.EfficientAttentionAttribution.attribute>`: validated, used by
+                ``weighting="gradient"``, ignored otherwise.
             additional_forward_args (Any, optional): extra arguments appended to ``inputs`` when
                 calling ``forward_func`` (token type ids, position ids, attention mask, ...).
             n_steps, method, internal_batch_size (optional): ``LayerIntegratedGradients``'
@@ -154,8 +156,8 @@ class LayerEfficientAttentionAttribution(LayerAttribution):
             **options: the selectors and options of
                 :meth:`EfficientAttentionAttribution.attribute
                 <captum_effattn.EfficientAttentionAttribution.attribute>`: ``layers``,
-                ``heads``, ``view``, ``query`` and ``reduce`` (``reduce=None`` is refused:
-                it gives per-head scores, not one score per token).
+                ``heads``, ``view``, ``query``, ``reduce`` and ``weighting`` (``reduce=None``
+                is refused: it gives per-head scores, not one score per token).
 
         Returns:
             **attributions** (*Tensor* or *tuple[Tensor, ...]*): shaped like the layer's output
