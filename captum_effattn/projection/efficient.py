@@ -28,7 +28,11 @@ from captum_effattn.projection.engine.certify import output_error
 from captum_effattn.projection.engine.driver import ChunkResult, project_rows
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk
-from captum_effattn.projection.engine.validation import DISTRIBUTION_TOL, check_distributions
+from captum_effattn.projection.engine.validation import (
+    DISTRIBUTION_TOL,
+    check_distributions,
+    check_solver_options,
+)
 from captum_effattn.projection.solvers.interior import interior_point_phase
 
 SOLVERS = ("auto", "newton", "interior")
@@ -244,8 +248,7 @@ def efficient_attention(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive; got {tol}")
+    check_solver_options(tol, rank_rtol, distribution_tol, max_newton_iter, max_interior_iter)
 
     def validate(layout, row_masks):
         limit = distribution_tol if distribution_tol is not None else DISTRIBUTION_TOL[attn.dtype]

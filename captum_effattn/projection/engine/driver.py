@@ -35,6 +35,20 @@ ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
 """Solves one chunk, given the chunk, its rows' key masks ``(R_c, n_c)`` and the backend."""
 
 
+def _empty(attn: torch.Tensor, tol: float) -> tuple[torch.Tensor, ProjectionCertificate]:
+    """No rows (an empty batch, or no query rows): an empty result and certificate."""
+    row_shape = attn.shape[:-1]
+    none = torch.zeros(row_shape, dtype=torch.float64, device=attn.device)
+    certificate = ProjectionCertificate(
+        output_error=none,
+        simplex_violation=none.clone(),
+        iterations=none.long(),
+        converged=none.bool(),
+        tol=tol,
+    )
+    return attn.detach().clone(), certificate
+
+
 def project_rows(
     name: str,
     attn: AttentionRows,
@@ -61,6 +75,8 @@ def project_rows(
     """
     inputs = check_inputs(attn, values, key_mask, causal)
     chosen = resolve_backend(backend, inputs.attn.device)
+    if attn.numel() == 0:
+        return _empty(attn, tol)
     layout = build_layout(inputs, causal)
     row_masks = layout.row_masks()
     if validate_rows is not None:
