@@ -18,7 +18,9 @@ class ProjectionCertificate:
     Attributes:
         output_error: relative head-output error ``||x V - a V|| / ||a V||`` of the returned row
             ``x`` against the input row ``a`` (renormalized over its real keys for efficient
-            attention), with the ``values`` that were passed in.
+            attention), with the ``values`` that were passed in (computed on them scaled to unit
+            magnitude per head, which leaves the ratio unchanged and keeps it meaningful at any
+            scale).
         simplex_violation: how far ``x`` is from a probability distribution over the row's real
             keys: the largest of ``-min(x)``, ``|sum(x) - 1|`` and the mass on masked keys. Zero up
             to rounding for efficient attention; effective attention is not a distribution, and

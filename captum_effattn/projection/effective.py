@@ -16,6 +16,11 @@ from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
 from captum_effattn.projection.engine.driver import ChunkResult, project_rows
 from captum_effattn.projection.engine.layout import Chunk
+from captum_effattn.projection.engine.validation import (
+    DISTRIBUTION_TOL,
+    check_masked_mass,
+    check_solver_options,
+)
 
 
 def _project_chunk(
@@ -75,6 +80,12 @@ def effective_attention(
             with ``q != n``, an example whose keys are all masked, or an unknown ``backend``.
         KernelUnavailableError: ``backend="triton"`` where the kernels cannot run.
     """
+    check_solver_options(tol, rank_rtol)
+
+    def validate(layout, row_masks):
+        limit = DISTRIBUTION_TOL[attn.dtype]
+        check_masked_mass(layout.rows, row_masks, limit, attn.shape, layout.row_index)
+
     rows, certificate = project_rows(
         "effective_attention",
         attn,
@@ -87,6 +98,7 @@ def effective_attention(
         ),
         tol=tol,
         simplex_tol=None,
+        validate_rows=validate,
         backend=backend,
     )
     return (rows, certificate) if return_certificate else rows

@@ -27,10 +27,26 @@ class ChunkResult:
     reference: torch.Tensor  # (R_c, n_c) the rows they are measured against
     iterations: torch.Tensor  # (R_c,)
     unchanged: torch.Tensor  # (R_c,) rows returned exactly as given (nothing to project)
+    # (R_c,) rows no solver finished, returned as given (valid, not projected): never converged
+    failed: torch.Tensor | None = None
 
 
 ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
 """Solves one chunk, given the chunk, its rows' key masks ``(R_c, n_c)`` and the backend."""
+
+
+def _empty(attn: torch.Tensor, tol: float) -> tuple[torch.Tensor, ProjectionCertificate]:
+    """No rows (an empty batch, or no query rows): an empty result and certificate."""
+    row_shape = attn.shape[:-1]
+    none = torch.zeros(row_shape, dtype=torch.float64, device=attn.device)
+    certificate = ProjectionCertificate(
+        output_error=none,
+        simplex_violation=none.clone(),
+        iterations=none.long(),
+        converged=none.bool(),
+        tol=tol,
+    )
+    return attn.detach().clone(), certificate
 
 
 def project_rows(
@@ -59,6 +75,8 @@ def project_rows(
     """
     inputs = check_inputs(attn, values, key_mask, causal)
     chosen = resolve_backend(backend, inputs.attn.device)
+    if attn.numel() == 0:
+        return _empty(attn, tol)
     layout = build_layout(inputs, causal)
     row_masks = layout.row_masks()
     if validate_rows is not None:
@@ -68,6 +86,7 @@ def project_rows(
     error = torch.zeros(R, dtype=torch.float64, device=out.device)
     iterations = torch.zeros(R, dtype=torch.long, device=out.device)
     unchanged = torch.zeros(R, dtype=torch.bool, device=out.device)
+    failed = torch.zeros(R, dtype=torch.bool, device=out.device)
     with torch.no_grad():
         for chunk in layout.chunks(rank_width):
             mask_c = chunk.key_mask[chunk.group]
@@ -84,11 +103,13 @@ def project_rows(
             error[chunk.row_ids] = error_c
             iterations[chunk.row_ids] = result.iterations
             unchanged[chunk.row_ids] = result.unchanged
+            if result.failed is not None:
+                failed[chunk.row_ids] = result.failed
     violation = simplex_violation(out, row_masks)
     converged = error <= tol
     if simplex_tol is not None:
         converged &= violation <= simplex_tol
-    converged |= unchanged
+    converged = (converged | unchanged) & ~failed
     row_shape = (*layout.batch_shape, layout.q)
     certificate = ProjectionCertificate(
         output_error=error.reshape(row_shape),

@@ -131,6 +131,17 @@ class RowLayout:
         )
 
 
+def _unit_scale(values: ValueVectors, key_mask: KeyMask) -> ValueVectors:
+    """``values`` ``(S, n, d)`` divided by their largest magnitude on real keys, per source.
+
+    Every result is invariant to the scale of ``V``; the tolerances, rank decisions and norms that
+    lead to it are not (squared norms underflow below 1e-154 and overflow above 1e154 in float64),
+    so they all see values of magnitude one.
+    """
+    largest = (values.abs() * key_mask[..., None]).amax((-2, -1), keepdim=True)
+    return values / torch.where(largest > 0, largest, 1)
+
+
 def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
     """Flatten ``inputs`` into rows and value-space groups (float64 copies; inputs untouched)."""
     attn, values, key_mask = inputs.attn, inputs.values, inputs.key_mask
@@ -164,7 +175,9 @@ def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
         n=n,
         rows=rows,
         row_group=row_group,
-        source_values=source_values.reshape(n_sources, n, -1),
+        source_values=_unit_scale(
+            source_values.reshape(n_sources, n, -1), source_mask.reshape(n_sources, n)
+        ),
         source_mask=source_mask.reshape(n_sources, n),
         group_source=group_source,
         group_prefix=group_prefix,

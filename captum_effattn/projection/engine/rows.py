@@ -101,7 +101,7 @@ def _gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def _chunk_rows(batch: int, heads: int, k_len: int, itemsize: int) -> int:
     # Scores, probabilities and the mask of a chunk: about three (B, H_q, c, n) tensors.
-    return max(1, ROWS_CHUNK_BYTES // (3 * batch * heads * k_len * itemsize))
+    return max(1, ROWS_CHUNK_BYTES // max(1, 3 * batch * heads * k_len * itemsize))
 
 
 def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,100 @@ def _require_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def _require_nonempty_axes(attn: torch.Tensor, values: torch.Tensor) -> None:
+    """At least one key and one value feature (empty batches and row sets are fine)."""
+    if attn.shape[-1] == 0:
+        raise ValueError(
+            f"attn and values must have at least one key (n >= 1); got attn of shape "
+            f"{tuple(attn.shape)} and values of shape {tuple(values.shape)}"
+        )
+    if values.shape[-1] == 0:
+        raise ValueError(
+            f"values must have at least one feature (d >= 1) in shape (*batch, n, d): a head with "
+            f"values of width 0 has no output to preserve; got values of shape "
+            f"{tuple(values.shape)}"
+        )
+
+
+def check_masked_mass(
+    rows: torch.Tensor,
+    row_mask: torch.Tensor,
+    tol: float,
+    shape: torch.Size,
+    row_index: Callable[[int], tuple[int, ...]],
+) -> None:
+    """Raise ``ValueError`` if a row puts weight on keys it may not use (padding, future).
+
+    Args:
+        rows: ``(R, n)`` float64 rows, flattened from an ``attn`` tensor of shape ``shape``.
+        row_mask: ``(R, n)`` the keys each row may use.
+        tol: accepted weight on the other keys, relative to the row's total absolute weight
+            (at least 1).
+        shape: the shape of the user's ``attn``, for the message.
+        row_index: maps a flat row number to its index in ``attn``.
+    """
+    masked = (rows * ~row_mask).abs().sum(-1)
+    off = masked > tol * rows.abs().sum(-1).clamp_min(1)
+    if off.any():
+        i = int(off.nonzero()[0])
+        raise ValueError(
+            f"attn row at index {where(row_index(i))} (attn shape {tuple(shape)}) puts mass "
+            f"{float(masked[i]):.3g} on masked (padding or future) keys: those keys are not part "
+            f"of the example, and the projection would silently drop that mass "
+            f"({int(off.sum())} row(s) fail)"
+        )
+
+
+def _require_number(name: str, value: object, low: float, high: float, closed: str) -> float:
+    """``value`` as a float in ``[low, high]`` (``closed`` says which ends are included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    inside_low = value >= low if closed in ("both", "low") else value > low
+    inside_high = value <= high if closed in ("both", "high") else value < high
+    if not (inside_low and inside_high and math.isfinite(value)):
+        left = "[" if closed in ("both", "low") else "("
+        right = "]" if closed in ("both", "high") else ")"
+        raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}; got {value!r}")
+    return float(value)
+
+
+def _require_count(name: str, value: object, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0 ({meaning}); got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0 ({meaning}); got {value}")
+    return value
+
+
+def check_solver_options(
+    tol: object,
+    rank_rtol: object | None = None,
+    distribution_tol: object | None = None,
+    max_newton_iter: object | None = None,
+    max_interior_iter: object | None = None,
+) -> None:
+    """Check the numeric options of the projections; each message names the option.
+
+    Raises:
+        TypeError: an option of the wrong type (a count that is not an int, a tolerance that is
+            not a number).
+        ValueError: ``tol`` not in ``(0, inf)``, ``rank_rtol`` not in ``[0, 1)``,
+            ``distribution_tol`` not in ``(0, 1)``, or a negative iteration count.
+    """
+    if isinstance(tol, bool) or not isinstance(tol, int | float):
+        raise TypeError(f"tol must be a real number; got {tol!r}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be positive and finite; got {tol!r}")
+    if rank_rtol is not None:
+        _require_number("rank_rtol", rank_rtol, 0, 1, "low")
+    if distribution_tol is not None:
+        _require_number("distribution_tol", distribution_tol, 0, 1, "none")
+    if max_newton_iter is not None:
+        _require_count("max_newton_iter", max_newton_iter, "0 goes to the interior point at once")
+    if max_interior_iter is not None:
+        _require_count("max_interior_iter", max_interior_iter, "0 keeps Newton's rows")
+
+
 def check_key_mask(key_mask: object, n: int, other: str, device: torch.device) -> KeyMask:
     """Check a ``(*batch, n)`` key mask of booleans or 0/1 on ``device``; return it as booleans.
 
@@ -124,6 +218,7 @@ def check_inputs(
             f"values must have shape (*batch, n, d) with n = {n} keys, as attn (shape "
             f"{tuple(attn.shape)}) has; got values of shape {tuple(values.shape)}"
         )
+    _require_nonempty_axes(attn, values)
     if values.device != attn.device:
         raise ValueError(f"attn is on {attn.device} but values is on {values.device}")
     if key_mask is None:
@@ -247,6 +342,11 @@ def _check_key_fits_query(query: torch.Tensor, key: torch.Tensor) -> None:
             f"{tuple(query.shape)}) has; got key of shape {tuple(key.shape)}"
         )
     heads, kv_heads = query.shape[-3], key.shape[-3]
+    if heads == 0 or kv_heads == 0:
+        raise ValueError(
+            f"query and key must have at least one head; got query of shape "
+            f"{tuple(query.shape)} ({QUERY_SHAPE}) and key of shape {tuple(key.shape)}"
+        )
     if heads % kv_heads:
         raise ValueError(
             f"query has {heads} heads and key {kv_heads}: grouped-query attention needs the "
@@ -265,6 +365,12 @@ def _check_values_fit_key(values: object, key: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"values must have shape {VALUES_SHAPE} with H_kv = {kv_heads} heads and n = {n} "
             f"keys, as key (shape {tuple(key.shape)}) has; got values of shape "
+            f"{tuple(checked.shape)}"
+        )
+    if checked.shape[-1] == 0:
+        raise ValueError(
+            f"values must have at least one feature (d_v >= 1) in shape {VALUES_SHAPE}: a head "
+            f"with values of width 0 has no output to preserve; got values of shape "
             f"{tuple(checked.shape)}"
         )
     if checked.device != key.device:
@@ -299,6 +405,8 @@ def _query_rows(rows: QueryRows, n_q: int, device: torch.device) -> torch.Tensor
     if rows is None:
         return torch.arange(n_q, device=device)
     index = torch.as_tensor(rows, device=device)
+    if index.dim() == 1 and index.numel() == 0:
+        return index.long()  # no rows requested: an empty result
     if index.dim() == 0:
         index = index[None]
     if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool:
@@ -366,6 +474,11 @@ def check_qk_inputs(
     q = _heads_tensor("query", query, QUERY_SHAPE)
     k = _heads_tensor("key", key, KEY_SHAPE)
     _check_key_fits_query(q, k)
+    if q.shape[-1] == 0:
+        raise ValueError(
+            f"query and key must have d_k >= 1 features in shape {QUERY_SHAPE}; got query of "
+            f"shape {tuple(q.shape)}"
+        )
     v = None if values is None else _check_values_fit_key(values, k)
     n_q, n = q.shape[-2], k.shape[-2]
     mask = None if key_mask is None else check_key_mask(key_mask, n, "query", q.device)
