@@ -8,10 +8,10 @@ form a polytope; efficient attention is its minimum-norm point. A *vertex* of ``
 keys as the value space allows: at most ``rank([1, V])`` of them (at most ``d + 1``), each needed by
 that vertex (its supported columns of ``[1, V]^T`` are linearly independent, so no supported key can
 be dropped and compensated by the others). Vertices are not unique; :func:`minimal_attention`
-returns the one that maximizes ``<x, efficient(a)>``, the vertex that keeps the most of the
-efficient row's mass profile. Which keys are needed by *every* valid row is another question:
-:func:`necessary_keys` answers it (on long inputs it is rarely any). See the method page of the
-documentation (docs/method.md).
+returns, among the vertices that use only keys the efficient row uses, the one maximizing
+``sum_j x_j log efficient(a)_j``: its mass sits on the keys the efficient row weights most. Which
+keys are needed by *every* valid row is another question: :func:`necessary_keys` answers it (on
+long inputs it is rarely any). See the method page of the documentation (docs/method.md).
 
 Both solve small linear programs exactly, one row at a time on the CPU in float64 (numpy): a
 purification of the efficient row to a vertex, then the primal simplex method
@@ -279,18 +279,25 @@ def minimal_attention(
     row: the supported columns of ``[1, V]^T`` are linearly independent, so no supported key can be
     removed and compensated by the others.
 
-    Vertices are not unique. The rule: **the vertex maximizing** ``<x, efficient(a)>``, the
-    linear objective given by the row's efficient attention (:func:`efficient_attention`), so that
-    keys heavy in the efficient row are kept. It is computed exactly: the efficient row is
-    purified to a vertex (keys visited in key order; each key whose column of ``[1, V]^T`` depends
-    on the kept ones opens a null-space direction, followed, in the sense that does not decrease
-    the objective, until a key reaches zero, the smallest index among ties), then the primal simplex
-    method climbs to the optimum (Dantzig's rule, Bland's lowest-index rule after a degenerate
-    pivot; ties in the ratio test leave the lowest key). When several vertices attain the maximum
-    (not the case for rows in general position), the one this deterministic walk reaches is
-    returned. The result depends on the row and its values alone: not on the batch it comes in,
-    nor on the order of the batch. A row whose ``[1, V]`` spans every real key (generically
-    ``n <= d + 1``) is its only valid row and comes back as given.
+    Vertices are not unique. The rule, with ``e = efficient(a)`` (:func:`efficient_attention`):
+    **among the valid rows that use only keys** ``e`` **uses** (the face of ``P(a)`` holding ``e``),
+    **the vertex maximizing** ``sum_j x_j log e_j``, so the mass sits on the keys the efficient row
+    weights most, and every key of the minimal row is a key of the efficient row. (Maximizing
+    ``<x, e>`` over ``P(a)`` instead would do the opposite: since ``e = relu(B theta)`` with ``B``
+    a basis of ``span([1, V])``, and ``B^T x`` is the same for every valid row, ``<x, e> =
+    ||e||^2 + sum_j x_j max(-(B theta)_j, 0)``, constant on that face and largest on keys ``e``
+    leaves out.)
+
+    It is computed exactly, one linear program per row: the efficient row is purified to a vertex
+    (keys visited in key order; each key whose column of ``[1, V]^T`` depends on the kept ones opens
+    a null-space direction, followed, in the sense that does not decrease the objective, until a
+    key reaches zero, the smallest index among ties), then the primal simplex method climbs to the
+    optimum (Dantzig's rule, Bland's lowest-index rule after a degenerate pivot; ties in the ratio
+    test leave the lowest key). When several vertices attain the maximum (not the case for rows in
+    general position), the one this deterministic walk reaches is returned. The result depends on
+    the row and its values alone, not on the batch it comes in nor on the batch's order. A row
+    whose ``[1, V]`` spans every real key (generically ``n <= d + 1``) is its only valid row and
+    comes back as given.
 
     Unlike efficient attention the vertex is not a continuous function of the row: a small change
     of ``a`` can switch the optimal vertex. Whether a key is needed by *every* valid row is
