@@ -113,8 +113,21 @@ def purify(a_matrix: np.ndarray, x: np.ndarray, objective: np.ndarray) -> Vertex
     return Vertex(x=x, basis=kept, steps=steps)
 
 
+def _largest_residual(a_matrix: np.ndarray, basis: list[int]) -> int:
+    """The key whose column is farthest from the span of the basis columns."""
+    if not basis:
+        return int(np.argmax(np.linalg.norm(a_matrix, axis=0)))
+    q_factor, _ = np.linalg.qr(a_matrix[:, basis])
+    residual = a_matrix - q_factor @ (q_factor.T @ a_matrix)
+    norms = np.linalg.norm(residual, axis=0)
+    norms[basis] = -1
+    return int(np.argmax(norms))
+
+
 def complete_basis(a_matrix: np.ndarray, vertex: Vertex) -> Vertex:
-    """Add zero-weight keys, in key order, until the basis has ``r`` independent columns."""
+    """Add zero-weight keys, in key order, until the basis has ``r`` independent columns (then,
+    should the dependence test have refused too many nearly dependent ones, the columns farthest
+    from the basis' span)."""
     r, m = a_matrix.shape
     basis = list(vertex.basis)
     for key in range(m):
@@ -124,6 +137,8 @@ def complete_basis(a_matrix: np.ndarray, vertex: Vertex) -> Vertex:
             continue
         if not basis or not _coefficients(a_matrix[:, basis], a_matrix[:, key])[1]:
             basis.append(key)
+    while len(basis) < r:
+        basis.append(_largest_residual(a_matrix, basis))
     return Vertex(x=vertex.x, basis=basis, steps=vertex.steps, optimal=vertex.optimal)
 
 
@@ -132,7 +147,7 @@ def independent_rows(a_matrix: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, n
     a few keys' columns may span less than the whole space."""
     left, singular, _ = np.linalg.svd(a_matrix, full_matrices=False)
     keep = singular > DEPENDENCE_RTOL * max(float(singular[:1].max(initial=0)), 1e-300)
-    if bool(keep.all()):
+    if int(keep.sum()) == a_matrix.shape[0]:
         return a_matrix, b
     return left[:, keep].T @ a_matrix, left[:, keep].T @ b
 
