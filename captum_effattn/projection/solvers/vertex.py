@@ -29,6 +29,8 @@ PIVOT_TOL = 1e-11
 COST_RTOL = 1e-11
 # Coordinates of a vertex at most this large are zero (mass of a distribution: absolute).
 ZERO_TOL = 1e-13
+# Exchanges of a kept key between two fresh inversions of the kept columns (rounding control).
+REFACTOR_EVERY = 32
 # Pivots per linear program, in multiples of the number of keys, before giving up.
 PIVOTS_PER_KEY = 4
 
@@ -69,6 +71,54 @@ def _step_to_boundary(x: np.ndarray, keys: list[int], z: np.ndarray) -> tuple[fl
     return t, blocking
 
 
+class _KeptColumns:
+    """The kept keys and what testing a new column against theirs needs: an orthonormal basis of
+    their span while they are fewer than ``r``, the inverse of their (square) matrix once they are
+    ``r``, updated by one elimination step per exchanged key."""
+
+    def __init__(self, a_matrix: np.ndarray):
+        self.a_matrix = a_matrix
+        self.keys: list[int] = []
+        self.span = np.zeros((a_matrix.shape[0], 0))
+        self.inverse: np.ndarray | None = None
+        self.updates = 0
+
+    def express(self, key: int) -> np.ndarray | None:
+        """Coefficients of ``key``'s column on the kept ones (aligned with :attr:`keys`), or
+        ``None`` when it is independent of them."""
+        column = self.a_matrix[:, key]
+        if self.inverse is not None:
+            return self.inverse @ column
+        residual = column - self.span @ (self.span.T @ column)
+        scale = max(float(np.linalg.norm(column)), 1e-300)
+        if float(np.linalg.norm(residual)) > DEPENDENCE_RTOL * scale:
+            return None
+        return np.linalg.lstsq(self.a_matrix[:, self.keys], column, rcond=None)[0]
+
+    def _refactor(self) -> None:
+        columns = self.a_matrix[:, self.keys]
+        if len(self.keys) == self.a_matrix.shape[0]:
+            self.inverse, self.updates = np.linalg.inv(columns), 0
+        else:
+            self.span = np.linalg.qr(columns)[0]
+
+    def add(self, key: int) -> None:
+        self.keys.append(key)
+        self._refactor()
+
+    def exchange(self, leaving: int, key: int, coefficients: np.ndarray) -> None:
+        """Put ``key`` in ``leaving``'s place (``coefficients``: :meth:`express` of ``key``)."""
+        position = self.keys.index(leaving)
+        self.keys[position] = key
+        if self.inverse is None or self.updates >= REFACTOR_EVERY:
+            self._refactor()
+            return
+        row = self.inverse[position] / coefficients[position]
+        self.inverse -= np.outer(coefficients, row)
+        self.inverse[position] = row
+        self.updates += 1
+
+
 def purify(a_matrix: np.ndarray, x: np.ndarray, objective: np.ndarray) -> Vertex:
     """From a point ``x`` of ``P`` to a vertex whose support lies in ``x``'s support.
 
@@ -86,20 +136,17 @@ def purify(a_matrix: np.ndarray, x: np.ndarray, objective: np.ndarray) -> Vertex
         The vertex, its basis being its support (fewer than ``r`` keys when degenerate).
     """
     x = x.copy()
-    kept: list[int] = []
+    kept = _KeptColumns(a_matrix)
     steps = 0
     for key in np.flatnonzero(x > 0).tolist():
         if x[key] <= 0:  # reached zero on an earlier move
             continue
-        if not kept:
-            kept.append(key)
+        coefficients = kept.express(key)
+        if coefficients is None:
+            kept.add(key)
             continue
-        coef, dependent = _coefficients(a_matrix[:, kept], a_matrix[:, key])
-        if not dependent:
-            kept.append(key)
-            continue
-        keys = [*kept, key]
-        z = np.append(-coef, 1.0)
+        keys = [*kept.keys, key]
+        z = np.append(-coefficients, 1.0)
         if float(objective[keys] @ z) < 0:
             z = -z
         t, blocking = _step_to_boundary(x, keys, z)
@@ -108,9 +155,11 @@ def purify(a_matrix: np.ndarray, x: np.ndarray, objective: np.ndarray) -> Vertex
         steps += 1
         if blocking != key:
             # The key left had a non-zero coefficient: the new key is independent of the rest.
-            kept = [k for k in kept if k != blocking] + [key]
-    x[[k for k in range(len(x)) if k not in set(kept)]] = 0
-    return Vertex(x=x, basis=kept, steps=steps)
+            kept.exchange(blocking, key, coefficients)
+    support = np.zeros(len(x), dtype=bool)
+    support[kept.keys] = True
+    x[~support] = 0
+    return Vertex(x=x, basis=list(kept.keys), steps=steps)
 
 
 def _largest_residual(a_matrix: np.ndarray, basis: list[int]) -> int:
