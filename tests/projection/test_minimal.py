@@ -12,6 +12,7 @@ from scipy.optimize import linprog
 
 from captum_effattn import efficient_attention, minimal_attention, necessary_keys
 from tests.projection.test_properties import SETTINGS, problems
+from tests.projection.test_real_minilm import minilm_heads  # noqa: F401  (the real rows)
 
 
 def _problem(seed, n=30, d=5, q=4, batch=(), sharpness=2.0):
@@ -238,3 +239,32 @@ def test_bad_input(call, error, match):
     attn, values = _problem(9, n=10, d=3, q=3)
     with pytest.raises(error, match=match):
         call(attn, values)
+
+
+@pytest.mark.slow
+def test_real_minilm_cls_rows_against_highs(minilm_heads):  # noqa: F811
+    """[CLS] rows of every head of MiniLM on a 256-token IMDB review: vertices of at most
+    rank([1, V]) = 33 keys, the documented LP optimum by HiGHS, and the necessary keys of a few
+    rows by one HiGHS LP per key."""
+    attn = torch.stack([a[0, :, :1] for a, _ in minilm_heads])  # (6 layers, 12 heads, 1, 256)
+    values = torch.stack([v[0] for _, v in minilm_heads])  # (6, 12, 256, 32)
+    x, cert = minimal_attention(attn.double(), values.double(), return_certificate=True)
+    assert cert.all_converged
+    assert cert.max_output_error <= 1e-10
+    single = minimal_attention(attn, values)  # the model's float32, the same vertices
+    assert single.dtype == torch.float32
+    assert torch.equal(single > 0, x > 0)
+    efficient = efficient_attention(attn.double(), values.double())
+    every_key = torch.ones(256, dtype=torch.bool)
+    for layer in range(6):
+        for head in range(12):
+            row, a, v = x[layer, head, 0], attn[layer, head, 0], values[layer, head]
+            _assert_vertex(row, a, v, every_key)
+            assert int((row > 0).sum()) <= 33
+            reference = _linprog_minimal(a.double(), v, efficient[layer, head, 0])
+            np.testing.assert_allclose(row.double().numpy(), reference, atol=1e-5)
+    flags = necessary_keys(attn[:2, :2], values[:2, :2])
+    for layer in range(2):
+        for head in range(2):
+            a, v = attn[layer, head, 0].double(), values[layer, head].double()
+            assert torch.equal(flags[layer, head, 0], _linprog_necessary(a, v))
