@@ -12,6 +12,8 @@ from captum_effattn.projection import (
     ProjectionCertificate,
     effective_attention,
     efficient_attention,
+    minimal_attention,
+    necessary_keys,
 )
 
 __version__ = "0.1.0.dev0"
@@ -39,4 +41,6 @@ __all__ = [
     "efficient_attention",
     "explain_dataset",
     "load_attributions",
+    "minimal_attention",
+    "necessary_keys",
 ]

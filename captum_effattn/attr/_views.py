@@ -6,7 +6,8 @@ adding a view is one :func:`register_view` call:
 
 - ``raw``: the attention row itself;
 - ``effective``: its orthogonal projection onto the head's value space (Brunner et al., 2020);
-- ``efficient``: the minimum-norm distribution with the same head output (this package).
+- ``efficient``: the minimum-norm distribution with the same head output (this package);
+- ``minimal``: a vertex of the valid rows, at most ``rank([1, V])`` keys (this package).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import torch
 
 from captum_effattn.attr._queries import QueryRows
 from captum_effattn.models import CapturedHeads
-from captum_effattn.projection import effective_attention, efficient_attention
+from captum_effattn.projection import (
+    effective_attention,
+    efficient_attention,
+    minimal_attention,
+)
 
 
 class Projection(Protocol):
@@ -141,6 +146,15 @@ register_view(
         _certified(efficient_attention),
         distribution=True,
         description="minimum-norm distribution with the same head output",
+    )
+)
+register_view(
+    View(
+        "minimal",
+        _certified(minimal_attention),
+        distribution=True,
+        description="distribution with the same head output on as few keys as the value space "
+        "allows (a vertex of the valid rows)",
     )
 )
 

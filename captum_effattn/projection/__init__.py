@@ -1,13 +1,13 @@
-"""Pure tensor math: the three views of an attention row (raw, effective, efficient).
+"""Pure tensor math: the views of an attention row (raw, effective, efficient, minimal).
 
 Tensors in, tensors out; no model code. For the construction, see the method page of the
 documentation (docs/method.md).
 
 Layers: the public functions live in the modules at this level (:mod:`.efficient`,
-:mod:`.effective`, :mod:`.from_qk`, :mod:`.certificate`, :mod:`.basis`); :mod:`.engine` holds the
-machinery they share (attention rows, validation, backends, driver, layout, grouped products,
-threads) and :mod:`.solvers` the solvers of efficient attention (Newton, interior point, the
-compiled kernels).
+:mod:`.effective`, :mod:`.minimal`, :mod:`.from_qk`, :mod:`.certificate`, :mod:`.basis`);
+:mod:`.engine` holds the machinery they share (attention rows, validation, backends, driver,
+layout, grouped products, threads) and :mod:`.solvers` the solvers (Newton, interior point, the
+compiled kernels; the vertex simplex of minimal attention).
 """
 
 from captum_effattn.projection.basis import orthonormal_basis, value_space_basis
@@ -20,6 +20,7 @@ from captum_effattn.projection.from_qk import (
     effective_attention_from_qk,
     efficient_attention_from_qk,
 )
+from captum_effattn.projection.minimal import minimal_attention, necessary_keys
 
 __all__ = [
     "ConvergenceWarning",
@@ -29,6 +30,8 @@ __all__ = [
     "effective_attention_from_qk",
     "efficient_attention",
     "efficient_attention_from_qk",
+    "minimal_attention",
+    "necessary_keys",
     "orthonormal_basis",
     "value_space_basis",
 ]

@@ -21,7 +21,7 @@ def test_unknown_options(bert):
     explainer, ids, mask = bert
     args = (mask,)
     with pytest.raises(
-        ValueError, match=r"view must be one of \('raw', 'effective', 'efficient'\)"
+        ValueError, match=r"view must be one of \('raw', 'effective', 'efficient', 'minimal'\)"
     ):
         explainer.attribute(ids, additional_forward_args=args, view="eficient")
     with pytest.raises(ValueError, match="reduce must be one of"):

@@ -45,9 +45,9 @@ def uniform_view():
 
 
 def test_the_built_in_views_and_their_properties():
-    assert tuple(VIEWS) == ("raw", "effective", "efficient")
-    assert [v.distribution for v in VIEWS.values()] == [True, False, True]
-    assert [v.solves for v in VIEWS.values()] == [False, True, True]
+    assert tuple(VIEWS) == ("raw", "effective", "efficient", "minimal")
+    assert [v.distribution for v in VIEWS.values()] == [True, False, True, True]
+    assert [v.solves for v in VIEWS.values()] == [False, True, True, True]
     assert all(name == v.name and v.description for name, v in VIEWS.items())
     assert VIEWS["efficient"].method_name == "efficient attention"
 
@@ -63,12 +63,15 @@ def test_a_registered_view_is_usable_everywhere(uniform_view):
         "raw attention",
         "effective attention",
         "efficient attention",
+        "minimal attention",
         "uniform attention",
         *GRADIENT_METHODS,
     )
     assert build_parser().parse_args(["--views", "uniform", "raw"]).views == ["uniform", "raw"]
-    with pytest.raises(ValueError, match=r"\('raw', 'effective', 'efficient', 'uniform'\)"):
-        get_view("minimal")
+    with pytest.raises(
+        ValueError, match=r"\('raw', 'effective', 'efficient', 'minimal', 'uniform'\)"
+    ):
+        get_view("minimum")
 
 
 def test_compare_methods_scores_every_registered_view(uniform_view):

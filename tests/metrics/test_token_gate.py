@@ -67,6 +67,7 @@ def test_every_captum_method_runs_unchanged_and_returns_token_scores(bert, batch
         "raw attention",
         "effective attention",
         "efficient attention",
+        "minimal attention",
         "IntegratedGradients",
         "Saliency",
         "InputXGradient",
