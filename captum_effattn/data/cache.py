@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -95,15 +96,41 @@ def load_sentiment_classifier(
         The classifier (model in eval mode). Its ``metadata["directory"]`` names the cache entry.
     """
     config = TrainingConfig() if config is None else config
+    return load_cached_classifier(
+        f"sentiment-minilm-{sentiment_cache_key(config)}",
+        lambda: train_sentiment_classifier(config, progress=progress),
+        cache_dir,
+        retrain=retrain,
+    )
+
+
+def load_cached_classifier(
+    name: str,
+    build: Callable[[], SentimentClassifier],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    retrain: bool = False,
+) -> SentimentClassifier:
+    """The classifier cached under ``name``, or ``build()`` now, saved there and returned.
+
+    Args:
+        name: the cache entry's directory name (a task's name and its cache key).
+        build: fine-tunes the classifier when the cache has none (or on ``retrain``).
+        cache_dir: cache root; default ``$CAPTUM_EFFATTN_CACHE`` or ``~/.cache/captum_effattn``.
+        retrain: build again even if the cache has this classifier, and replace it.
+
+    Returns:
+        The classifier (model in eval mode). Its ``metadata["directory"]`` names the cache entry.
+    """
     root = resolve_cache_dir(cache_dir)
-    directory = root / f"sentiment-minilm-{sentiment_cache_key(config)}"
+    directory = root / name
     if directory.is_dir() and not retrain:
         return _with_directory(read_sentiment_classifier(directory), directory)
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root / f"{directory.name}.lock"):
         if directory.is_dir() and not retrain:  # built by another process while we waited
             return _with_directory(read_sentiment_classifier(directory), directory)
-        classifier = train_sentiment_classifier(config, progress=progress)
+        classifier = build()
         if directory.is_dir():
             stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=root))
             directory.rename(stale / "old")
