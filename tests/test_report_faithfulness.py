@@ -19,8 +19,14 @@ IMAGE = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
 
 @pytest.fixture(scope="module")
 def quick_page(tmp_path_factory) -> Path:
+    """The page of one --quick run (a few texts per dataset, tiny tweet and planted classifiers
+    fine-tuned and cached on first use; minutes of CPU)."""
     out = tmp_path_factory.mktemp("report") / "faithfulness.md"
-    assert report.main(["--quick", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert report.main(["--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -59,7 +65,9 @@ def test_quick_page_figures_exist(quick_page):
 def test_verdict_and_goals_are_decided(quick_page):
     text = quick_page.read_text()
     verdict = text.split("## Verdict")[1].split("## Goals")[0]
-    assert len(re.findall(r"^- \*\*.+: (holds|does not hold|not measured)\.\*\*", verdict, re.M)) == 5
+    assert (
+        len(re.findall(r"^- \*\*.+: (holds|does not hold|not measured)\.\*\*", verdict, re.M)) == 5
+    )
     goals = text.split("## Goals")[1].split("## What next")[0]
     assert len(re.findall(r"\*\*(met|missed|not measured)\*\*", goals)) == 5
 
