@@ -59,7 +59,8 @@ def test_quick_page_figures_exist(quick_page):
     assert len(images) >= 3
     for image in images:
         path = quick_page.parent / image
-        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG", image
+        assert path.is_file(), image
+        assert path.read_bytes()[:4] == b"\x89PNG", image
 
 
 def test_verdict_and_goals_are_decided(quick_page):
@@ -77,7 +78,9 @@ def test_paired_bootstrap_is_centred_and_seeded():
     b = np.array([0.1, 0.2, 0.1, 0.2])
     estimate, low, high = report.paired_bootstrap(a, b, 500)
     assert estimate == pytest.approx(0.25)
-    assert low <= estimate <= high and low >= 0.0 and high <= 0.5
+    assert low <= estimate <= high
+    assert low >= 0.0
+    assert high <= 0.5
     assert report.paired_bootstrap(a, b, 500) == (estimate, low, high)
     assert report.paired_bootstrap(a, a - 0.1, 500) == pytest.approx((0.1, 0.1, 0.1))
 

@@ -35,7 +35,9 @@ def test_tweet_splits_are_balanced_disjoint_and_stable():
     splits = tweet_splits(SplitSizes(train=30, validation=6, test=12))
     assert Counter(t.label for t in splits.test) == {0: 4, 1: 4, 2: 4}
     texts = [{t.text for t in splits[name]} for name in ("train", "validation", "test")]
-    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert not texts[0] & texts[1]
+    assert not texts[0] & texts[2]
+    assert not texts[1] & texts[2]
     bigger = tweet_splits(SplitSizes(train=300, validation=6, test=12))
     assert bigger.test == splits.test  # growing train never moves held-out texts
 
@@ -60,8 +62,10 @@ def test_plant_is_deterministic_and_seeded():
 def test_task_cache_keys_are_distinct_and_leave_sentiment_alone():
     config = TrainingConfig()
     keys = {task.cache_key(task.default_config) for task in TASKS.values()}
-    assert len(keys) == len(TASKS) and sentiment_cache_key(config) not in keys
+    assert len(keys) == len(TASKS)
+    assert sentiment_cache_key(config) not in keys
     tweets = get_task("tweets")
-    assert tweets.cache_key(dataclasses.replace(tweets.default_config, seed=1)) != tweets.cache_key()
+    reseeded = dataclasses.replace(tweets.default_config, seed=1)
+    assert tweets.cache_key(reseeded) != tweets.cache_key()
     with pytest.raises(ValueError, match="tweets"):
         get_task("news")
