@@ -673,6 +673,8 @@ def header_section(report: Report) -> list[str]:
         "`[SEP]` are never removed. ERASER AOPC bins: "
         f"{', '.join(f'{b:.0%}' for b in ERASER_BINS)} of the removable word pieces.",
         "- Confidence intervals: 95% paired percentile bootstrap over test examples.",
+        "- What each metric measures and how methods are run on the token gate: "
+        "[measuring faithfulness](measuring-faithfulness.md).",
     ]
     if sizes.tiny_classifiers:
         lines.append(
