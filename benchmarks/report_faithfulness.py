@@ -559,12 +559,26 @@ def _layer_rows(captured: Any, stats: RowStatistics) -> None:
         (((effective < 0) & real).sum(-1).double() / real.sum(-1)).flatten().tolist()
     )
     stats.effective_sums += effective.sum(-1).flatten().tolist()
-    if hasattr(projection, "minimal_attention"):
-        minimal = projection.minimal_attention(attn, values, key_mask)
+    minimal = _optional_projection("minimal_attention", attn, values, key_mask, stats)
+    if minimal is not None:
         stats.support.setdefault("minimal", []).extend(_support(minimal))
-    if hasattr(projection, "necessary_keys"):
-        necessary = projection.necessary_keys(attn, values, key_mask)
-        stats.necessary += necessary.sum(-1).flatten().tolist()
+    necessary = _optional_projection("necessary_keys", attn, values, key_mask, stats)
+    if necessary is not None:
+        stats.necessary += torch.as_tensor(necessary).sum(-1).flatten().tolist()
+
+
+def _optional_projection(name: str, *args: Any) -> torch.Tensor | None:
+    """``captum_effattn.projection.<name>(attn, values, key_mask)`` where this build has it; the
+    last argument (the statistics) records why not otherwise."""
+    *tensors, stats = args
+    function = getattr(projection, name, None)
+    if function is None:
+        return None
+    try:
+        return function(*tensors)
+    except (TypeError, ValueError, RuntimeError) as error:  # an API that differs from the issue's
+        stats.awaits.append(f"captum_effattn.projection.{name} (failed here: {error})")
+        return None
 
 
 def row_statistics(dataset: Dataset, count: int) -> RowStatistics:
