@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -97,16 +98,50 @@ def load_sentiment_classifier(
         The classifier (model in eval mode). Its ``metadata["directory"]`` names the cache entry.
     """
     config = TrainingConfig() if config is None else config
+    return load_cached_classifier(
+        f"sentiment-minilm-{sentiment_cache_key(config)}",
+        lambda: train_sentiment_classifier(config, progress=progress),
+        cache_dir,
+        retrain=retrain,
+        what=fine_tuning_description(config),
+    )
+
+
+def load_cached_classifier(
+    name: str,
+    build: Callable[[], SentimentClassifier],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    retrain: bool = False,
+    what: str = "MiniLM",
+) -> SentimentClassifier:
+    """The classifier cached under ``name``, or ``build()`` now, saved there and returned.
+
+    Args:
+        name: the cache entry's directory name (a task's name and its cache key).
+        build: fine-tunes the classifier when the cache has none (or on ``retrain``).
+        cache_dir: cache root; default ``$CAPTUM_EFFATTN_CACHE`` or ``~/.cache/captum_effattn``.
+        retrain: build again even if the cache has this classifier, and replace it.
+        what: what ``build`` fine-tunes, for the one line printed on stderr before it runs
+            (a fine-tune takes minutes on a CPU; saying so beats a silent wait).
+
+    Returns:
+        The classifier (model in eval mode). Its ``metadata["directory"]`` names the cache entry.
+    """
     root = resolve_cache_dir(cache_dir)
-    directory = root / f"sentiment-minilm-{sentiment_cache_key(config)}"
+    directory = root / name
     if directory.is_dir() and not retrain:
         return _with_directory(read_sentiment_classifier(directory), directory)
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root / f"{directory.name}.lock"):
         if directory.is_dir() and not retrain:  # built by another process while we waited
             return _with_directory(read_sentiment_classifier(directory), directory)
-        announce_fine_tuning(config, directory)
-        classifier = train_sentiment_classifier(config, progress=progress)
+        print(
+            f"fine-tuning {what} (first use, minutes on a CPU; cached in {directory})",
+            file=sys.stderr,
+            flush=True,
+        )
+        classifier = build()
         if directory.is_dir():
             stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}.stale.", dir=root))
             directory.rename(stale / "old")
@@ -115,15 +150,12 @@ def load_sentiment_classifier(
     return _with_directory(classifier, directory)
 
 
-def announce_fine_tuning(config: TrainingConfig, directory: Path) -> None:
-    """One line on stderr before a fine-tune: what runs, for how long, where it will be kept."""
-    print(
-        f"fine-tuning MiniLM on {config.splits.train:,} Rotten Tomatoes sentences "
-        f"({config.epochs} epoch{'s' if config.epochs > 1 else ''}; first use, minutes on a CPU; "
-        f"cached in {directory})",
-        file=sys.stderr,
-        flush=True,
-    )
+def fine_tuning_description(
+    config: TrainingConfig, texts: str = "Rotten Tomatoes sentences"
+) -> str:
+    """``MiniLM on 5,000 Rotten Tomatoes sentences, 1 epoch``: what a fine-tune trains on."""
+    epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
+    return f"MiniLM on {config.splits.train:,} {texts}, {epochs}"
 
 
 def _with_directory(classifier: SentimentClassifier, directory: Path) -> SentimentClassifier:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,10 +76,11 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of :data:`KEYED_DISTRIBUTIONS` (``"missing"`` when not installed)."""
+def library_versions(distributions: Sequence[str] = KEYED_DISTRIBUTIONS) -> dict[str, str]:
+    """Installed versions of ``distributions`` (default :data:`KEYED_DISTRIBUTIONS`;
+    ``"missing"`` when not installed)."""
     versions = {}
-    for name in KEYED_DISTRIBUTIONS:
+    for name in distributions:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -100,5 +102,33 @@ def sentiment_cache_key(
         "recipe": RECIPE_VERSION,
         "config": config.to_dict(),
         "versions": library_versions() if versions is None else versions,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def task_cache_key(
+    task: str,
+    task_version: int,
+    config: TrainingConfig,
+    *,
+    distributions: Sequence[str] = KEYED_DISTRIBUTIONS,
+    versions: dict[str, str] | None = None,
+) -> str:
+    """Hex key of the classifier that ``config`` trains on a task other than Rotten Tomatoes
+    sentiment (see :mod:`captum_effattn.data.tasks`); :func:`sentiment_cache_key` is unchanged.
+
+    Args:
+        task: the task's name.
+        task_version: bumped when the task's data or labels change.
+        config: what to train.
+        distributions: the distributions whose versions enter the key.
+        versions: library versions; default the installed ones.
+    """
+    identity = {
+        "task": task,
+        "task_version": task_version,
+        "recipe": RECIPE_VERSION,
+        "config": config.to_dict(),
+        "versions": library_versions(distributions) if versions is None else versions,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -68,14 +68,16 @@ def _digest(source: str, seed: int, text: str) -> str:
     return hashlib.sha256(f"{source}\x00{seed}\x00{text}".encode()).hexdigest()
 
 
-def _ranked_by_label(reviews: list[Review], seed: int) -> dict[int, list[Review]]:
+def _ranked_by_label(
+    reviews: list[Review], seed: int, labels: tuple[int, ...] = LABELS
+) -> dict[int, list[Review]]:
     """Each label's reviews in digest order: a seeded shuffle that needs no random state."""
     return {
         label: sorted(
             (review for review in reviews if review.label == label),
             key=lambda review: _digest(review.source, seed, review.text),
         )
-        for label in LABELS
+        for label in labels
     }
 
 
@@ -101,14 +103,45 @@ def rotten_tomatoes_splits(
         ValueError: if the splits together need more sentences of one label than exist.
     """
     sizes = SplitSizes() if sizes is None else sizes
-    ranked = _ranked_by_label(load_reviews("rotten_tomatoes"), seed)
-    per_label = {name: getattr(sizes, name) // 2 for name in SPLIT_NAMES}
+    return balanced_splits(
+        load_reviews("rotten_tomatoes"), sizes, seed=seed, name="Rotten Tomatoes", unit="sentences"
+    )
+
+
+def balanced_splits(
+    reviews: list[Review],
+    sizes: SplitSizes,
+    *,
+    seed: int = DEFAULT_SEED,
+    labels: tuple[int, ...] = LABELS,
+    name: str = "the data",
+    unit: str = "texts",
+) -> ReviewSplits:
+    """Deal labelled texts into disjoint, label-balanced train / validation / test splits.
+
+    Each label's texts are ranked by digest and dealt out test first, then validation, then
+    train (see the module doc); each split holds ``size // len(labels)`` texts of every label.
+
+    Args:
+        reviews: the texts, each text once; ``label`` in ``labels``.
+        sizes: texts per split.
+        seed: any int; each seed gives a different deterministic split.
+        labels: the label values to balance over.
+        name: what the texts are, for the error message.
+        unit: what one text is, for the error message.
+
+    Returns:
+        The three splits, each in a seeded order that mixes the labels.
+
+    Raises:
+        ValueError: if the splits together need more texts of one label than exist.
+    """
+    ranked = _ranked_by_label(reviews, seed, labels)
+    per_label = {name: getattr(sizes, name) // len(labels) for name in SPLIT_NAMES}
     needed = sum(per_label.values())
-    available = min(len(reviews) for reviews in ranked.values())
+    available = min(len(ranked[label]) for label in labels)
     if needed > available:
-        raise ValueError(
-            f"{sizes} needs {needed} sentences per label; Rotten Tomatoes has {available}"
-        )
+        raise ValueError(f"{sizes} needs {needed} {unit} per label; {name} has {available}")
     bounds = {}
     start = 0
     for name in ("test", "validation", "train"):  # held-out splits first: see the module doc
@@ -117,7 +150,7 @@ def rotten_tomatoes_splits(
     return ReviewSplits(
         **{
             name: _mixed(
-                [review for label in LABELS for review in ranked[label][slice(*bounds[name])]],
+                [review for label in labels for review in ranked[label][slice(*bounds[name])]],
                 seed,
             )
             for name in SPLIT_NAMES
@@ -176,6 +209,7 @@ __all__ = [
     "ReviewSplits",
     "SplitName",
     "SplitSizes",
+    "balanced_splits",
     "clean_imdb_text",
     "imdb_heldout",
     "rotten_tomatoes_splits",

