@@ -17,9 +17,14 @@ Rows with no key to attend to (padding queries before the first real token under
 a causal model) get all-zero probabilities and output, as in ``torch``'s ``sdpa``; ``eager``
 fills them with a uniform row over masked keys instead. Only such padding positions differ.
 
-The model comes back exactly as it was: its configs' attention implementation is restored on
-exit, also when the body raises; no hooks are registered; training flag and grad mode are not
-touched. Dropout would make attention random, so a model in training mode is refused.
+The model comes back exactly as it was: nothing stored on it or its configs changes (the switch
+of attention implementation is seen by the capturing thread only, and ends on exit, also when the
+body raises); no hooks are registered; training flag and grad mode are not touched. Dropout would
+make attention random, so a model in training mode is refused.
+
+Captures belong to the thread that opens them: other threads may run the same model meanwhile
+(their forwards are untouched and not recorded) or capture it themselves. One thread cannot nest
+two captures of one model.
 """
 
 from __future__ import annotations
@@ -477,7 +482,7 @@ def capture_attention(
             ``materialize=False``; on forward, a mask that is not a padding (+ causal) mask, or a
             malformed transform result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
-            under capture; after the body, a forward pass that skipped selected layers.
+            under capture on this thread; after the body, a forward pass that skipped selected layers.
     """
     if transform is not None and not materialize:
         raise ValueError(
@@ -498,10 +503,11 @@ def capture_attention(
             f"{architecture.num_layers} layers of {architecture.num_heads} heads"
         )
     _require_eval_mode(model)
-    if any(module in _interface.ACTIVE_TAPS for module in architecture.attention_modules):
+    active = _interface.active_taps()
+    if any(module in active for module in architecture.attention_modules):
         raise RuntimeError(
-            f"this {architecture.model_class} is already under capture_attention; captures of "
-            "one model cannot be nested"
+            f"this {architecture.model_class} is already under capture_attention on this "
+            "thread; captures of one model cannot be nested (other threads may capture it)"
         )
     record = AttentionRecord(architecture, selection, on_layer)
     key_masks = _KeyMaskMemo()
@@ -519,12 +525,11 @@ def capture_attention(
         )
         for layer, heads in selection.items()
     }
-    _interface.ensure_registered()
-    _interface.ACTIVE_TAPS.update(taps)
+    active.update(taps)
     try:
         with _interface.attention_implementation(model, _interface.IMPLEMENTATION):
             yield record
     finally:
         for module in taps:
-            _interface.ACTIVE_TAPS.pop(module, None)
+            active.pop(module, None)
     record.check_complete()
