@@ -143,7 +143,7 @@ class LayerPipeline:
             self._batches.append(batch)
         try:
             self._project(taken)
-        except BaseException as error:  # noqa: BLE001 (handed to the caller)
+        except BaseException as error:  # handed to the caller, which re-raises it
             batch.error = error
         finally:
             batch.done.set()

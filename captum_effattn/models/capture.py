@@ -482,7 +482,8 @@ def capture_attention(
             ``materialize=False``; on forward, a mask that is not a padding (+ causal) mask, or a
             malformed transform result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
-            under capture on this thread; after the body, a forward pass that skipped selected layers.
+            under capture on this thread; after the body, a forward pass that skipped selected
+            layers.
     """
     if transform is not None and not materialize:
         raise ValueError(

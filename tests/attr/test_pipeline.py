@@ -152,8 +152,10 @@ def test_the_worker_runs_at_normal_priority():
 
     import captum_effattn.attr._pipeline as pipeline
 
-    niceness = pipeline._worker().submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert niceness == os.getpriority(os.PRIO_PROCESS, 0)
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert pipeline._worker().submit(niceness).result() == niceness()
 
 
 def test_a_query_that_does_not_resolve_submits_nothing():
