@@ -200,13 +200,25 @@ class AttentionRecord:
         Raises:
             RuntimeError: the model ran no forward pass, or several (use :attr:`calls` then).
         """
+        self.check_captured()
         if len(self._calls) != 1:
-            ran = "no forward pass" if not self._calls else f"{len(self._calls)} forward passes"
             raise RuntimeError(
-                f"the model ran {ran} inside capture_attention; `layers` needs exactly one "
-                "(use `calls` for one entry per pass)"
+                f"the model ran {len(self._calls)} forward passes inside capture_attention; "
+                "`layers` needs exactly one (use `calls` for one entry per pass)"
             )
         return tuple(self._calls[0])
+
+    def check_captured(self) -> None:
+        """Raise ``RuntimeError`` if no forward pass ran a selected layer through the capture
+        (then nothing was recorded, nor replaced by a transform)."""
+        if not self._calls:
+            raise RuntimeError(
+                f"no attention of the selected layers {self.selection.layers} of "
+                f"{self.architecture.model_class} ran through capture_attention: either the "
+                "model ran no forward pass inside it, or its attention modules do not compute "
+                "attention through transformers' AttentionInterface "
+                "(config._attn_implementation), so nothing was captured or substituted"
+            )
 
     def add(self, captured: CapturedHeads) -> None:
         """Record one selected layer of a forward pass (called by the capture as it runs)."""
