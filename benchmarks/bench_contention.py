@@ -81,7 +81,7 @@ def main() -> None:
             for process in busy:
                 process.start()
         try:
-            for name, worker in workers.items():
+            for worker in workers.values():
                 pipeline._worker = lambda worker=worker: worker  # type: ignore[assignment]
                 explainer.attribute(ids, additional_forward_args=(mask,))  # warm up
             for _ in range(args.rounds):
