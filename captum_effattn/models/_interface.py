@@ -121,7 +121,7 @@ def ensure_registered() -> None:
     ``config._attn_implementation`` thread-aware (idempotent)."""
     AttentionInterface.register(IMPLEMENTATION, _attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
-    PreTrainedConfig._attn_implementation = _PER_THREAD_PROPERTY  # type: ignore[method-assign]
+    PreTrainedConfig._attn_implementation = _PER_THREAD_PROPERTY  # type: ignore[method-assign,assignment]
 
 
 def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:

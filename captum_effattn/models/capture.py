@@ -417,9 +417,17 @@ class _KeyMaskMemo:
     def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         keys = self._keys
         # The same tensor, not modified in place since (holding it keeps its id from being reused).
-        if keys is None or mask is None or mask is not self._mask or mask._version != self._version:
+        # Tensors made under torch.inference_mode() keep no version counter: never reused.
+        if (
+            keys is None
+            or mask is None
+            or mask.is_inference()
+            or mask is not self._mask
+            or mask._version != self._version
+        ):
             keys = compute()
-            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), keys
+            self._mask, self._keys = mask, keys
+            self._version = -1 if mask is None or mask.is_inference() else mask._version
             self._all_real = None
         return keys
 

@@ -18,6 +18,7 @@ from captum_effattn._captum_compat import (
     is_tuple,
     log_usage,
 )
+from captum_effattn.attr._inputs import check_inputs, check_not_compiled, check_whole_sequence
 from captum_effattn.attr._pipeline import LayerPipeline
 from captum_effattn.attr._queries import QuerySpec, select_query_rows
 from captum_effattn.attr._reductions import (
@@ -84,11 +85,13 @@ class EfficientAttentionAttribution(Attribution):
                 head). Default: ``forward_func`` when it is an ``nn.Module``.
 
         Raises:
-            TypeError: no ``model`` given and ``forward_func`` is not a module.
+            TypeError: no ``model`` given and ``forward_func`` is not a module; ``forward_func``
+                or ``model`` is ``torch.compile``'d (pass the original module, ``._orig_mod``).
             UnsupportedModelError: the model's architecture is not supported (the message lists
                 what is).
         """
         super().__init__(forward_func)
+        check_not_compiled(forward_func, model)
         if model is None:
             if not isinstance(forward_func, nn.Module):
                 raise TypeError(
@@ -166,6 +169,7 @@ class EfficientAttentionAttribution(Attribution):
         reduction = None if reduce is None else get_reduction(reduce)
         selection = select_heads(self.model, layers, heads)
         inputs_tuple = format_tensor_into_tuples(inputs)
+        check_inputs(inputs_tuple, additional_forward_args, self.model)
         if reduction is None:
             return self._per_head_scores(
                 inputs_tuple,
@@ -291,6 +295,7 @@ class EfficientAttentionAttribution(Attribution):
                     f"forward_func failed on inputs of shapes {shapes} inside "
                     f"{self.architecture.model_class}: {error}"
                 ) from error
+        check_whole_sequence(record.layers)
         return record.layers
 
 
