@@ -90,13 +90,14 @@ def _attention_forward(
     return tap(query, key, value, attention_mask, dropout, scaling, kwargs)
 
 
-def _materialized_mask(**kwargs) -> torch.Tensor | None:
-    """``sdpa``'s boolean mask ``(B, 1, S_q, S_k)`` (True = may attend), never skipped.
+def _capture_mask(**kwargs) -> torch.Tensor | None:
+    """``sdpa``'s boolean mask ``(B, 1, S_q, S_k)`` (True = may attend), or ``None``.
 
-    ``sdpa`` itself returns ``None`` for unpadded inputs (relying on ``is_causal``); we always
-    want the mask, since the padding keys are read from it.
+    ``None`` when ``sdpa`` itself would skip the mask: no key is padding and the pattern is
+    plain causal (or bidirectional), which ``is_causal`` expresses. The capture then reads every
+    key as real, and no ``S_q x S_k`` mask is built, so long unpadded inputs need memory linear
+    in their length; a padded batch needs the mask.
     """
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kwargs)
 
 
@@ -120,7 +121,7 @@ def ensure_registered() -> None:
     """Register the private attention and mask functions with transformers, and make
     ``config._attn_implementation`` thread-aware (idempotent)."""
     AttentionInterface.register(IMPLEMENTATION, _attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, _capture_mask)
     PreTrainedConfig._attn_implementation = _PER_THREAD_PROPERTY  # type: ignore[method-assign,assignment]
 
 
