@@ -96,8 +96,11 @@ def _capture_mask(**kwargs) -> torch.Tensor | None:
     ``None`` when ``sdpa`` itself would skip the mask: no key is padding and the pattern is
     plain causal (or bidirectional), which ``is_causal`` expresses. The capture then reads every
     key as real, and no ``S_q x S_k`` mask is built, so long unpadded inputs need memory linear
-    in their length; a padded batch needs the mask.
+    in their length; a padded batch needs the mask. Queries and keys of different lengths (a
+    cache, or a mask that does not fit the input) always get the mask, as before.
     """
+    if kwargs.get("q_length") != kwargs.get("kv_length"):
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kwargs)
 
 
