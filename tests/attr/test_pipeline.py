@@ -130,18 +130,27 @@ def test_a_batch_the_worker_is_projecting_is_waited_for_and_used(monkeypatch):
     import captum_effattn.attr._pipeline as pipeline
 
     model, forward, ids, mask = text_setup("bert")
-    explainer = EfficientAttentionAttribution(forward, model=model)
-    expected = explainer.attribute(ids, additional_forward_args=(mask,))
+    expected = EfficientAttentionAttribution(forward, model=model).attribute(
+        ids, additional_forward_args=(mask,)
+    )
     project = pipeline.project_layers
     on_worker = []
+    taken = threading.Event()
 
-    def slow_on_the_worker(taken, queries, view):
+    def slow_on_the_worker(layers, queries, view):
         if threading.current_thread() is not threading.main_thread():
-            on_worker.append(len(taken))
+            on_worker.append(len(layers))
+            taken.set()
             time.sleep(0.2)
-        return project(taken, queries, view)
+        return project(layers, queries, view)
+
+    def forward_then_let_the_worker_start(ids, mask):
+        logits = forward(ids, mask)
+        assert taken.wait(30)  # the worker is inside a batch when the forward returns
+        return logits
 
     monkeypatch.setattr(pipeline, "project_layers", slow_on_the_worker)
+    explainer = EfficientAttentionAttribution(forward_then_let_the_worker_start, model=model)
     scores = explainer.attribute(ids, additional_forward_args=(mask,))
     assert on_worker  # the worker did take a batch, and its rows were used
     torch.testing.assert_close(scores, expected, rtol=0, atol=0)
