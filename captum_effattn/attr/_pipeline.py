@@ -15,17 +15,21 @@ takes every layer waiting when it becomes free and projects them in one batch. L
 waiting when the forward returns are taken by the caller's thread, which works alongside the
 worker's last batch.
 
+The caller never waits for the worker to *start*: a batch the worker has not taken when the forward
+ends (the worker is busy with another thread's call, or the scheduler has not run it) is done by
+the caller, and only a batch the worker is already projecting is waited for. The worker runs at
+the caller's priority, so the scheduler does not starve the batch the caller may wait for.
+
 Rows are solved one by one and bases per head, so how the layers happen to be batched does not
 change the result beyond rounding in the batched products.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -34,9 +38,6 @@ from captum_effattn.attr._queries import QueryRows, QuerySpec, select_query_rows
 from captum_effattn.attr._views import LayerResult, View, project_layers
 from captum_effattn.models import CapturedHeads
 
-# The worker runs at the lowest CPU priority: on large inputs the forward pass keeps every core
-# busy, and the worker should only take the cycles the forward leaves idle.
-WORKER_NICENESS = 19
 # Up to this many tokens (batch x sequence) a CPU forward pass gains less from its last thread
 # than the worker gains from a core of its own, so the forward gives that thread's core to the
 # worker; on longer inputs the forward needs every thread and the split costs time (the
@@ -45,10 +46,9 @@ SPLIT_MAX_TOKENS = 256
 
 
 def _start_worker() -> None:
+    # One thread per solve; normal priority: a worker at a lower one can be starved for as long
+    # as other processes keep the cores busy, and the caller may wait for its batch.
     torch.set_num_threads(1)  # per thread: the caller's setting is untouched
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        with contextlib.suppress(OSError):  # lowering one's own priority is always allowed
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
 
 
 @cache
@@ -56,6 +56,15 @@ def _worker() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="captum_effattn_projection", initializer=_start_worker
     )
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Layers the worker took to project together; ``done`` is set when it has finished."""
+
+    layers: list[CapturedHeads]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class LayerPipeline:
@@ -77,7 +86,9 @@ class LayerPipeline:
         self._submitted: list[CapturedHeads] = []
         self._waiting: list[CapturedHeads] = []
         self._drain_queued = False
+        self._closed = False
         self._jobs: list[Future] = []
+        self._batches: list[_Batch] = []
         self._results: dict[int, LayerResult] = {}
         self._caller_threads: int | None = None
 
@@ -98,7 +109,7 @@ class LayerPipeline:
             if self._drain_queued:
                 return  # a batch not started yet will take this layer too
             self._drain_queued = True
-        self._jobs.append(_worker().submit(self._drain))
+        self._jobs.append(_worker().submit(self._work))
 
     def _split_threads(self, key_mask: torch.Tensor) -> None:
         """Leave a core to the worker for the rest of a small CPU forward pass."""
@@ -114,12 +125,30 @@ class LayerPipeline:
             self._caller_threads = None
 
     def _drain(self) -> None:
-        """Project every layer waiting now, in one batch."""
+        """Project every layer waiting now, in one batch (the caller's share: errors raise)."""
         with self._lock:
             taken, self._waiting = self._waiting, []
             self._drain_queued = False
-        if not taken:
-            return
+        if taken:
+            self._project(taken)
+
+    def _work(self) -> None:
+        """The worker's job: take the layers waiting now, if the pipeline is still open."""
+        with self._lock:
+            taken, self._waiting = self._waiting, []
+            self._drain_queued = False
+            if not taken or self._closed:
+                return
+            batch = _Batch(taken)
+            self._batches.append(batch)
+        try:
+            self._project(taken)
+        except BaseException as error:  # handed to the caller, which re-raises it
+            batch.error = error
+        finally:
+            batch.done.set()
+
+    def _project(self, taken: list[CapturedHeads]) -> None:
         assert self._queries is not None  # resolved before the first layer was queued
         with torch.no_grad():  # grad mode is per thread
             projected = project_layers(taken, self._queries, self._view)
@@ -141,18 +170,28 @@ class LayerPipeline:
             self.close()
             return project_layers(captured, queries, self._view)
         self._drain()  # what the worker has not taken yet, alongside its current batch
-        for job in self._jobs:
-            job.result()  # waits, and re-raises the worker's error
+        for batch in self._started_batches():
+            batch.done.wait()  # a batch the worker is projecting: it runs at normal priority
+            if batch.error is not None:
+                raise batch.error
         return [self._results[id(c)] for c in captured]
 
-    def close(self) -> None:
-        """Cancel the batches not started and wait for the running one (also after an error),
-        so that no work on the model's tensors outlives the call; the caller's thread setting
-        is back as it was."""
-        self._restore_threads()
+    def _started_batches(self) -> list[_Batch]:
+        """Close the pipeline to the worker: jobs not started are cancelled, and one that starts
+        later finds nothing to take. The batches it did take."""
+        with self._lock:
+            self._closed = True
+            self._waiting = []
+            batches = list(self._batches)
         for job in self._jobs:
             job.cancel()
-        for job in self._jobs:
-            if not job.cancelled():
-                job.exception()  # waits; results() re-raises what matters
+        return batches
+
+    def close(self) -> None:
+        """Stop the worker taking layers and wait for the batch it is projecting, if any (also
+        after an error), so that no work on the model's tensors outlives the call; the caller's
+        thread setting is back as it was."""
+        self._restore_threads()
+        for batch in self._started_batches():
+            batch.done.wait()  # its error, if any, was raised by results() or does not matter
         self._jobs.clear()

@@ -51,10 +51,17 @@ def select_query_rows(query: QuerySpec, key_mask: torch.Tensor, causal: bool) ->
         causal: the model's attention is causal (``"auto"`` then takes the last real token).
 
     Raises:
-        ValueError: an unknown ``query``, a position outside ``-S..S-1``, or a position that is
-            padding in some example.
+        ValueError: an example with no real token; an unknown ``query``, a position outside
+            ``-S..S-1``, or a position that is padding in some example.
     """
     batch, length = key_mask.shape
+    empty = ~key_mask.any(-1)
+    if empty.any():
+        example = int(empty.nonzero()[0])
+        raise ValueError(
+            f"example {example} is all padding (its attention mask has no real token): each "
+            "example needs at least one real token to attribute"
+        )
     if isinstance(query, str):
         if query == "all":
             positions = torch.arange(length, device=key_mask.device).expand(batch, length)

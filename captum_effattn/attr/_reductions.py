@@ -144,7 +144,9 @@ class RolloutReduction(Reduction):
             flow = reading.weighting.rollout(full, weighted, self.residual)
         positions = reading.queries.positions
         rows = flow.gather(1, positions[..., None].expand(-1, -1, flow.shape[-1]))[:, None]
-        scores = mean_over_queries(rows, reading.queries.real)[:, 0].to(matrices.dtype)
+        scores = mean_over_queries(rows, reading.queries.real)[:, 0]
+        # Padding gets exactly 0 whatever the view returned on padding rows.
+        scores = (scores * reading.key_mask).to(matrices.dtype)
         return scores, per_example_max(errors * reading.key_mask[:, None, None, :])
 
 

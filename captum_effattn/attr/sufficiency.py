@@ -82,6 +82,12 @@ def check_sufficiency(
 
     Returns:
         A :class:`SufficiencyReport`; ``report.holds(1e-5)`` is the claim for float32 models.
+
+    Raises:
+        RuntimeError: a selected layer's attention did not run through the capture, so it was
+            not substituted (the message names the selected layers): ``forward_func`` did not
+            run ``model``, or the model's attention does not dispatch through transformers'
+            ``AttentionInterface``; or a forward pass skipped some selected layers.
     """
     forward_func = model if forward_func is None else forward_func
     selection = select_heads(model, layers, heads)
@@ -108,8 +114,9 @@ def check_sufficiency(
     with torch.no_grad():
         plain = as_output_tensor(forward_func(*args))
         validate_target(target, plain)
-        with capture_attention(model, selection, transform):
+        with capture_attention(model, selection, transform) as record:
             substituted = as_output_tensor(forward_func(*args))
+    record.check_captured()  # a layer that was not captured was not substituted either
     batch = plain.shape[0]
     change = (substituted - plain).reshape(batch, -1).double().norm(dim=-1)
     scale = (

@@ -8,6 +8,13 @@ switched to it) and switch a model's configs to that name for the duration of a 
 (:func:`attention_implementation`). A name missing from the mask registry would make transformers
 build no mask at all, so both registrations are needed.
 
+The switch belongs to the thread that opens the capture: ``config._attn_implementation`` reads
+:data:`IMPLEMENTATION` on that thread only (a per-thread override of the config property,
+installed once by :func:`ensure_registered`; configs without an override read exactly what they
+stored). Other threads running the same model meanwhile see its own implementation and run
+exactly as they would without the capture, and taps are per thread too, so several threads can
+capture one model at once. Nothing stored on the model or its configs changes.
+
 The registered attention function dispatches on the attention module it is called for: a module
 with an active :class:`LayerTap` (a selected layer under capture) computes attention through the
 tap; any other module (unselected layers, cross-attention) runs transformers' own ``sdpa``
@@ -16,9 +23,10 @@ function, which accepts the boolean mask we build.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,8 +53,21 @@ class LayerTap(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-ACTIVE_TAPS: dict[nn.Module, LayerTap] = {}
-"""Attention module -> the tap of the capture currently running it (empty outside captures)."""
+class _ThreadState(threading.local):
+    """What the current thread's captures switched: each thread starts with empty mappings."""
+
+    def __init__(self) -> None:
+        self.taps: dict[nn.Module, LayerTap] = {}
+        self.implementations: dict[int, str] = {}
+
+
+_THREAD = _ThreadState()
+
+
+def active_taps() -> dict[nn.Module, LayerTap]:
+    """Attention module -> the tap of the current thread's capture running it (empty outside
+    captures; other threads' captures are not in it)."""
+    return _THREAD.taps
 
 
 def _attention_forward(
@@ -61,7 +82,7 @@ def _attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``AttentionInterface`` signature: ``query (B, H, S_q, d)``, ``key``/``value``
     ``(B, H_kv, S_k, d)``; returns the output ``(B, S_q, H, d)`` and the probabilities."""
-    tap = ACTIVE_TAPS.get(module)
+    tap = _THREAD.taps.get(module)
     if tap is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -69,20 +90,42 @@ def _attention_forward(
     return tap(query, key, value, attention_mask, dropout, scaling, kwargs)
 
 
-def _materialized_mask(**kwargs) -> torch.Tensor | None:
-    """``sdpa``'s boolean mask ``(B, 1, S_q, S_k)`` (True = may attend), never skipped.
+def _capture_mask(**kwargs) -> torch.Tensor | None:
+    """``sdpa``'s boolean mask ``(B, 1, S_q, S_k)`` (True = may attend), or ``None``.
 
-    ``sdpa`` itself returns ``None`` for unpadded inputs (relying on ``is_causal``); we always
-    want the mask, since the padding keys are read from it.
+    ``None`` when ``sdpa`` itself would skip the mask: no key is padding and the pattern is
+    plain causal (or bidirectional), which ``is_causal`` expresses. The capture then reads every
+    key as real, and no ``S_q x S_k`` mask is built, so long unpadded inputs need memory linear
+    in their length; a padded batch needs the mask. Queries and keys of different lengths (a
+    cache, or a mask that does not fit the input) always get the mask, as before.
     """
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if kwargs.get("q_length") != kwargs.get("kv_length"):
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(**kwargs)
 
 
+_STORED_IMPLEMENTATION: Any = PreTrainedConfig.__dict__["_attn_implementation"]
+
+
+def _per_thread_implementation(config: PreTrainedConfig) -> Any:
+    """``config._attn_implementation`` as the current thread sees it."""
+    overridden = _THREAD.implementations.get(id(config))
+    if overridden is not None:
+        return overridden
+    return _STORED_IMPLEMENTATION.fget(config)
+
+
+_PER_THREAD_PROPERTY = property(
+    _per_thread_implementation, _STORED_IMPLEMENTATION.fset, doc=_STORED_IMPLEMENTATION.__doc__
+)
+
+
 def ensure_registered() -> None:
-    """Register the private attention and mask functions with transformers (idempotent)."""
+    """Register the private attention and mask functions with transformers, and make
+    ``config._attn_implementation`` thread-aware (idempotent)."""
     AttentionInterface.register(IMPLEMENTATION, _attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, _materialized_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, _capture_mask)
+    PreTrainedConfig._attn_implementation = _PER_THREAD_PROPERTY  # type: ignore[method-assign,assignment]
 
 
 def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
@@ -105,26 +148,26 @@ def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
     return list(found.values())
 
 
-_MISSING = object()
-
-
 @contextmanager
 def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
-    """Run ``model`` (all its configs and sub-configs) under attention implementation ``name``.
+    """Run ``model`` (all its configs and sub-configs) under attention implementation ``name``
+    on the current thread only.
 
-    The stored value of every config is put back exactly on exit, also when the body raises. The
-    internal attribute is set directly: the public setter recurses into sub-configs and
-    ``set_attn_implementation`` validates and logs, neither of which a temporary switch wants.
+    Other threads keep reading each config's stored implementation, and nothing stored changes;
+    the current thread's view is put back on exit, also when the body raises. Needs
+    :func:`ensure_registered` (called here).
     """
-    configs = _configs_of(model)
-    saved = [(c, c.__dict__.get("_attn_implementation_internal", _MISSING)) for c in configs]
+    ensure_registered()
+    configs = _configs_of(model)  # held: their ids key the overrides until the block ends
+    overrides = _THREAD.implementations
+    saved = [(id(config), overrides.get(id(config))) for config in configs]
     try:
         for config in configs:
-            config._attn_implementation_internal = name
+            overrides[id(config)] = name
         yield
     finally:
-        for config, value in saved:
-            if value is _MISSING:
-                config.__dict__.pop("_attn_implementation_internal", None)
+        for key, value in saved:
+            if value is None:
+                overrides.pop(key, None)
             else:
-                config._attn_implementation_internal = value
+                overrides[key] = value

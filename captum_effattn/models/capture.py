@@ -19,9 +19,14 @@ Rows with no key to attend to (padding queries before the first real token under
 a causal model) get all-zero probabilities and output, as in ``torch``'s ``sdpa``; ``eager``
 fills them with a uniform row over masked keys instead. Only such padding positions differ.
 
-The model comes back exactly as it was: its configs' attention implementation is restored on
-exit, also when the body raises; no hooks are registered; training flag and grad mode are not
-touched. Dropout would make attention random, so a model in training mode is refused.
+The model comes back exactly as it was: nothing stored on it or its configs changes (the switch
+of attention implementation is seen by the capturing thread only, and ends on exit, also when the
+body raises); no hooks are registered; training flag and grad mode are not touched. Dropout would
+make attention random, so a model in training mode is refused.
+
+Captures belong to the thread that opens them: other threads may run the same model meanwhile
+(their forwards are untouched and not recorded) or capture it themselves. One thread cannot nest
+two captures of one model.
 """
 
 from __future__ import annotations
@@ -282,13 +287,25 @@ class AttentionRecord:
         Raises:
             RuntimeError: the model ran no forward pass, or several (use :attr:`calls` then).
         """
+        self.check_captured()
         if len(self._calls) != 1:
-            ran = "no forward pass" if not self._calls else f"{len(self._calls)} forward passes"
             raise RuntimeError(
-                f"the model ran {ran} inside capture_attention; `layers` needs exactly one "
-                "(use `calls` for one entry per pass)"
+                f"the model ran {len(self._calls)} forward passes inside capture_attention; "
+                "`layers` needs exactly one (use `calls` for one entry per pass)"
             )
         return tuple(self._calls[0])
+
+    def check_captured(self) -> None:
+        """Raise ``RuntimeError`` if no forward pass ran a selected layer through the capture
+        (then nothing was recorded, nor replaced by a transform)."""
+        if not self._calls:
+            raise RuntimeError(
+                f"no attention of the selected layers {self.selection.layers} of "
+                f"{self.architecture.model_class} ran through capture_attention: either the "
+                "model ran no forward pass inside it, or its attention modules do not compute "
+                "attention through transformers' AttentionInterface "
+                "(config._attn_implementation), so nothing was captured or substituted"
+            )
 
     def add(self, captured: CapturedHeads) -> None:
         """Record one selected layer of a forward pass (called by the capture as it runs)."""
@@ -509,9 +526,17 @@ class _KeyMaskMemo:
     def get(self, mask: torch.Tensor | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         keys = self._keys
         # The same tensor, not modified in place since (holding it keeps its id from being reused).
-        if keys is None or mask is None or mask is not self._mask or mask._version != self._version:
+        # Tensors made under torch.inference_mode() keep no version counter: never reused.
+        if (
+            keys is None
+            or mask is None
+            or mask.is_inference()
+            or mask is not self._mask
+            or mask._version != self._version
+        ):
             keys = compute()
-            self._mask, self._version, self._keys = mask, getattr(mask, "_version", -1), keys
+            self._mask, self._keys = mask, keys
+            self._version = -1 if mask is None or mask.is_inference() else mask._version
             self._all_real = None
         return keys
 
@@ -639,7 +664,8 @@ def capture_attention(
             ``materialize=False``; on forward, a mask that is not a padding (+ causal) mask, or a
             malformed transform result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
-            under capture; after the body, a forward pass that skipped selected layers.
+            under capture on this thread; after the body, a forward pass that skipped selected
+            layers.
     """
     if transform is not None and not materialize:
         raise ValueError(
@@ -660,10 +686,11 @@ def capture_attention(
             f"{architecture.num_layers} layers of {architecture.num_heads} heads"
         )
     _require_eval_mode(model)
-    if any(module in _interface.ACTIVE_TAPS for module in architecture.attention_modules):
+    active = _interface.active_taps()
+    if any(module in active for module in architecture.attention_modules):
         raise RuntimeError(
-            f"this {architecture.model_class} is already under capture_attention; captures of "
-            "one model cannot be nested"
+            f"this {architecture.model_class} is already under capture_attention on this "
+            "thread; captures of one model cannot be nested (other threads may capture it)"
         )
     record = AttentionRecord(architecture, selection, on_layer)
     key_masks = _KeyMaskMemo()
@@ -682,12 +709,11 @@ def capture_attention(
         for layer, heads in selection.items()
     }
     taps = _taps_by_module(architecture, layer_taps)
-    _interface.ensure_registered()
-    _interface.ACTIVE_TAPS.update(taps)
+    active.update(taps)
     try:
         with _interface.attention_implementation(model, _interface.IMPLEMENTATION):
             yield record
     finally:
         for module in taps:
-            _interface.ACTIVE_TAPS.pop(module, None)
+            active.pop(module, None)
     record.check_complete()

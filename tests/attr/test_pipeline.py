@@ -3,6 +3,10 @@ gives, and no work outlives the call."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -75,10 +79,92 @@ def test_closing_waits_for_every_batch_even_when_results_are_never_asked():
     pipeline = LayerPipeline("all", get_view("efficient"))
     with capture_attention(model, materialize=False, on_layer=pipeline.submit), torch.no_grad():
         forward(ids, mask)
-    jobs = list(pipeline._jobs)
-    assert jobs
+    assert pipeline._jobs
     pipeline.close()
-    assert all(job.done() for job in jobs)
+    assert all(batch.done.is_set() for batch in pipeline._batches)
+    assert pipeline._waiting == []  # a job starting now would find nothing to take
+
+
+def _blocked_worker(release: threading.Event) -> ThreadPoolExecutor:
+    """A one-thread executor whose thread is stuck in someone else's job until ``release``."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    started = threading.Event()
+
+    def stuck():
+        started.set()
+        release.wait(60)
+
+    executor.submit(stuck)
+    started.wait(10)
+    return executor
+
+
+@pytest.mark.parametrize("view", ["efficient", "raw"])
+def test_the_caller_does_the_work_of_a_worker_that_never_starts(monkeypatch, view):
+    """A starved or busy worker must not hold the caller: it projects what was not taken."""
+    import captum_effattn.attr._pipeline as pipeline
+
+    model, forward, ids, mask = text_setup("gpt2", "left")
+    explainer = EfficientAttentionAttribution(forward, model=model)
+    expected = explainer.attribute(ids, additional_forward_args=(mask,), view=view)
+    release = threading.Event()
+    executor = _blocked_worker(release)
+    monkeypatch.setattr(pipeline, "_worker", lambda: executor)
+    result = {}
+    caller = threading.Thread(
+        target=lambda: result.update(
+            scores=explainer.attribute(ids, additional_forward_args=(mask,), view=view)
+        )
+    )
+    try:
+        caller.start()
+        caller.join(60)
+        assert not caller.is_alive(), "attribute waited for a worker that never started"
+    finally:
+        release.set()
+        executor.shutdown(wait=True)
+    torch.testing.assert_close(result["scores"], expected, rtol=0, atol=0)
+
+
+def test_a_batch_the_worker_is_projecting_is_waited_for_and_used(monkeypatch):
+    import captum_effattn.attr._pipeline as pipeline
+
+    model, forward, ids, mask = text_setup("bert")
+    expected = EfficientAttentionAttribution(forward, model=model).attribute(
+        ids, additional_forward_args=(mask,)
+    )
+    project = pipeline.project_layers
+    on_worker = []
+    taken = threading.Event()
+
+    def slow_on_the_worker(layers, queries, view):
+        if threading.current_thread() is not threading.main_thread():
+            on_worker.append(len(layers))
+            taken.set()
+            time.sleep(0.2)
+        return project(layers, queries, view)
+
+    def forward_then_let_the_worker_start(ids, mask):
+        logits = forward(ids, mask)
+        assert taken.wait(30)  # the worker is inside a batch when the forward returns
+        return logits
+
+    monkeypatch.setattr(pipeline, "project_layers", slow_on_the_worker)
+    explainer = EfficientAttentionAttribution(forward_then_let_the_worker_start, model=model)
+    scores = explainer.attribute(ids, additional_forward_args=(mask,))
+    assert on_worker  # the worker did take a batch, and its rows were used
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+
+
+def test_the_worker_runs_at_normal_priority():
+    import os
+
+    import captum_effattn.attr._pipeline as pipeline
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert pipeline._worker().submit(niceness).result() == niceness()
 
 
 def test_a_query_that_does_not_resolve_submits_nothing():

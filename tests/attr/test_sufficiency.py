@@ -70,3 +70,37 @@ def test_real_minilm_logits_survive_efficient_attention(
         model, enc["input_ids"], args, forward_func=forward, view=mixed_with_uniform
     )
     assert perturbed.relative_change.min() > 1e-3
+
+
+class _EagerOnly:
+    """An attention registry that ignores ``config._attn_implementation``: every layer computes
+    its own eager attention, as architectures that do not dispatch through transformers'
+    ``AttentionInterface`` do (DeBERTa-v2)."""
+
+    def get_interface(self, name, default):
+        return default
+
+
+def _bypassing_the_capture(monkeypatch):
+    from transformers.models.bert import modeling_bert
+
+    monkeypatch.setattr(modeling_bert, "ALL_ATTENTION_FUNCTIONS", _EagerOnly())
+    return text_setup("bert", None, "eager")
+
+
+def test_attention_that_bypasses_the_capture_is_an_error_not_a_pass(monkeypatch):
+    model, forward, ids, mask = _bypassing_the_capture(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"selected layers \(0, 1, 2\).*AttentionInterface"):
+        check_sufficiency(model, ids, (mask,), forward_func=forward)
+    with pytest.raises(RuntimeError, match=r"selected layers \(1,\)"):
+        check_sufficiency(model, ids, (mask,), forward_func=forward, layers=1)
+
+
+def test_attribute_on_attention_that_bypasses_the_capture_names_the_layers(monkeypatch):
+    from captum_effattn import EfficientAttentionAttribution
+
+    model, forward, ids, mask = _bypassing_the_capture(monkeypatch)
+    explainer = EfficientAttentionAttribution(forward, model=model)
+    for view in ("efficient", "raw"):
+        with pytest.raises(RuntimeError, match=r"selected layers \(0, 1, 2\).*AttentionInterface"):
+            explainer.attribute(ids, additional_forward_args=(mask,), view=view)

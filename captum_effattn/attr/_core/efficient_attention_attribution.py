@@ -19,6 +19,7 @@ from captum_effattn._captum_compat import (
     is_tuple,
     log_usage,
 )
+from captum_effattn.attr._inputs import check_inputs, check_not_compiled, check_whole_sequence
 from captum_effattn.attr._pipeline import LayerPipeline
 from captum_effattn.attr._queries import QuerySpec, select_query_rows
 from captum_effattn.attr._reductions import (
@@ -90,11 +91,13 @@ class EfficientAttentionAttribution(Attribution):
                 head). Default: ``forward_func`` when it is an ``nn.Module``.
 
         Raises:
-            TypeError: no ``model`` given and ``forward_func`` is not a module.
+            TypeError: no ``model`` given and ``forward_func`` is not a module; ``forward_func``
+                or ``model`` is ``torch.compile``'d (pass the original module, ``._orig_mod``).
             UnsupportedModelError: the model's architecture is not supported (the message lists
                 what is).
         """
         super().__init__(forward_func)
+        check_not_compiled(forward_func, model)
         if model is None:
             if not isinstance(forward_func, nn.Module):
                 raise TypeError(
@@ -224,6 +227,7 @@ class EfficientAttentionAttribution(Attribution):
         reduction = None if reduce is None else get_reduction(reduce)
         selection = select_heads(self.model, layers, heads)
         inputs_tuple = format_tensor_into_tuples(inputs)
+        check_inputs(inputs_tuple, additional_forward_args, self.model)
         if reduction is None:
             _require_rectangular(selection, "reduce=None")
         else:
@@ -386,6 +390,7 @@ class EfficientAttentionAttribution(Attribution):
             torch.no_grad(),
         ):
             output = self._forward(call)
+        check_whole_sequence(record.layers)
         if call.target is not None:
             validate_target(call.target, as_output_tensor(output))
         return record.layers
@@ -425,6 +430,7 @@ class EfficientAttentionAttribution(Attribution):
                 if explained.requires_grad
                 else (None,) * len(offsets)
             )
+        check_whole_sequence(record.layers)
         if all(g is None or not bool(g.any()) for g in gradients):
             raise ValueError(
                 "weighting='gradient': the output of forward_func does not depend on the "
