@@ -36,9 +36,20 @@ def _index(value: object, axis: str) -> int:
         raise not_an_int from None
 
 
+class SelectionIndexError(IndexError, ValueError):
+    """A layer or head index out of range for the model.
+
+    An ``IndexError`` (it is an index out of range) and a ``ValueError`` (it is a bad argument
+    value, which is what the attribution methods document for ``layers`` and ``heads``), so code
+    that catches either one catches it.
+    """
+
+
 def _normalize(index: int, size: int, axis: str, where: str) -> int:
     if not -size <= index < size:
-        raise IndexError(f"{axis} {index} is out of range{where} (valid: {-size}..{size - 1})")
+        raise SelectionIndexError(
+            f"{axis} {index} is out of range{where} (valid: {-size}..{size - 1})"
+        )
     return index % size
 
 
@@ -146,7 +157,8 @@ class HeadSelection:
             The selection, layers ascending and heads ascending per layer.
 
         Raises:
-            IndexError: an index out of range (the message names it and the valid range).
+            SelectionIndexError: an index out of range (an ``IndexError`` and a ``ValueError``; the
+                message names it and the valid range).
             ValueError: an index given twice, an empty selection, or a mapping naming a layer
                 that is not selected.
             TypeError: an index that is not an int (booleans included).

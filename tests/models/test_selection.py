@@ -207,3 +207,15 @@ def test_out_of_range_indices_name_the_index_and_the_range(size, index):
             HeadSelection.parse(index, num_layers=num_layers, num_heads=num_heads)
         assert f"layer {index} is out of range" in str(error.value)
         assert f"(valid: {-num_layers}..{num_layers - 1})" in str(error.value)
+
+
+def test_an_index_out_of_range_is_both_an_index_and_a_value_error():
+    from captum_effattn.models import select_heads
+    from tests.models.tiny import tiny_model
+
+    model = tiny_model("bert")
+    for kwargs in ({"layers": 9}, {"heads": 7}):
+        with pytest.raises(ValueError, match="out of range"):
+            select_heads(model, **kwargs)
+        with pytest.raises(IndexError, match="out of range"):
+            select_heads(model, **kwargs)
