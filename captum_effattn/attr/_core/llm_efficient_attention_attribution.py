@@ -73,6 +73,8 @@ class LLMEfficientAttentionAttribution(Attribution):
     ``query=p - 1``). The selected heads' rows are reduced as there (mean by default); a token's
     score is its mass in the reduced row, a feature's score the sum over its tokens. Mass on
     special tokens, on template text and on earlier target tokens belongs to no input feature.
+    With ``weighting`` each target token's row is weighted as there, with ``"gradient"`` by the
+    gradient of that token's logit at its row (per target token).
     """
 
     SUPPORTED_INPUTS = (TextTemplateInput, TextTokenInput)
