@@ -19,7 +19,7 @@ contribute little weighs less). Rollout needs comparable matrices: see :meth:`We
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -167,6 +167,34 @@ def get_weighting(name: str | None) -> Weighting | None:
         return WEIGHTINGS[name]
     except (KeyError, TypeError):
         raise ValueError(f"weighting must be one of {(*WEIGHTINGS, None)}; got {name!r}") from None
+
+
+def attention_offsets() -> tuple[list[torch.Tensor], Callable[[CapturedHeads], torch.Tensor]]:
+    """A capture transform for gradients with respect to the attention.
+
+    The transform adds a zero tensor that requires grad to each captured layer's attention, so
+    the gradient with respect to that tensor is the gradient with respect to the attention,
+    whether or not the model's parameters require gradients.
+
+    Returns:
+        The list the zero tensors are appended to (one per captured layer, in order) and the
+        transform to pass to :func:`~captum_effattn.models.capture_attention`.
+
+    Raises:
+        RuntimeError: under ``torch.inference_mode()``, which forbids the backward pass.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "weighting='gradient' runs a backward pass, which torch.inference_mode() forbids: "
+            "call attribute outside inference mode (torch.no_grad() is fine)"
+        )
+    offsets: list[torch.Tensor] = []
+
+    def differentiable(captured: CapturedHeads) -> torch.Tensor:
+        offsets.append(torch.zeros_like(captured.attn, requires_grad=True))
+        return captured.attn + offsets[-1]
+
+    return offsets, differentiable
 
 
 def value_norms(values: torch.Tensor, output_slices: torch.Tensor) -> torch.Tensor:

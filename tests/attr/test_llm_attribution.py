@@ -199,3 +199,86 @@ def test_sliding_window_rows_explain_only_their_window():
         first_seen = predicting - WINDOW + 1
         assert (row[: max(first_seen, 0)] == 0).all()
         assert row[max(first_seen, 0) :].sum() > 0
+
+
+def rows_at_predicting_positions(model, prompt_ids, target_ids, **options):
+    """One EfficientAttentionAttribution per target token, explaining the logits at the row
+    that predicts it, with the target token id as ``target``."""
+    ids = torch.cat([prompt_ids, target_ids])[None]
+    rows = []
+    for t, token in enumerate(target_ids.tolist()):
+        position = len(prompt_ids) - 1 + t
+        method = EfficientAttentionAttribution(
+            lambda x, position=position: model(input_ids=x).logits[:, position], model=model
+        )
+        scores = method.attribute(ids, query=position, target=token, **options)
+        rows.append(scores[0, : len(prompt_ids)])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("weighting", [None, "norm", "gradient"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral"])
+def test_weighted_rows_match_efficient_attention_per_target_token(name, weighting):
+    model, tokenizer = tiny_model(name), tiny_tokenizer(bos=name != "gpt2")
+    inp = TextTokenInput(PROMPT, tokenizer)
+    calls, handle = count_forwards(model)
+    try:
+        result = LLMEfficientAttentionAttribution(model, tokenizer).attribute(
+            inp, target=TARGET, weighting=weighting
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward (with gradients for weighting="gradient")
+    target_ids = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
+    expected = rows_at_predicting_positions(
+        model, inp.inp_tensor[0], target_ids, weighting=weighting
+    )
+    torch.testing.assert_close(result.token_attr, expected, atol=1e-5, rtol=0)
+    if weighting is not None:
+        unweighted = LLMEfficientAttentionAttribution(model, tokenizer).attribute(
+            inp, target=TARGET
+        )
+        assert not torch.allclose(result.token_attr, unweighted.token_attr, atol=1e-4)
+
+
+def test_gradient_weighting_is_per_target_token():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer(bos=True)
+    method = LLMEfficientAttentionAttribution(model, tokenizer)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    scores = method.attribute(inp, target="paris paris", weighting="gradient").token_attr
+    # the same token at two rows: the gradient of each row's own logit differs
+    assert not torch.allclose(scores[0], scores[1], atol=1e-4)
+    target_ids = torch.tensor(tokenizer.encode("paris paris", add_special_tokens=False))
+    expected = rows_at_predicting_positions(
+        model, inp.inp_tensor[0], target_ids, weighting="gradient"
+    )
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weighting", ["norm", "gradient"])
+def test_weighted_rollout_matches_efficient_attention(weighting):
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer(bos=True)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    result = LLMEfficientAttentionAttribution(model, tokenizer).attribute(
+        inp, target="paris is", reduce="rollout", weighting=weighting
+    )
+    assert bool(torch.isfinite(result.token_attr).all())
+    target_ids = torch.tensor(tokenizer.encode("paris is", add_special_tokens=False))
+    expected = rows_at_predicting_positions(
+        model, inp.inp_tensor[0], target_ids, reduce="rollout", weighting=weighting
+    )
+    torch.testing.assert_close(result.token_attr, expected, atol=1e-5, rtol=0)
+
+
+def test_unknown_weighting_lists_the_choices():
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer(bos=False)
+    method = LLMEfficientAttentionAttribution(model, tokenizer)
+    with pytest.raises(ValueError, match=r"weighting must be one of \('norm', 'gradient', None\)"):
+        method.attribute(TextTokenInput(PROMPT, tokenizer), target=TARGET, weighting="grad")
+
+
+def test_gradient_weighting_refuses_inference_mode():
+    model, tokenizer = tiny_model("gpt2"), tiny_tokenizer(bos=False)
+    method = LLMEfficientAttentionAttribution(model, tokenizer)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        method.attribute(TextTokenInput(PROMPT, tokenizer), target=TARGET, weighting="gradient")

@@ -37,7 +37,12 @@ from captum_effattn.attr._views import (
     project_rows,
     stack_layers,
 )
-from captum_effattn.attr._weightings import Weighting, get_weighting, weight_matrices
+from captum_effattn.attr._weightings import (
+    Weighting,
+    attention_offsets,
+    get_weighting,
+    weight_matrices,
+)
 from captum_effattn.models import (
     CapturedHeads,
     HeadSelection,
@@ -400,24 +405,13 @@ class EfficientAttentionAttribution(Attribution):
     ) -> tuple[tuple[CapturedHeads, ...], Sequence[Tensor | None]]:
         """One forward with gradients and one backward pass from the target logit.
 
-        A zero tensor that requires grad is added to each selected layer's attention during the
-        forward, so the gradient with respect to it is the gradient with respect to the
-        attention, whether or not the model's parameters require gradients.
+        The attention is made differentiable by
+        :func:`~captum_effattn.attr._weightings.attention_offsets`.
 
         Returns:
             The captured layers (detached) and, per layer, ``(B, H_sel, S, S)`` gradients.
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "weighting='gradient' runs a backward pass, which torch.inference_mode() forbids: "
-                "call attribute outside inference mode (torch.no_grad() is fine)"
-            )
-        offsets: list[Tensor] = []
-
-        def differentiable(captured: CapturedHeads) -> Tensor:
-            offsets.append(torch.zeros_like(captured.attn, requires_grad=True))
-            return captured.attn + offsets[-1]
-
+        offsets, differentiable = attention_offsets()
         with (
             capture_attention(self.model, call.selection, differentiable) as record,
             torch.enable_grad(),

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from captum_effattn._captum_compat import Attribution, convert_ids_to_pretty_tokens
+from captum_effattn.attr._queries import QueryRows
 from captum_effattn.attr._reductions import (
     REDUCTIONS,
     PairReduction,
@@ -20,7 +21,20 @@ from captum_effattn.attr._reductions import (
     RolloutReduction,
     attention_rollout,
 )
-from captum_effattn.attr._views import View, get_view, project_captured, project_with_row_masks
+from captum_effattn.attr._views import (
+    View,
+    get_view,
+    project_captured_matrices,
+    project_with_row_masks,
+)
+from captum_effattn.attr._weightings import (
+    WeightFactors,
+    Weighting,
+    attention_offsets,
+    factors_of_rows,
+    get_weighting,
+    weight_matrices,
+)
 from captum_effattn.models import CapturedHeads, capture_attention, describe_model, select_heads
 from captum_effattn.models.selection import HeadSpec, IndexSpec
 
@@ -59,6 +73,8 @@ class LLMEfficientAttentionAttribution(Attribution):
     ``query=p - 1``). The selected heads' rows are reduced as there (mean by default); a token's
     score is its mass in the reduced row, a feature's score the sum over its tokens. Mass on
     special tokens, on template text and on earlier target tokens belongs to no input feature.
+    With ``weighting`` each target token's row is weighted as there, with ``"gradient"`` by the
+    gradient of that token's logit at its row (per target token).
     """
 
     SUPPORTED_INPUTS = (TextTemplateInput, TextTokenInput)
@@ -112,6 +128,7 @@ class LLMEfficientAttentionAttribution(Attribution):
         heads: HeadSpec = None,
         view: str = "efficient",
         reduce: str = "mean",
+        weighting: str | None = None,
     ) -> LLMAttributionResult:
         r"""Attribute each target token to the prompt's interpretable features.
 
@@ -131,14 +148,21 @@ class LLMEfficientAttentionAttribution(Attribution):
                 <captum_effattn.EfficientAttentionAttribution.attribute>`.
             reduce (str, optional): ``"mean"`` (default), ``"sum"``, ``"max"`` or
                 ``"rollout"`` over the selected layers and heads, per target token.
+            weighting (str or None, optional): ``None`` (default), ``"norm"`` or ``"gradient"``
+                as in :meth:`EfficientAttentionAttribution.attribute
+                <captum_effattn.EfficientAttentionAttribution.attribute>`, applied to each
+                target token's row before the reduction. ``"gradient"`` is per target token: the
+                positive part of the gradient of the logit of target token ``t`` at the row that
+                predicts it (one forward with gradients, one backward pass per target token;
+                with ``reduce="rollout"``, Chefer et al.'s propagation per target token).
 
         Returns:
             ``LLMAttributionResult`` with ``token_attr`` ``(T, n features)``, ``seq_attr``
             ``(n features,)`` its sum over the target tokens (as ``LLMGradientAttribution``),
             ``output_probs`` ``(T,)`` the model's probability of each target token in the same
             forward, ``input_tokens`` the features' values and ``output_tokens`` the target
-            tokens. With ``view="efficient"`` or ``"raw"`` and ``reduce="mean"`` every row is
-            non-negative and sums to at most 1 (the mass on input features).
+            tokens. With ``view="efficient"`` or ``"raw"``, ``reduce="mean"`` and no weighting
+            every row is non-negative and sums to at most 1 (the mass on input features).
 
         Raises:
             TypeError: ``inp`` of another type; ``target`` neither a string nor a tensor.
@@ -146,7 +170,9 @@ class LLMEfficientAttentionAttribution(Attribution):
                 target the tokenizer encodes to no token or to its unknown token; target ids
                 outside the vocabulary; ``gen_args`` with a target, or with
                 ``past_key_values``; prompt + target longer than the model's positions; a
-                template that changes its values; options the method refuses.
+                template that changes its values; options the method refuses (an unknown
+                ``weighting`` lists the choices).
+            RuntimeError: ``weighting="gradient"`` under ``torch.inference_mode()``.
         """
         if not isinstance(inp, self.SUPPORTED_INPUTS):
             names = ", ".join(t.__name__ for t in self.SUPPORTED_INPUTS)
@@ -158,14 +184,19 @@ class LLMEfficientAttentionAttribution(Attribution):
                 f"score per (target token, feature); got {reduce!r}"
             )
         reduction = REDUCTIONS[reduce]
+        weighter = get_weighting(weighting)
         selection = select_heads(self.model, layers, heads)
         reduction.check_selection(selection)
         prompt_ids, feature_of_token = self._prompt(inp)
         target_ids = self._target_ids(prompt_ids, target, gen_args)
         self._require_positions(len(prompt_ids) + len(target_ids))
-        captured, probs = self._forward(prompt_ids, target_ids, selection)
         positions = torch.arange(len(target_ids), device=prompt_ids.device) + len(prompt_ids) - 1
-        token_scores = _explaining_rows(captured, positions, attention_view, reduction)  # (T, N)
+        captured, probs, factors = self._weighted_forward(
+            prompt_ids, target_ids, selection, weighter, positions
+        )
+        token_scores = _explaining_rows(  # (T, N)
+            captured, positions, attention_view, reduction, weighter, factors
+        )
         feature_scores = _feature_scores(
             token_scores[:, : len(prompt_ids)], feature_of_token, inp.n_itp_features
         )
@@ -270,6 +301,34 @@ class LLMEfficientAttentionAttribution(Attribution):
                 f"has {limit} (config.max_position_embeddings / n_positions): shorten them"
             )
 
+    def _weighted_forward(
+        self,
+        prompt_ids: Tensor,
+        target_ids: Tensor,
+        selection: Any,
+        weighting: Weighting | None,
+        positions: Tensor,
+    ) -> tuple[tuple[CapturedHeads, ...], Tensor, Sequence[Sequence[WeightFactors]] | None]:
+        """The one forward, and with a weighting each target token's factors per layer."""
+        if weighting is None or not weighting.needs_gradient:
+            captured, probs = self._forward(prompt_ids, target_ids, selection)
+            gradients: Sequence[Sequence[Tensor | None]] = [(None,) * len(captured)]
+        else:
+            captured, probs, gradients = self._forward_with_gradients(
+                prompt_ids, target_ids, selection, positions
+            )
+        if weighting is None:
+            return captured, probs, None
+        factors = [
+            [
+                weighting.factors(c, self.architecture, g)
+                for c, g in zip(captured, per_layer, strict=True)
+            ]
+            for per_layer in gradients
+        ]
+        # Without gradients one set of factors serves every target token (the same object).
+        return captured, probs, factors * (len(target_ids) // len(factors))
+
     def _forward(
         self, prompt_ids: Tensor, target_ids: Tensor, selection: Any
     ) -> tuple[tuple[CapturedHeads, ...], Tensor]:
@@ -279,27 +338,63 @@ class LLMEfficientAttentionAttribution(Attribution):
             capture_attention(self.model, selection, materialize=False) as record,
             torch.no_grad(),
         ):
-            logits = self.model(
-                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
-            ).logits
-        logits = logits[:, 0] if logits.dim() == 4 else logits  # (1, N, V)
-        predicting = logits[0, len(prompt_ids) - 1 : -1].float().softmax(-1)
-        probs = predicting.gather(1, target_ids[:, None])[:, 0]
-        return record.layers, probs
+            logits = self._logits(ids)
+        return record.layers, _target_probs(logits, len(prompt_ids), target_ids)
+
+    def _forward_with_gradients(
+        self, prompt_ids: Tensor, target_ids: Tensor, selection: Any, positions: Tensor
+    ) -> tuple[tuple[CapturedHeads, ...], Tensor, Sequence[Sequence[Tensor]]]:
+        """One teacher-forced forward with gradients, then one backward pass per target token:
+        ``(H_sel, N, N)``-per-layer gradients of the logit of target token ``t`` at the row that
+        predicts it, with respect to the attention."""
+        ids = torch.cat([prompt_ids, target_ids])[None]
+        offsets, differentiable = attention_offsets()
+        with (
+            capture_attention(self.model, selection, differentiable) as record,
+            torch.enable_grad(),
+        ):
+            logits = self._logits(ids)
+            explained = logits[0, positions, target_ids]  # (T,)
+            gradients = [_gradients(explained[t], offsets) for t in range(len(target_ids))]
+        return record.layers, _target_probs(logits.detach(), len(prompt_ids), target_ids), gradients
+
+    def _logits(self, ids: Tensor) -> Tensor:
+        """``(1, N, V)`` logits of the teacher-forced sequence ``ids``."""
+        logits = self.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
+        ).logits
+        return logits[:, 0] if logits.dim() == 4 else logits
+
+
+def _gradients(explained: Tensor, offsets: Sequence[Tensor]) -> list[Tensor]:
+    """The gradient of the scalar ``explained`` with respect to each offset (zeros where it does
+    not depend on one), keeping the graph for the next target token."""
+    gradients = torch.autograd.grad(explained, offsets, retain_graph=True, allow_unused=True)
+    return [
+        torch.zeros_like(o) if g is None else g.detach()
+        for o, g in zip(offsets, gradients, strict=True)
+    ]
+
+
+def _target_probs(logits: Tensor, prompt_length: int, target_ids: Tensor) -> Tensor:
+    """``(T,)`` the probability of each target token at the row that predicts it."""
+    predicting = logits[0, prompt_length - 1 : -1].float().softmax(-1)
+    return predicting.gather(1, target_ids[:, None])[:, 0]
 
 
 def _explaining_rows(
-    captured: Sequence[CapturedHeads], positions: Tensor, view: View, reduction: Reduction
+    captured: Sequence[CapturedHeads],
+    positions: Tensor,
+    view: View,
+    reduction: Reduction,
+    weighting: Weighting | None = None,
+    factors: Sequence[Sequence[WeightFactors]] | None = None,
 ) -> Tensor:
     """``(T, N)``: the rows at ``positions``, projected in their causal prefix (and sliding
-    window) and reduced over the selected (layer, head) pairs."""
+    window), weighted with each target token's ``factors`` (one per layer) and reduced over the
+    selected (layer, head) pairs."""
     if isinstance(reduction, RolloutReduction):  # full matrices through the layers
-        matrices = []
-        for c in captured:
-            rows, _ = project_captured(c, view)
-            matrices.append(rows.double().mean(1))
-        flow = attention_rollout(torch.stack(matrices, 1), reduction.residual)  # (1, N, N)
-        return flow[0, positions].float()
+        return _rollout_rows(captured, positions, view, reduction, weighting, factors)
     # One problem per row: each row's keys are its causal prefix (within its window).
     projected = torch.cat(
         [
@@ -310,10 +405,52 @@ def _explaining_rows(
         ],
         dim=1,
     )  # (1, H, T, N)
+    if factors is not None:
+        projected = _weighted_rows(projected, positions, factors)
     per_pair = projected[0].transpose(0, 1)  # (T, H, N)
     if not isinstance(reduction, PairReduction):
         raise ValueError(f"reduce={reduction.name!r} is neither a pair reduction nor rollout")
     return reduction.combine(per_pair)
+
+
+def _weighted_rows(
+    projected: Tensor, positions: Tensor, factors: Sequence[Sequence[WeightFactors]]
+) -> Tensor:
+    """``(1, H, T, N)`` rows, row ``t`` times target token ``t``'s factors at its position."""
+    weights = [
+        factors_of_rows(
+            layer_factors,
+            QueryRows(
+                positions[None, t : t + 1], torch.ones_like(positions[None, :1]).bool(), False
+            ),
+        )
+        for t, layer_factors in enumerate(factors)
+    ]  # each (1, H, 1, N)
+    return projected * torch.cat(weights, dim=2).to(projected.dtype)
+
+
+def _rollout_rows(
+    captured: Sequence[CapturedHeads],
+    positions: Tensor,
+    view: View,
+    reduction: RolloutReduction,
+    weighting: Weighting | None,
+    factors: Sequence[Sequence[WeightFactors]] | None,
+) -> Tensor:
+    """``(T, N)``: rollout through the selected layers (the weighting's rollout with target token
+    ``t``'s factors), row ``positions[t]`` for target token ``t``."""
+    full = project_captured_matrices(captured, view)[0].double()  # (1, L, H, N, N)
+    if weighting is None or factors is None:
+        return attention_rollout(full.mean(2), reduction.residual)[0, positions].float()
+    flows: dict[int, Tensor] = {}  # target tokens sharing their factors (norm) share the flow
+    rows = []
+    for position, layer_factors in zip(positions.tolist(), factors, strict=True):
+        key = id(layer_factors)
+        if key not in flows:
+            weighted = weight_matrices(full, layer_factors)
+            flows[key] = weighting.rollout(full, weighted, reduction.residual)[0]
+        rows.append(flows[key][position])
+    return torch.stack(rows).float()
 
 
 def _feature_scores(token_scores: Tensor, feature_of_token: Tensor, n_features: int) -> Tensor:
