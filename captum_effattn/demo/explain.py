@@ -43,6 +43,7 @@ class Explanation:
             efficient attention (the sufficiency check).
         head_output_error: largest relative head-output error of the efficient rows.
         effective_sums: (min, max) over heads and layers of the effective [CLS] rows' sums.
+        effective_min: the smallest entry of those rows (negative: not a distribution).
         identifiable: raw and efficient scores are identical (the rows were identifiable).
     """
 
@@ -56,6 +57,7 @@ class Explanation:
     logit_change: float = 0.0
     head_output_error: float = 0.0
     effective_sums: tuple[float, float] = (1.0, 1.0)
+    effective_min: float = 0.0
 
     @property
     def identifiable(self) -> bool:
@@ -167,4 +169,6 @@ class Explainer:
         )
         sums = per_head.sum(-1)  # (1, L, H): each head's effective [CLS] row, summed
         explanation.effective_sums = (float(sums.min()), float(sums.max()))
+        real = mask[0].bool()
+        explanation.effective_min = float(per_head[..., real].min())
         return explanation

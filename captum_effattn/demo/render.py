@@ -25,6 +25,20 @@ def _normalized(scores: torch.Tensor, tokens: Sequence[str]) -> torch.Tensor:
     return scores / peak if peak > 0 else scores
 
 
+SUM_TOLERANCE = 1e-6
+"""How far from 1 a row's sum may be and still count as summing to 1 (both print as 1.00)."""
+
+
+def effective_rows_are_distributions(explanation: Explanation) -> bool:
+    """Whether every effective [CLS] row is non-negative and sums to 1 (within tolerance)."""
+    low, high = explanation.effective_sums
+    return (
+        explanation.effective_min >= 0
+        and abs(low - 1) <= SUM_TOLERANCE
+        and abs(high - 1) <= SUM_TOLERANCE
+    )
+
+
 def _header(explanation: Explanation, number: int) -> list[str]:
     text = explanation.text if len(explanation.text) < 160 else explanation.text[:157] + "..."
     low, high = explanation.effective_sums
@@ -34,10 +48,15 @@ def _header(explanation: Explanation, number: int) -> list[str]:
             "attention views coincide"
         )
     else:
-        views = (
-            f"    effective [CLS] rows sum to {low:.2f}..{high:.2f}: not distributions; efficient "
-            "rows are distributions with the same head outputs"
-        )
+        views = f"    effective [CLS] rows sum to {low:.2f}..{high:.2f}"
+        if explanation.effective_min < 0:
+            views += f" with entries down to {explanation.effective_min:.2g}"
+        if effective_rows_are_distributions(explanation):
+            views += ": distributions on this input; efficient rows are the minimum-norm ones"
+        else:
+            views += (
+                ": not distributions; efficient rows are distributions with the same head outputs"
+            )
     return [
         f"[{number}] {text}",
         f"    true: {explanation.label}; predicted: {explanation.prediction} "

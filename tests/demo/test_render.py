@@ -82,3 +82,21 @@ def test_the_explainer_checks_its_settings_and_reads_typed_special_tokens_as_tex
     assert explanation.tokens[0] == "<s>"
     assert "<pad>" not in explanation.tokens
     assert "</s>" not in explanation.tokens
+
+
+def test_the_header_calls_rows_distributions_only_when_they_are():
+    from captum_effattn.demo.explain import Explanation
+    from captum_effattn.demo.render import effective_rows_are_distributions
+
+    def explanation(sums, smallest):
+        made = Explanation(
+            text="a b", tokens=["[CLS]", "a", "[SEP]"], label="x", prediction="x", probability=0.5
+        )
+        made.effective_sums, made.effective_min = sums, smallest
+        return made
+
+    # Rows that print as 1.00..1.00 are still not distributions when an entry is negative ...
+    assert not effective_rows_are_distributions(explanation((1.0, 1.0), -0.03))
+    assert not effective_rows_are_distributions(explanation((0.98, 1.0), 0.0))
+    # ... and are distributions when every entry is >= 0 and every sum is 1.
+    assert effective_rows_are_distributions(explanation((1.0 - 1e-9, 1.0 + 1e-9), 0.0))
