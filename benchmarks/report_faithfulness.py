@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import pickle
 import platform
@@ -39,6 +40,7 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 
 import captum_effattn.attr as effattn_attr
+from benchmarks.timing import RatioSummary, interleaved, machine_line
 from captum_effattn import projection
 from captum_effattn.attr import REDUCTIONS, VIEWS, EfficientAttentionAttribution
 from captum_effattn.data import (
@@ -68,6 +70,7 @@ from captum_effattn.models import capture_attention
 
 RAW_REFERENCE = "raw (mean)"
 ROLLOUT_REFERENCE = "raw (rollout)"
+GRADIENT_ROLLOUT = "raw+gradient (rollout)"
 IG = "IntegratedGradients"
 BASELINES = (IG, "Saliency", "InputXGradient", "random")
 REPORT_REDUCTIONS = ("mean", "rollout")
@@ -100,7 +103,7 @@ class Sizes:
 PRESETS = {
     "quick": Sizes(2, 2, 2, 2, 1, 1, 1, 200, tiny_classifiers=True, imdb_lengths=(64, 128)),
     "small": Sizes(6, 2, 6, 10, 2, 1, 1, 1000),
-    "medium": Sizes(60, 24, 45, 60, 8, 4, 4, 1000),
+    "medium": Sizes(80, 30, 80, 100, 16, 8, 3, 2000),
     "full": Sizes(300, 150, 300, 300, 40, 20, 20, 2000),
 }
 TINY_SPLITS = {"tweets": SplitSizes(48, 6, 12), "planted": SplitSizes(48, 6, 12)}
@@ -150,18 +153,77 @@ ALL_ROWS_TOO_SLOW = ("minimal",)
 the minimal view's vertex search runs per row in Python, so all rows of a 256-token text's 72
 heads take many minutes. Its [CLS] rows are measured (mean reduction, the necessity section)."""
 
+ALL_ROWS_MAX_TOKENS = 256
+"""Longest input on which the rollout of a view that solves something (every row of every head
+projected) is measured: at 512 word pieces it costs about 70 forward passes per text, which alone
+would take most of the two hours the full report may run."""
+
+NORM_VIEWS = ("raw", "efficient")
+ROLLOUT_VIEWS = ("raw", "efficient")
+ROLLOUT_WEIGHTINGS = (None, "gradient")
+MEAN_WEIGHTINGS_BY_VIEW = {"effective": (None, "gradient"), "minimal": (None, "gradient")}
+
+
+def _meaningful(mode: Mode) -> bool:
+    """The measured subset of view x weighting x reduction: every view with and without the
+    gradient weighting (the class-specific one); norm weighting with raw and efficient rows (its
+    question, do value norms help, does not depend on the view); rollout of raw and efficient
+    rows, unweighted (Abnar & Zuidema) and gradient-weighted (Chefer et al.)."""
+    if mode.reduce == "rollout":
+        return mode.view in ROLLOUT_VIEWS and mode.weighting in ROLLOUT_WEIGHTINGS
+    if mode.weighting == "norm":
+        return mode.view in NORM_VIEWS
+    return mode.weighting in MEAN_WEIGHTINGS_BY_VIEW.get(mode.view, (mode.weighting,))
+
 
 def attention_modes() -> list[Mode]:
-    """Every view x weighting x reduction the registries offer (rollout without the views of
-    :data:`ALL_ROWS_TOO_SLOW`)."""
+    """The meaningful subset (:func:`_meaningful`) of every view x weighting x reduction the
+    registries offer; rollout never with the views of :data:`ALL_ROWS_TOO_SLOW`."""
     reductions = [name for name in REPORT_REDUCTIONS if name in REDUCTIONS]
-    return [
+    modes = [
         Mode(view, weighting, reduce)
         for view in VIEWS
         for weighting in registered_weightings()
         for reduce in reductions
         if not (reduce == "rollout" and view in ALL_ROWS_TOO_SLOW)
     ]
+    return [mode for mode in modes if _meaningful(mode)]
+
+
+def measured_on(mode: Mode, max_length: int) -> bool:
+    """Whether ``mode`` is measured on a dataset of ``max_length`` word pieces: the rollout of a
+    view that solves something only up to :data:`ALL_ROWS_MAX_TOKENS`."""
+    solves = VIEWS[mode.view].solves
+    return not (mode.reduce == "rollout" and solves and max_length > ALL_ROWS_MAX_TOKENS)
+
+
+class Recorded:
+    """An attribution whose scores are kept, batch by batch, the first time it runs; afterwards
+    (:meth:`replaying`) it hands the same scores back in the same order. The leading methods'
+    deletion/insertion curves, the deletion convention and the planted ranks reuse one run (and
+    its timing) instead of re-running IntegratedGradients."""
+
+    def __init__(self, attribution: Any) -> None:
+        self.attribution = attribution
+        self.scores: list[torch.Tensor] = []
+        self._replay: Any = None
+
+    def attribute(self, inputs: Any, **kwargs: Any) -> Any:
+        if self._replay is not None:
+            return next(self._replay)
+        scores = self.attribution.attribute(inputs, **kwargs)
+        self.scores.append(scores.detach())
+        return scores
+
+    def replaying(self) -> Recorded:
+        self._replay = iter(self.scores)
+        return self
+
+    def stacked(self, width: int) -> torch.Tensor:
+        """``(N, width)`` every recorded batch, right-padded to ``width``."""
+        return torch.cat(
+            [torch.nn.functional.pad(s.float(), (0, width - s.shape[1])) for s in self.scores]
+        )
 
 
 class RandomScores:
@@ -365,21 +427,6 @@ def deletion_comprehensiveness(
     return np.array(values)
 
 
-def attributions_of(
-    gate: TokenGate, inputs: GatedInputs, method: Method, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, S)`` attributions of ``method`` and ``(N,)`` predicted targets, batch by batch."""
-    scores, targets = [], []
-    for start in range(0, len(inputs), batch_size):
-        part = inputs.slice(start, start + batch_size)
-        target = resolve_targets(gate, part, "predicted")
-        scores.append(method.attribute(part, target).float())
-        targets.append(target)
-    width = inputs.gate.shape[1]
-    padded = [torch.nn.functional.pad(s, (0, width - s.shape[1])) for s in scores]
-    return torch.cat(padded), torch.cat(targets)
-
-
 def planted_ranks(
     inputs: GatedInputs, attributions: torch.Tensor, planted_ids: Sequence[int]
 ) -> np.ndarray:
@@ -412,13 +459,18 @@ class DatasetResult:
     comparison: Comparison
     forward_s: float
     mean_tokens: float
+    curves: Comparison | None = None  # deletion/insertion AUC of the leading methods
     deletion: dict[str, np.ndarray] = field(default_factory=dict)
     robustness: Comparison | None = None
+    cost: dict[str, RatioSummary] = field(default_factory=dict)  # interleaved with a forward
     planted: dict[str, np.ndarray] = field(default_factory=dict)
     skipped_planted: int = 0
 
     def values(self, metric: str) -> dict[str, np.ndarray]:
-        return per_example(self.comparison, metric)
+        found = per_example(self.comparison, metric)
+        if self.curves is not None:
+            found.update(per_example(self.curves, metric))
+        return found
 
     def seconds(self) -> dict[str, float]:
         return seconds_per_method(self.comparison)
@@ -440,7 +492,8 @@ def choose_best_mode(
     dataset: Dataset, modes: Sequence[Mode], settings: Settings
 ) -> tuple[str, dict[str, float]]:
     """The efficient-based mode with the highest mean comprehensiveness on ``dataset``'s
-    *validation* texts (falls back to every mode when no efficient-based view is registered)."""
+    *validation* texts (falls back to every mode when no efficient-based view is registered).
+    ``modes`` should be those measured on every dataset, so that the best is in every table."""
     gate = TokenGate(dataset.classifier.model, dataset.classifier.tokenizer)
     candidates = [m for m in modes if m.view in EFFICIENT_BASED] or list(modes)
     methods = build_methods(gate, candidates, settings.sizes.ig_steps)
@@ -462,21 +515,60 @@ def choose_best_mode(
     return max(means, key=lambda name: means[name]), means
 
 
+COST_ROUNDS = 5
+FORWARD = "forward"
+
+
+def cost_methods(best: str) -> tuple[str, ...]:
+    """The methods timed interleaved with the forward pass (IntegratedGradients is not: its
+    single timing in the tables is 50+ forward passes either way)."""
+    names = (best, RAW_REFERENCE, "efficient (mean)", GRADIENT_ROLLOUT, "Saliency")
+    return tuple(dict.fromkeys(names))
+
+
+def interleaved_cost(
+    gate: TokenGate, inputs: GatedInputs, methods: dict[str, Method], batch_size: int
+) -> dict[str, RatioSummary]:
+    """Each method's time on the first batch as a multiple of one forward pass of the same batch,
+    round by round (``benchmarks/timing.py``): medians of paired ratios, not single timings."""
+    part = inputs.slice(0, batch_size)
+    target = resolve_targets(gate, part, "predicted")
+
+    def forward() -> None:
+        with torch.no_grad():
+            gate(part.gate, *part.additional_forward_args)
+
+    calls: dict[str, Callable[[], object]] = {FORWARD: forward}
+    for name, method in methods.items():
+        calls[name] = functools.partial(method.attribute, part, target)
+    return interleaved(calls, FORWARD, COST_ROUNDS)
+
+
+def leading_methods(best: str) -> tuple[str, ...]:
+    """The methods that also get deletion/insertion curves and the deletion convention."""
+    names = (best, RAW_REFERENCE, ROLLOUT_REFERENCE, GRADIENT_ROLLOUT, IG, "Saliency", "random")
+    return tuple(dict.fromkeys(names))
+
+
 def run_dataset(
     dataset: Dataset, modes: Sequence[Mode], best: str, settings: Settings, robustness: bool
 ) -> DatasetResult:
-    """Every method and ERASER metric on the test texts, deletion and robustness for the leading
-    methods, planted-token ranks when the dataset has them."""
+    """Every method's ERASER AOPCs on the test texts; curves, deletion and robustness for the
+    leading methods; planted-token ranks when the dataset has them. Each method runs once: its
+    scores are recorded and reused (:class:`Recorded`)."""
     gate = TokenGate(dataset.classifier.model, dataset.classifier.tokenizer)
-    methods = build_methods(gate, modes, settings.sizes.ig_steps)
+    measured = [mode for mode in modes if measured_on(mode, dataset.max_length)]
+    specs = build_methods(gate, measured, settings.sizes.ig_steps)
+    resolved = {name: _as_method(name, spec, gate) for name, spec in specs.items()}
+    recorded = {name: Recorded(method.attribution) for name, method in resolved.items()}
     inputs = gate.encode([r.text for r in dataset.test], max_length=dataset.max_length)
-    _log(f"{dataset.name}: {len(inputs)} texts, {len(methods)} methods")
+    _log(f"{dataset.name}: {len(inputs)} texts, {len(specs)} methods")
     comparison = compare_methods(
         gate,
         inputs,
         "predicted",
-        methods,
-        eraser_metrics(),
+        {name: (recorded[name], resolved[name].attribute_kwargs) for name in specs},
+        [Comprehensiveness(), Sufficiency()],
         batch_size=settings.batch_size,
         seed=settings.seed,
     )
@@ -486,20 +578,33 @@ def run_dataset(
         forward_seconds(gate, inputs, settings.batch_size),
         float(inputs.attention_mask.sum(-1).double().mean()),
     )
-    leading = {
-        name: methods[name] for name in (best, RAW_REFERENCE, IG, "random") if name in methods
-    }
-    resolved = {name: _as_method(name, spec, gate) for name, spec in leading.items()}
-    for name, method in resolved.items():
-        scores, target = attributions_of(gate, inputs, method, settings.batch_size)
+    timed = {name: resolved[name] for name in cost_methods(best) if name in resolved}
+    result.cost = interleaved_cost(gate, inputs, timed, settings.batch_size)
+    targets = {r["example"]: r["target"] for r in comparison.records}
+    target = torch.tensor([targets[i] for i in range(len(inputs))])
+    width = inputs.gate.shape[1]
+    leading = [name for name in leading_methods(best) if name in specs]
+    result.curves = compare_methods(
+        gate,
+        inputs,
+        "predicted",
+        {name: (recorded[name].replaying(), resolved[name].attribute_kwargs) for name in leading},
+        [DeletionAUC(), InsertionAUC()],
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        progress=False,
+    )
+    for name in leading:
+        scores = recorded[name].stacked(width)
         result.deletion[name] = deletion_comprehensiveness(gate.model, inputs, scores, target)
     if robustness and settings.sizes.subset:
         subset = inputs.slice(0, settings.sizes.subset)
+        robust = (best, RAW_REFERENCE, IG, "random")
         result.robustness = compare_methods(
             gate,
             subset,
             "predicted",
-            leading,
+            {name: specs[name] for name in robust if name in specs},
             [Infidelity(), SensitivityMax()],
             batch_size=settings.batch_size,
             seed=settings.seed,
@@ -508,11 +613,8 @@ def run_dataset(
         planted_ids = [
             dataset.classifier.tokenizer.convert_tokens_to_ids(r.word) for r in dataset.test
         ]
-        for name, spec in methods.items():
-            scores, _ = attributions_of(
-                gate, inputs, _as_method(name, spec, gate), settings.batch_size
-            )
-            result.planted[name] = planted_ranks(inputs, scores, planted_ids)
+        for name in specs:
+            result.planted[name] = planted_ranks(inputs, recorded[name].stacked(width), planted_ids)
         result.skipped_planted = int(np.isnan(next(iter(result.planted.values()))).sum())
     return result
 
@@ -664,6 +766,7 @@ class Report:
     results: list[DatasetResult]
     necessity: dict[str, RowStatistics]
     seconds: float = 0.0
+    machine: str = ""
     figures: dict[str, str] = field(default_factory=dict)
 
     def result(self, name: str) -> DatasetResult | None:
@@ -698,6 +801,7 @@ def header_section(report: Report) -> list[str]:
         "through the token gate (its embedding becomes `[PAD]`'s, position kept); `[CLS]` and "
         "`[SEP]` are never removed. ERASER AOPC bins: "
         f"{', '.join(f'{b:.0%}' for b in ERASER_BINS)} of the removable word pieces.",
+        f"- Machine at the end of the run: {report.machine or 'not recorded'}.",
         "- Confidence intervals: 95% paired percentile bootstrap over test examples.",
         "- What each metric measures and how methods are run on the token gate: "
         "[measuring faithfulness](measuring-faithfulness.md).",
@@ -782,6 +886,15 @@ def methods_section(report: Report) -> list[str]:
         )
     if not any(view in VIEWS for view in ("minimal",)):
         lines.append("- The `minimal` view is not registered in this build.")
+    lines.append(
+        "- The measured subset: every view unweighted and gradient-weighted (mean); norm "
+        f"weighting with {' and '.join(NORM_VIEWS)} rows; rollout of "
+        f"{' and '.join(ROLLOUT_VIEWS)} rows, unweighted (Abnar & Zuidema) and gradient-weighted "
+        "(Chefer et al.). The rollout of a view that solves something projects every row of "
+        f"every head, so it is measured on inputs of at most {ALL_ROWS_MAX_TOKENS} word pieces "
+        "only (missing rows in the longer tables); the best mode is chosen among the "
+        "efficient-based modes measured on every dataset."
+    )
     slow = [view for view in ALL_ROWS_TOO_SLOW if view in VIEWS]
     if slow:
         lines.append(
@@ -817,7 +930,9 @@ def eraser_section(report: Report) -> list[str]:
         "Comprehensiveness: drop of the predicted class's probability when the top word pieces "
         "are removed (higher is better); sufficiency: drop when only they are kept (lower is "
         "better); deletion / insertion AUC: area under the probability as the top word pieces "
-        "are removed (lower is better) / put back into an all-`[PAD]` text (higher is better). "
+        "are removed (lower is better) / put back into an all-`[PAD]` text (higher is better), "
+        "measured for the leading methods only (`-` elsewhere: eleven forward passes per curve "
+        "would not fit the time budget for every method). "
         "Cost: seconds per example and multiples of one forward pass.",
         "",
     ]
@@ -836,7 +951,10 @@ def eraser_section(report: Report) -> list[str]:
                 [
                     _bold(method, report.best),
                     ci(float(comprehensiveness.mean()), low, high),
-                    *(f"{metrics[m][method].mean():.3f}" for m in METRIC_NAMES[1:]),
+                    *(
+                        f"{metrics[m][method].mean():.3f}" if method in metrics[m] else "-"
+                        for m in METRIC_NAMES[1:]
+                    ),
                     f"{seconds[method]:.3f}",
                     f"{seconds[method] / result.forward_s:.1f}",
                 ]
@@ -960,21 +1078,22 @@ def cost_section(report: Report) -> list[str]:
     lines = [
         "## Cost",
         "",
-        "Attribution seconds per example (batches of "
-        f"{report.settings.batch_size}) and the same as multiples of one plain forward pass of "
-        "that dataset (median of three timings). Timings are of a shared machine: read ratios.",
+        "Time per call as a multiple of one plain forward pass of the same batch (the first "
+        f"{report.settings.batch_size} test texts), timed interleaved: every round runs the "
+        "forward pass and each method once in a rotating order, and the ratio is taken within "
+        f"the round ({COST_ROUNDS} rounds after one warm-up, `benchmarks/timing.py`). Cells: "
+        "median [interquartile range] of the per-round ratios. The tables above also list each "
+        "method's single timing during the run, for every method.",
         "",
     ]
-    names = [m.name for m in report.modes if m.view in EFFICIENT_BASED or m.view == "raw"][:6]
-    names = list(dict.fromkeys([report.best, RAW_REFERENCE, *names, *BASELINES]))
+    names = list(dict.fromkeys(n for r in report.results for n in r.cost if n != FORWARD))
     rows = []
     for result in report.results:
-        seconds = result.seconds()
         rows.append(
-            [result.dataset.name, f"{result.forward_s * 1000:.1f} ms"]
-            + [f"{seconds[n] / result.forward_s:.1f}" if n in seconds else "-" for n in names]
+            [result.dataset.name, f"{result.cost[FORWARD].median_seconds * 1000:.1f} ms"]
+            + [result.cost[n].cell() if n in result.cost else "-" for n in names]
         )
-    lines += _table(["dataset", "forward", *names], rows)
+    lines += _table(["dataset", "forward (batch)", *names], rows)
     if "cost" in report.figures:
         lines += [f"![Cost against comprehensiveness]({report.figures['cost']})", ""]
     return lines
@@ -1084,8 +1203,14 @@ class Claim:
 
 
 def _efficient_cost(report: Report, name: str, method: str) -> float:
+    """Multiples of a forward pass: the interleaved median where ``method`` was timed so, else its
+    single timing during the run."""
     result = report.result(name)
-    if result is None or method not in result.seconds():
+    if result is None:
+        return float("nan")
+    if method in result.cost:
+        return result.cost[method].median
+    if method not in result.seconds():
         return float("nan")
     return result.seconds()[method] / result.forward_s
 
@@ -1315,11 +1440,16 @@ def _draw_comprehensiveness(report: Report, figure: Any) -> bool:
     methods = list(report.results[0].values("comprehensiveness"))
     for ax, result in zip(axes, report.results, strict=True):
         values = result.values("comprehensiveness")
-        means = [values[m].mean() for m in methods]
-        intervals = [mean_interval(values[m], report.settings.sizes.bootstrap) for m in methods]
+        missing = np.full(1, np.nan)  # a method not measured on this dataset: no bar
+        means = [values.get(m, missing).mean() for m in methods]
+        intervals = [
+            mean_interval(values[m], report.settings.sizes.bootstrap) if m in values else (0, 0)
+            for m in methods
+        ]
         errors = np.array(
             [[mean - low, high - mean] for mean, (low, high) in zip(means, intervals, strict=True)]
         ).T
+        errors = np.nan_to_num(errors)
         colors = [
             "tab:red" if m == report.best else "tab:blue" if m in BASELINES else "tab:gray"
             for m in methods
@@ -1481,8 +1611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets = load_datasets(settings.sizes)
     modes = attention_modes()
     chooser = next(d for d in datasets if d.name.startswith("IMDB"))
-    _log(f"choosing the best of {len(modes)} modes on {chooser.name} validation")
-    best, validation = choose_best_mode(chooser, modes, settings)
+    everywhere = [m for m in modes if all(measured_on(m, d.max_length) for d in datasets)]
+    _log(f"choosing the best of {len(everywhere)} modes on {chooser.name} validation")
+    best, validation = choose_best_mode(chooser, everywhere, settings)
     _log(f"best mode: {best}")
     results = [
         run_dataset(d, modes, best, settings, robustness=d.name == "Rotten Tomatoes")
@@ -1505,9 +1636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         necessity,
     )
     report.seconds = time.perf_counter() - began
+    report.machine = machine_line()
     if args.state:
         for dataset in report.datasets:
             dataset.classifier = None  # the models are not needed to render
+        Path(args.state).parent.mkdir(parents=True, exist_ok=True)
         with open(args.state, "wb") as handle:
             pickle.dump(report, handle)
     write_page(report, out, figures)

@@ -19,7 +19,7 @@ contribute little weighs less). Rollout needs comparable matrices: see :meth:`We
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -29,6 +29,7 @@ from captum_effattn.attr._queries import QueryRows
 from captum_effattn.attr._rollout import attention_rollout, relevance_rollout
 from captum_effattn.attr._views import ProjectedRows
 from captum_effattn.models import CapturedHeads, ModelArchitecture
+from captum_effattn.models.capture import HeadOutputHook
 
 WeightFactors = torch.Tensor
 """``(B, H_sel, S_q, S_k)`` or ``(B, H_sel, 1, S_k)`` (the same for every query row): the
@@ -169,16 +170,18 @@ def get_weighting(name: str | None) -> Weighting | None:
         raise ValueError(f"weighting must be one of {(*WEIGHTINGS, None)}; got {name!r}") from None
 
 
-def attention_offsets() -> tuple[list[torch.Tensor], Callable[[CapturedHeads], torch.Tensor]]:
-    """A capture transform for gradients with respect to the attention.
+def output_offsets() -> tuple[list[torch.Tensor], HeadOutputHook]:
+    """A capture hook for gradients with respect to the head outputs.
 
-    The transform adds a zero tensor that requires grad to each captured layer's attention, so
-    the gradient with respect to that tensor is the gradient with respect to the attention,
-    whether or not the model's parameters require gradients.
+    The hook adds a zero tensor that requires grad to each captured layer's head outputs, so the
+    gradient with respect to that tensor is the gradient with respect to the outputs, whether or
+    not the model's parameters require gradients. The layers keep their fast attention
+    (``materialize=False``): no probability matrix is formed or differentiated through.
+    :func:`attention_gradient` turns these gradients into gradients with respect to attention.
 
     Returns:
         The list the zero tensors are appended to (one per captured layer, in order) and the
-        transform to pass to :func:`~captum_effattn.models.capture_attention`.
+        hook to pass as ``on_output`` to :func:`~captum_effattn.models.capture_attention`.
 
     Raises:
         RuntimeError: under ``torch.inference_mode()``, which forbids the backward pass.
@@ -190,11 +193,26 @@ def attention_offsets() -> tuple[list[torch.Tensor], Callable[[CapturedHeads], t
         )
     offsets: list[torch.Tensor] = []
 
-    def differentiable(captured: CapturedHeads) -> torch.Tensor:
-        offsets.append(torch.zeros_like(captured.attn, requires_grad=True))
-        return captured.attn + offsets[-1]
+    def add_offset(captured: CapturedHeads, outputs: torch.Tensor) -> torch.Tensor:
+        offsets.append(torch.zeros_like(outputs, requires_grad=True))
+        return outputs + offsets[-1]
 
-    return offsets, differentiable
+    return offsets, add_offset
+
+
+def attention_gradient(captured: CapturedHeads, output_gradient: torch.Tensor) -> torch.Tensor:
+    """``(B, H_sel, S_q, S_k)`` gradient with respect to the selected heads' attention.
+
+    The head output is ``o_i = sum_j A_ij v_j``, so ``d y / d A_ij = (d y / d o_i) . v_j``
+    for every entry, masked or not (masked entries multiply rows that are zero there).
+
+    Args:
+        captured: the layer's selected heads (their values, one per selected head).
+        output_gradient: ``(B, H, S_q, d)`` gradient with respect to every head's output.
+    """
+    heads = torch.tensor(captured.heads, device=output_gradient.device)
+    selected = output_gradient.index_select(1, heads)
+    return selected @ captured.values.to(selected.dtype).mT
 
 
 def value_norms(values: torch.Tensor, output_slices: torch.Tensor) -> torch.Tensor:

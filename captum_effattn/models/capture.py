@@ -254,6 +254,11 @@ AttentionTransform = Callable[[CapturedHeads], torch.Tensor]
 """``transform(captured) -> (B, H_sel, S_q, S_k)``: replacement probabilities for the selected
 heads of ``captured.layer``; the layer's output is computed with them."""
 
+HeadOutputHook = Callable[[CapturedHeads, torch.Tensor], torch.Tensor]
+"""``on_output(captured, outputs) -> outputs``: sees ``(B, H, S_q, d)`` head outputs of every head
+of ``captured.layer`` (before the heads are merged) and returns what the layer goes on with, of the
+same shape (for example ``outputs + offset``, whose gradient is that of the head outputs)."""
+
 
 class AttentionRecord:
     """The layers a :func:`capture_attention` block captured, grouped by forward pass.
@@ -344,7 +349,9 @@ class _LayerTap:
         module: nn.Module,
         materialize: bool,
         key_masks: _KeyMaskMemo,
+        on_output: HeadOutputHook | None = None,
     ) -> None:
+        self.on_output = on_output
         self.layer = layer
         self.key_masks = key_masks
         self.module = module
@@ -442,11 +449,27 @@ class _LayerTap:
         )
         self.record.add(captured if self.keep_graph else captured.detach())
         if self.transform is not None:
-            heads = torch.tensor(self.heads, device=query.device)
-            replaced = self._replacement(self.transform, captured)
-            probs = probs.index_copy(1, heads, replaced.to(probs.dtype))
-        output = _grouped_product(probs, value)
+            replaced = self._replacement(self.transform, captured).to(probs.dtype)
+            if self.heads == tuple(range(probs.shape[1])):
+                probs = replaced  # every head replaced: no copy into the computed ones
+            else:
+                heads = torch.tensor(self.heads, device=query.device)
+                probs = probs.index_copy(1, heads, replaced)
+        output = self._head_outputs(captured, _grouped_product(probs, value))
         return output.transpose(1, 2).contiguous(), probs
+
+    def _head_outputs(self, captured: CapturedHeads, outputs: torch.Tensor) -> torch.Tensor:
+        """``(B, H, S_q, d)`` head outputs through ``on_output``, when there is one."""
+        if self.on_output is None:
+            return outputs
+        changed = self.on_output(captured, outputs)
+        if not isinstance(changed, torch.Tensor) or changed.shape != outputs.shape:
+            got = tuple(changed.shape) if isinstance(changed, torch.Tensor) else type(changed)
+            raise ValueError(
+                f"on_output must return head outputs of shape {tuple(outputs.shape)} for layer "
+                f"{self.layer}; got {got}"
+            )
+        return changed
 
     def _record_lazily(
         self,
@@ -477,9 +500,14 @@ class _LayerTap:
             # a mask takes its fast kernels (as transformers' own ``sdpa`` mask would allow).
             attention_mask = None
             extra = {**extra, "is_causal": self.causal}
-        return sdpa_attention_forward(
+        output, weights = sdpa_attention_forward(
             self.module, query, key, value, attention_mask, scaling=layer.scaling, **extra
         )
+        if self.on_output is None:
+            return output, weights
+        # transformers' sdpa returns (B, S_q, H, d): the hook sees (B, H, S_q, d).
+        changed = self._head_outputs(captured, output.transpose(1, 2))
+        return changed.transpose(1, 2).contiguous(), weights
 
     def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
         replaced = transform(captured)
@@ -622,6 +650,7 @@ def capture_attention(
     keep_graph: bool = False,
     materialize: bool = True,
     on_layer: Callable[[CapturedHeads], None] | None = None,
+    on_output: HeadOutputHook | None = None,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -653,6 +682,11 @@ def capture_attention(
         on_layer: called with each selected layer's :class:`CapturedHeads` as soon as it is
             recorded, while the forward pass goes on to the next layers (work on early layers
             can overlap the rest of the forward). What it raises propagates out of the forward.
+        on_output: ``on_output(captured, outputs) -> outputs`` (:data:`HeadOutputHook`): sees
+            each selected layer's ``(B, H, S_q, d)`` head outputs (every head) and returns what
+            the layer goes on with; works with ``materialize=False``. Adding a zero tensor that
+            requires grad gives the gradient with respect to the head outputs, from which the
+            gradient with respect to the attention follows (``d y / d A_ij = g_i . v_j``).
 
     Yields:
         An :class:`AttentionRecord`, filled while the body runs the model (once or several
@@ -705,6 +739,7 @@ def capture_attention(
             module=architecture.attention_modules[layer],
             materialize=materialize,
             key_masks=key_masks,
+            on_output=on_output,
         )
         for layer, heads in selection.items()
     }

@@ -456,3 +456,60 @@ def test_a_cached_decoding_step_is_captured(name):
         assert captured.attn.shape == (2, NUM_HEADS, 1, 16)
         assert torch.equal(captured.key_mask, mask.bool())
         torch.testing.assert_close(captured.attn, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize(("name", "padding"), [("bert", "right"), ("llama", "left")])
+def test_an_identity_output_hook_leaves_the_output_unchanged(name, padding, materialize):
+    model = tiny_model(name)
+    inputs = tiny_inputs(name, padding=padding)
+    seen = []
+
+    def hook(captured, outputs):
+        seen.append((captured.layer, tuple(outputs.shape)))
+        return outputs
+
+    with torch.no_grad():
+        plain = output_of(model, inputs)
+        with capture_attention(model, materialize=materialize, on_output=hook):
+            hooked = output_of(model, inputs)
+    change = relative_change(real_positions(inputs, hooked), real_positions(inputs, plain))
+    assert change <= 2e-6
+    batch, length = inputs["input_ids"].shape
+    head_dim = model.config.hidden_size // NUM_HEADS
+    assert seen == [(layer, (batch, NUM_HEADS, length, head_dim)) for layer in range(NUM_LAYERS)]
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_head_output_gradients_give_the_attention_gradient(name):
+    """d y / d A from offsets on the head outputs (fast attention kept) equals the gradient
+    through offsets added to the materialized probabilities themselves."""
+    from captum_effattn.attr._weightings import attention_gradient, output_offsets
+
+    model = tiny_model(name)
+    inputs = tiny_inputs(name, padding="right")
+    selection = select_heads(model, layers=[0, 1], heads=[1, 3])
+    attention_offsets = []
+
+    def add_to_attention(captured):
+        attention_offsets.append(torch.zeros_like(captured.attn, requires_grad=True))
+        return captured.attn + attention_offsets[-1]
+
+    with capture_attention(model, selection, add_to_attention):
+        expected = torch.autograd.grad(output_of(model, inputs)[:, 0].sum(), attention_offsets)
+    offsets, add_offset = output_offsets()
+    with capture_attention(model, selection, materialize=False, on_output=add_offset) as record:
+        outputs = torch.autograd.grad(output_of(model, inputs)[:, 0].sum(), offsets)
+    for captured, output, reference in zip(record.layers, outputs, expected, strict=True):
+        got = attention_gradient(captured, output)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_an_output_hook_of_the_wrong_shape_names_the_layer():
+    model = tiny_model("bert")
+    with (
+        pytest.raises(ValueError, match=r"on_output must return .* for layer 0; got \(2, 4, 16\)"),
+        torch.no_grad(),
+        capture_attention(model, materialize=False, on_output=lambda c, o: o[..., 0]),
+    ):
+        model(**tiny_inputs("bert"))

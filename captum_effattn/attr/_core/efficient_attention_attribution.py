@@ -39,8 +39,9 @@ from captum_effattn.attr._views import (
 )
 from captum_effattn.attr._weightings import (
     Weighting,
-    attention_offsets,
+    attention_gradient,
     get_weighting,
+    output_offsets,
     weight_matrices,
 )
 from captum_effattn.models import (
@@ -405,15 +406,19 @@ class EfficientAttentionAttribution(Attribution):
     ) -> tuple[tuple[CapturedHeads, ...], Sequence[Tensor | None]]:
         """One forward with gradients and one backward pass from the target logit.
 
-        The attention is made differentiable by
-        :func:`~captum_effattn.attr._weightings.attention_offsets`.
+        The head outputs are made differentiable by
+        :func:`~captum_effattn.attr._weightings.output_offsets` (the layers keep their fast
+        attention); :func:`~captum_effattn.attr._weightings.attention_gradient` turns their
+        gradients into gradients with respect to the attention.
 
         Returns:
             The captured layers (detached) and, per layer, ``(B, H_sel, S, S)`` gradients.
         """
-        offsets, differentiable = attention_offsets()
+        offsets, add_offset = output_offsets()
         with (
-            capture_attention(self.model, call.selection, differentiable) as record,
+            capture_attention(
+                self.model, call.selection, materialize=False, on_output=add_offset
+            ) as record,
             torch.enable_grad(),
         ):
             output = as_output_tensor(self._forward(call))
@@ -433,8 +438,8 @@ class EfficientAttentionAttribution(Attribution):
                 "forward pass, with gradients enabled"
             )
         return record.layers, [
-            torch.zeros_like(o) if g is None else g.detach()
-            for o, g in zip(offsets, gradients, strict=True)
+            attention_gradient(c, torch.zeros_like(o) if g is None else g.detach())
+            for c, o, g in zip(record.layers, offsets, gradients, strict=True)
         ]
 
     def _forward(self, call: _Call) -> Any:

@@ -30,9 +30,10 @@ from captum_effattn.attr._views import (
 from captum_effattn.attr._weightings import (
     WeightFactors,
     Weighting,
-    attention_offsets,
+    attention_gradient,
     factors_of_rows,
     get_weighting,
+    output_offsets,
     weight_matrices,
 )
 from captum_effattn.models import CapturedHeads, capture_attention, describe_model, select_heads
@@ -348,14 +349,20 @@ class LLMEfficientAttentionAttribution(Attribution):
         ``(H_sel, N, N)``-per-layer gradients of the logit of target token ``t`` at the row that
         predicts it, with respect to the attention."""
         ids = torch.cat([prompt_ids, target_ids])[None]
-        offsets, differentiable = attention_offsets()
+        offsets, add_offset = output_offsets()
         with (
-            capture_attention(self.model, selection, differentiable) as record,
+            capture_attention(
+                self.model, selection, materialize=False, on_output=add_offset
+            ) as record,
             torch.enable_grad(),
         ):
             logits = self._logits(ids)
             explained = logits[0, positions, target_ids]  # (T,)
-            gradients = [_gradients(explained[t], offsets) for t in range(len(target_ids))]
+            output_gradients = [_gradients(explained[t], offsets) for t in range(len(target_ids))]
+        gradients = [
+            [attention_gradient(c, g) for c, g in zip(record.layers, per_layer, strict=True)]
+            for per_layer in output_gradients
+        ]
         return record.layers, _target_probs(logits.detach(), len(prompt_ids), target_ids), gradients
 
     def _logits(self, ids: Tensor) -> Tensor:

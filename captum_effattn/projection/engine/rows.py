@@ -112,7 +112,7 @@ def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """
     seen = visible.any(-1, keepdim=True)
     probabilities = scores.masked_fill(~visible & seen, -torch.inf).softmax(-1)
-    return probabilities * seen
+    return probabilities if bool(seen.all()) else probabilities * seen
 
 
 def attention_rows_torch(
@@ -143,21 +143,43 @@ def attention_rows_torch(
     positions = rows.long().reshape(-1 if rows.dim() == 2 else 1, rows.shape[-1])
     count = positions.shape[-1]
     keys = key.to(work)[:, :, None]  # (B, H_kv, 1, n, d_k): shared by the group's query heads
-    out = torch.empty(batch, heads, count, k_len, dtype=work, device=query.device)
-    grouped = out.view(batch, kv_heads, group, count, k_len)
-    step = _chunk_rows(batch, heads, k_len, out.element_size())
-    for start in range(0, count, step):
+    step = _chunk_rows(batch, heads, k_len, torch.finfo(work).bits // 8)
+    every_row = _is_every_row(positions, q_len)
+
+    def chunk_rows(start: int) -> torch.Tensor:
         chunk = positions[:, start : start + step]
         width = chunk.shape[-1]
-        q = _gather_rows(query, chunk).to(work).view(batch, kv_heads, group, width, d_k)
-        scores = (q @ keys.mT) * scale
+        # Every row in order: a chunk is a slice (a view), not a gathered copy.
+        q = query[:, :, start : start + width] if every_row else _gather_rows(query, chunk)
+        # Scaled before the product: (width, d_k) multiplications instead of (width, n).
+        q = (q.to(work) * scale).view(batch, kv_heads, group, width, d_k)
+        scores = q @ keys.mT
         if masking.additive is not None:
             added = _gather_rows(masking.additive, chunk).to(work)
             per_head = (kv_heads, group) if added.shape[1] == heads else (1, 1)
             scores = scores + added.view(added.shape[0], *per_head, width, k_len)
         visible = visible_keys(masking, chunk, q_len, k_len)[:, None, None]
-        grouped[..., start : start + step, :] = _softmax_rows(scores, visible)
+        return _softmax_rows(scores, visible)
+
+    if count <= step:  # one chunk: no output buffer to copy into (nor to differentiate through)
+        return chunk_rows(0).view(batch, heads, count, k_len)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        # Concatenated, not written into a buffer: the backward pass then slices the gradient
+        # instead of copying the whole buffer once per chunk.
+        chunks = [chunk_rows(start) for start in range(0, count, step)]
+        return torch.cat(chunks, dim=-2).view(batch, heads, count, k_len)
+    out = torch.empty(batch, heads, count, k_len, dtype=work, device=query.device)
+    grouped = out.view(batch, kv_heads, group, count, k_len)
+    for start in range(0, count, step):
+        grouped[..., start : start + step, :] = chunk_rows(start)
     return out
+
+
+def _is_every_row(positions: torch.Tensor, q_len: int) -> bool:
+    """Whether ``positions`` ``(1, c)`` is ``0, 1, ..., q_len - 1`` (every query row in order)."""
+    if positions.shape != (1, q_len):
+        return False
+    return bool((positions[0] == torch.arange(q_len, device=positions.device)).all())
 
 
 def attention_rows_of(
