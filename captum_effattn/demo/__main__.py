@@ -1,7 +1,8 @@
 """``python -m captum_effattn.demo``: the README's main job.
 
 Builds (or loads the cached) fine-tuned MiniLM sentiment classifier, then explains held-out Rotten
-Tomatoes sentences and a long IMDB review with raw, effective and efficient attention next to
+Tomatoes sentences and a long IMDB review with gradient-weighted efficient attention (the
+faithfulness report's best mode), raw, effective, efficient and minimal attention, next to
 IntegratedGradients and Saliency: a table in the terminal and an HTML page of token heatmaps.
 """
 

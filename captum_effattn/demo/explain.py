@@ -18,16 +18,23 @@ from captum_effattn.metrics._checks import check_max_length, check_positive_int,
 GRADIENT_METHODS = ("IntegratedGradients", "Saliency")
 """The Captum methods shown next to the attention views."""
 
+LEAD_VIEW, LEAD_WEIGHTING = "efficient", "gradient"
+"""The mode shown first: the best efficient-based mode of the faithfulness report
+(``docs/faithfulness.md``, chosen on validation texts), efficient rows weighted by the positive
+part of the predicted class's gradient."""
+LEAD_METHOD = f"{LEAD_VIEW}+{LEAD_WEIGHTING} attention"
+
 
 def method_names(views: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The demo's methods: one per attention view (default: every registered view, in
-    :data:`~captum_effattn.attr.VIEWS` order), then :data:`GRADIENT_METHODS`.
+    """The demo's methods: :data:`LEAD_METHOD` first, one per attention view (default: every
+    registered view, in :data:`~captum_effattn.attr.VIEWS` order), then
+    :data:`GRADIENT_METHODS`.
 
     Raises:
         ValueError: an unknown view (the message lists the registered ones).
     """
     chosen = tuple(VIEWS) if views is None else tuple(views)
-    return (*(get_view(view).method_name for view in chosen), *GRADIENT_METHODS)
+    return (LEAD_METHOD, *(get_view(view).method_name for view in chosen), *GRADIENT_METHODS)
 
 
 @dataclass
@@ -36,6 +43,9 @@ class Explanation:
 
     Attributes:
         tokens: the word pieces the model saw ([CLS] ... [SEP]).
+        special: which of them are the tokenizer's special tokens (kept out of the colour
+            scale and the top-token tables: attention parks mass there, and they are never
+            removed in the faithfulness metrics).
         label: the true label's name; ``prediction``/``probability``: the model's answer.
         scores: method name -> ``(S,)`` token scores (float64).
         seconds: method name -> wall time of its ``attribute`` call.
@@ -53,6 +63,7 @@ class Explanation:
     prediction: str
     probability: float
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    special: list[bool] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     logit_change: float = 0.0
     head_output_error: float = 0.0
@@ -110,6 +121,13 @@ class Explainer:
         ig, saliency = IntegratedGradients(forward), Saliency(forward)
         chosen = tuple(VIEWS) if views is None else tuple(views)
         self.methods: dict[str, Callable] = {
+            LEAD_METHOD: lambda e, m, t: attention.attribute(
+                e,
+                target=t,
+                additional_forward_args=(m,),
+                view=LEAD_VIEW,
+                weighting=LEAD_WEIGHTING,
+            ),
             **{
                 get_view(view).method_name: (
                     lambda e, m, t, view=view: attention.attribute(
@@ -155,6 +173,7 @@ class Explainer:
             label=self.labels[label],
             prediction=self.labels[predicted],
             probability=float(probabilities[predicted]),
+            special=[i in self.tokenizer.all_special_ids for i in ids[0].tolist()],
         )
         for name, method in self.methods.items():
             start = time.perf_counter()

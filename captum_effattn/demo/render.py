@@ -8,19 +8,27 @@ from collections.abc import Sequence
 import torch
 
 from captum_effattn.attr import VIEWS
-from captum_effattn.demo.explain import Explanation
+from captum_effattn.demo.explain import LEAD_METHOD, Explanation
 
 SHORT_TEXT_TOKENS = 24
 TOP_TOKENS = 8
 
 
-def _normalized(scores: torch.Tensor, tokens: Sequence[str]) -> torch.Tensor:
+def special_mask(explanation: Explanation) -> torch.Tensor:
+    """``(S,)`` True at the tokenizer's special tokens ([CLS], [SEP]); from the token strings
+    when the explanation does not say."""
+    if explanation.special:
+        return torch.tensor(explanation.special, dtype=torch.bool)
+    return torch.tensor([t.startswith("[") and t.endswith("]") for t in explanation.tokens])
+
+
+def _normalized(scores: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """Scores divided by their largest magnitude over the text's own word pieces.
 
-    Attention piles onto [CLS] and [SEP]; scaling by them would flatten every real word. Those
-    tokens can therefore exceed 1 in magnitude.
+    Attention piles onto [CLS] and [SEP]; scaling by them would flatten every real word, so they
+    are left out of the scale (and drawn uncoloured).
     """
-    own = torch.tensor([not (t.startswith("[") and t.endswith("]")) for t in tokens])
+    own = ~special
     peak = scores[own].abs().max() if own.any() else scores.abs().max()
     return scores / peak if peak > 0 else scores
 
@@ -69,25 +77,34 @@ def _header(explanation: Explanation, number: int) -> list[str]:
 
 
 def _token_table(explanation: Explanation) -> list[str]:
+    """The text's own word pieces (special tokens left out) and every method's scaled score."""
     methods = tuple(explanation.scores)
     columns = ["token", *methods]
-    scaled = {m: _normalized(explanation.scores[m], explanation.tokens) for m in methods}
+    special = special_mask(explanation)
+    scaled = {m: _normalized(explanation.scores[m], special) for m in methods}
     rows = [
         [token, *(f"{float(scaled[m][i]):+.2f}" for m in methods)]
         for i, token in enumerate(explanation.tokens)
+        if not special[i]
     ]
     return _format(columns, rows)
+
+
+def top_tokens(explanation: Explanation, method: str, count: int = TOP_TOKENS) -> list[str]:
+    """``method``'s ``count`` highest-|score| word pieces of the text itself (special tokens
+    never compete: attention parks mass on them whatever the input says)."""
+    scores = explanation.scores[method].abs().masked_fill(special_mask(explanation), -1.0)
+    order = torch.argsort(scores, descending=True, stable=True)
+    own = [i for i in order.tolist() if scores[i] >= 0][:count]
+    return [explanation.tokens[i] for i in own]
 
 
 def _top_table(explanation: Explanation) -> list[str]:
     methods = tuple(explanation.scores)
     columns = ["rank", *methods]
-    tops = {
-        m: torch.argsort(explanation.scores[m].abs(), descending=True)[:TOP_TOKENS].tolist()
-        for m in methods
-    }
+    tops = {m: top_tokens(explanation, m) for m in methods}
     rows = [
-        [str(rank + 1), *(explanation.tokens[tops[m][rank]] for m in methods)]
+        [str(rank + 1), *(tops[m][rank] if rank < len(tops[m]) else "" for m in methods)]
         for rank in range(TOP_TOKENS)
     ]
     return _format(columns, rows)
@@ -109,10 +126,13 @@ def terminal_report(explanations: Sequence[Explanation]) -> str:
     for number, explanation in enumerate(explanations, 1):
         lines += _header(explanation, number)
         if len(explanation.tokens) <= SHORT_TEXT_TOKENS:
-            lines += ["    token scores, each method scaled to its largest word-piece magnitude:"]
+            lines += [
+                "    token scores, each method scaled to its largest word-piece magnitude "
+                "([CLS]/[SEP] not shown):"
+            ]
             lines += _token_table(explanation)
         else:
-            lines += [f"    top {TOP_TOKENS} word pieces by |score|:"]
+            lines += [f"    top {TOP_TOKENS} word pieces by |score| ([CLS]/[SEP] not ranked):"]
             lines += _top_table(explanation)
         lines.append("")
     methods = explanations[0].scores if explanations else {}
@@ -123,7 +143,12 @@ def terminal_report(explanations: Sequence[Explanation]) -> str:
     return "\n".join(lines)
 
 
-def _cell(token: str, value: float) -> str:
+def _cell(token: str, value: float, special: bool = False) -> str:
+    if special:  # outside the colour scale: grey, its value in the tooltip
+        return (
+            f'<span style="background:#e0e0e0;color:#666" title="{value:+.3f} (special token, '
+            f'not on the colour scale)">{html.escape(token)}</span>'
+        )
     value = max(-1.0, min(1.0, value))
     colour = f"rgba(0, 128, 0, {value:.3f})" if value >= 0 else f"rgba(200, 0, 0, {-value:.3f})"
     return f'<span style="background:{colour}" title="{value:+.3f}">{html.escape(token)}</span>'
@@ -138,6 +163,12 @@ SIGNED_METHODS = {
 
 def _sign_meaning(method: str) -> str:
     """What green and red mean for ``method``: from the view registry for attention views."""
+    if method == LEAD_METHOD:
+        return (
+            "class-specific: each token's efficient attention times the positive part of the "
+            "predicted class's gradient with respect to it, averaged over heads and layers; "
+            "never negative"
+        )
     views = {view.method_name: view for view in VIEWS.values()}
     if method in views:
         if views[method].distribution:
@@ -163,8 +194,10 @@ def legend(explanations: Sequence[Explanation]) -> str:
         )
     return (
         "<p>Green: a positive score, red: a negative one, each method scaled to its largest "
-        "magnitude over the text's own word pieces ([CLS] and [SEP] saturate); hover a token for "
-        "its value.</p><ul>" + "".join(items) + "</ul>"
+        "magnitude over the text's own word pieces; [CLS] and [SEP] are grey, off the scale "
+        "(attention parks mass there); hover a token for its value.</p><ul>"
+        + "".join(items)
+        + "</ul>"
     )
 
 
@@ -176,6 +209,8 @@ def html_report(explanations: Sequence[Explanation]) -> str:
         "span{padding:1px 2px;margin:1px;border-radius:3px;display:inline-block}"
         "td{vertical-align:top;padding:4px}th{text-align:left}</style>",
         "<h1>Efficient attention next to IntegratedGradients and Saliency</h1>",
+        f"<p>First row: <b>{html.escape(LEAD_METHOD)}</b>, the best efficient-based mode of the "
+        "faithfulness report (docs/faithfulness.md).</p>",
         legend(explanations),
     ]
     for number, explanation in enumerate(explanations, 1):
@@ -188,10 +223,12 @@ def html_report(explanations: Sequence[Explanation]) -> str:
             + "<br>".join(html.escape(x) for x in _header(explanation, number)[2:])
             + "</p><table>"
         )
+        special = special_mask(explanation)
         for method in explanation.scores:
-            scores = _normalized(explanation.scores[method], explanation.tokens)
+            scores = _normalized(explanation.scores[method], special)
             cells = "".join(
-                _cell(t, float(v)) for t, v in zip(explanation.tokens, scores, strict=True)
+                _cell(t, float(v), bool(s))
+                for t, v, s in zip(explanation.tokens, scores, special, strict=True)
             )
             parts.append(f"<tr><th>{method}</th><td>{cells}</td></tr>")
         parts.append("</table>")

@@ -27,7 +27,7 @@ def explanation(negative_effective: bool) -> Explanation:
 
 
 def legend_line(page: str, method: str) -> str:
-    return re.search(rf"<li><b>{method}</b>: (.*?)</li>", page)[1]
+    return re.search(rf"<li><b>{re.escape(method)}</b>: (.*?)</li>", page)[1]
 
 
 def test_the_effective_view_is_said_to_take_negative_values():
@@ -100,3 +100,40 @@ def test_the_header_calls_rows_distributions_only_when_they_are():
     assert not effective_rows_are_distributions(explanation((0.98, 1.0), 0.0))
     # ... and are distributions when every entry is >= 0 and every sum is 1.
     assert effective_rows_are_distributions(explanation((1.0 - 1e-9, 1.0 + 1e-9), 0.0))
+
+
+def test_special_tokens_stay_out_of_the_tables_and_the_colour_scale():
+    """[CLS]/[SEP] hold most attention: they must not head the top-token table nor set (or hit)
+    the colour scale; the text's own word pieces are scaled to their own largest score."""
+    from captum_effattn.demo.render import _token_table, top_tokens
+
+    tokens = ["[CLS]", "a", "fine", "film", "[SEP]"]
+    scores = {
+        name: torch.tensor([5.0, 0.1, 0.4, 0.2, 3.0], dtype=torch.float64)
+        for name in method_names()
+    }
+    special = [True, False, False, False, True]
+    example = Explanation("a fine film", tokens, "positive", "positive", 0.9, scores, special)
+    for method in method_names():
+        assert top_tokens(example, method) == ["fine", "film", "a"]
+    table = "\n".join(_token_table(example))
+    assert "[CLS]" not in table
+    assert "[SEP]" not in table
+    assert "+1.00" in table  # "fine" is the scale's peak, not [CLS]
+    page = html_report([example])
+    cls_cell = re.search(r'<span style="([^"]*)" title="([^"]*)">\[CLS\]</span>', page)
+    assert "rgba" not in cls_cell[1]  # grey, not saturated green
+    assert "special token" in cls_cell[2]
+    fine = re.findall(
+        r'<span style="background:rgba\(0, 128, 0, ([0-9.]+)\)"[^>]*>fine</span>', page
+    )
+    assert fine
+    assert all(float(alpha) == 1.0 for alpha in fine)
+
+
+def test_the_lead_method_comes_first_and_says_it_is_class_specific():
+    from captum_effattn.demo.explain import LEAD_METHOD
+
+    assert method_names()[0] == LEAD_METHOD
+    page = html_report([explanation(negative_effective=False)])
+    assert "class-specific" in legend_line(page, LEAD_METHOD)

@@ -33,8 +33,14 @@ def test_every_tutorial_is_tested():
     assert {p.name for p in TUTORIALS.glob("*.py")} <= tested
 
 
-def test_why_efficient_attention(capsys, monkeypatch):
+def test_why_efficient_attention(sentiment_classifier, capsys, monkeypatch):
     out = run("01_why_efficient_attention.py", capsys, monkeypatch)
+    # It leads with the recommended mode: class-specific, non-negative, word pieces first.
+    top = re.search(r"top word pieces: (.+)", out)[1]
+    assert "[CLS]" not in top
+    assert "[SEP]" not in top
+    assert len(top.split(", ")) == 3
+    assert float(re.search(r"smallest score (\S+) \(never negative\)", out)[1]) >= 0
     effective = re.search(r"effective: head-output change (\S+); sums (\S+)\.\.(\S+);", out)
     efficient = re.search(r"efficient: head-output change (\S+); sums (\S+)\.\.(\S+);", out)
     assert float(effective[1]) <= 1e-9
