@@ -1,12 +1,16 @@
-"""Extra peak memory of ``attribute`` on a long decoder input: it must grow linearly in n.
+"""Extra peak memory and time of ``attribute`` on a long decoder input: both must grow linearly.
 
 For each sequence length ``n`` a fresh process builds a tiny decoder (GPT-2 or Llama, 2 layers,
 positions raised to cover ``n``), warms up on 64 tokens, then runs ``attribute`` once (default
 query: the last token's row, all layers and heads) on ``n`` random tokens without padding. The
 extra peak is the growth of the process's peak resident memory (``ru_maxrss``) over that call;
 a quadratic term (an ``n x n`` mask or score matrix) shows as a 4x jump per doubling of ``n``.
+Time: the same call, and a plain forward pass on the same tokens, interleaved over ``--rounds``
+rounds (medians). The forward's own attention is quadratic in time (every query reads every
+earlier key); what ``attribute`` adds on top (capture, one row per head, its projection) should be
+linear: ``(attribute - forward) / n`` stays flat as ``n`` doubles.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_memory.py [--model gpt2] [--lengths 2048 8192 16384]``
+Run: ``PYTHONPATH=. python benchmarks/bench_memory.py [--model gpt2] [--lengths 8192 65536]``
 """
 
 from __future__ import annotations
@@ -45,8 +49,13 @@ def tiny_long_decoder(name: str, positions: int):
     return model.eval()
 
 
-def extra_peak_mib(name: str, length: int) -> float:
-    """Growth of this process's peak RSS over one ``attribute`` call at ``length`` tokens."""
+def measure(name: str, length: int, rounds: int = 0) -> dict[str, float]:
+    """Growth of this process's peak RSS (MiB) over one ``attribute`` call at ``length`` tokens
+    (``extra_mib``); with ``rounds``, also the median seconds of ``attribute`` and of a plain
+    forward, interleaved (``attribute_s``, ``forward_s``)."""
+    import statistics
+    import time
+
     import torch
 
     from captum_effattn import EfficientAttentionAttribution
@@ -66,32 +75,60 @@ def extra_peak_mib(name: str, length: int) -> float:
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert scores.shape == (1, length)
     assert bool(torch.isfinite(scores).all())
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    result = {"extra_mib": (after - before) / 1024}  # ru_maxrss is in KiB on Linux
+    times: dict[str, list[float]] = {"attribute_s": [], "forward_s": []}
+    for round_index in range(rounds):
+        calls = [("attribute_s", lambda: explainer.attribute(ids)), ("forward_s", None)]
+        for key, call in calls if round_index % 2 == 0 else calls[::-1]:
+            start = time.perf_counter()
+            if call is None:
+                with torch.no_grad():
+                    forward(ids)
+            else:
+                call()
+            times[key].append(time.perf_counter() - start)
+    result.update({key: statistics.median(v) for key, v in times.items() if v})
+    return result
 
 
-def measure_in_subprocess(name: str, length: int) -> float:
-    """:func:`extra_peak_mib` in a fresh interpreter (peak RSS never goes down)."""
+def measure_in_subprocess(name: str, length: int, rounds: int = 0) -> dict[str, float]:
+    """:func:`measure` in a fresh interpreter (peak RSS never goes down)."""
     code = (
-        "import json, sys; from benchmarks.bench_memory import extra_peak_mib; "
-        f"print(json.dumps(extra_peak_mib({name!r}, {length})))"
+        "import json, sys; from benchmarks.bench_memory import measure; "
+        f"print(json.dumps(measure({name!r}, {length}, {rounds})))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True
     )
-    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["gpt2", "llama"], nargs="+", default=["gpt2", "llama"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (0: memory only)")
     args = parser.parse_args()
+    import torch
+
+    from benchmarks.timing import machine_line
+
+    torch.set_num_threads(1)  # as in each measuring process
+    print(f"one thread per measuring process; {machine_line()}")
     for name in args.model:
         for length in args.lengths:
-            extra = measure_in_subprocess(name, length)
-            print(f"{name:<6} n={length:>6}  extra peak {extra:8.1f} MiB")
+            got = measure_in_subprocess(name, length, args.rounds)
+            line = f"{name:<6} n={length:>6}  extra peak {got['extra_mib']:8.1f} MiB"
+            if "attribute_s" in got:
+                added = got["attribute_s"] - got["forward_s"]
+                line += (
+                    f"  forward {got['forward_s']:8.3f} s  attribute {got['attribute_s']:8.3f} s"
+                    f"  ratio {got['attribute_s'] / got['forward_s']:5.2f}"
+                    f"  added {added:7.3f} s = {added / length * 1e6:6.2f} us/token"
+                )
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
