@@ -9,6 +9,7 @@ Methods (all layers and heads of MiniLM):
 
 - ``forward``: one plain forward pass under ``torch.no_grad()`` (the unit);
 - ``efficient`` / ``effective`` / ``raw``: ``attribute(view=...)``, default query ([CLS] rows);
+- ``efficient+gradient``: ``attribute(weighting="gradient")``, class-specific (one backward pass);
 - ``efficient, query="all"``: every real row (at ``--all-rows-sizes`` only; it is the slow one);
 - Captum's Saliency and IntegratedGradients (``n_steps=50``, at ``--ig-sizes`` and batch 1 only:
   at 50-100 forward passes a round it dominates the run).
@@ -94,6 +95,9 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
     methods: dict[str, Callable[[], object]] = {"forward": plain}
     for view in ("efficient", "effective", "raw"):
         methods[view] = lambda view=view: attention.attribute(embeddings, view=view, **kwargs)
+    methods["efficient+gradient"] = lambda: attention.attribute(
+        embeddings, weighting="gradient", **kwargs
+    )
     if n in args.all_rows_sizes and batch == 1:
         methods['efficient, query="all"'] = lambda: attention.attribute(
             embeddings, query="all", **kwargs
