@@ -465,6 +465,7 @@ class DatasetResult:
     cost: dict[str, RatioSummary] = field(default_factory=dict)  # interleaved with a forward
     planted: dict[str, np.ndarray] = field(default_factory=dict)
     skipped_planted: int = 0
+    wall_s: float = float("nan")  # wall time of everything measured on this dataset
 
     def values(self, metric: str) -> dict[str, np.ndarray]:
         found = per_example(self.comparison, metric)
@@ -556,6 +557,7 @@ def run_dataset(
     """Every method's ERASER AOPCs on the test texts; curves, deletion and robustness for the
     leading methods; planted-token ranks when the dataset has them. Each method runs once: its
     scores are recorded and reused (:class:`Recorded`)."""
+    began = time.perf_counter()
     gate = TokenGate(dataset.classifier.model, dataset.classifier.tokenizer)
     measured = [mode for mode in modes if measured_on(mode, dataset.max_length)]
     specs = build_methods(gate, measured, settings.sizes.ig_steps)
@@ -616,6 +618,7 @@ def run_dataset(
         for name in specs:
             result.planted[name] = planted_ranks(inputs, recorded[name].stacked(width), planted_ids)
         result.skipped_planted = int(np.isnan(next(iter(result.planted.values()))).sum())
+    result.wall_s = time.perf_counter() - began
     return result
 
 
@@ -1386,6 +1389,24 @@ def goals_section(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+FULL_SIZES = {
+    "Rotten Tomatoes": PRESETS["full"].rotten_tomatoes,
+    "tweets": PRESETS["full"].tweets,
+    "planted": PRESETS["full"].planted,
+}
+
+
+def full_preset_hours(report: Report) -> float:
+    """The full preset's measuring time on this machine, scaled linearly from this run's wall
+    time per test text of each dataset (NaN when this run did not time its datasets)."""
+    seconds = 0.0
+    for result in report.results:
+        wall = getattr(result, "wall_s", float("nan"))
+        full = FULL_SIZES.get(result.dataset.name, PRESETS["full"].imdb)
+        seconds += wall / max(1, len(result.dataset.test)) * full
+    return seconds / 3600
+
+
 def next_section(report: Report) -> list[str]:
     lines = ["## What next", ""]
     if "WEIGHTINGS" not in vars(effattn_attr):
@@ -1396,13 +1417,31 @@ def next_section(report: Report) -> list[str]:
     if "minimal" not in VIEWS:
         lines.append("- Measure the `minimal` view once it is registered.")
     met, _ = goal_comprehensiveness(report, _imdb_name(report))
-    if not met:
+    best_weighting = next((m.weighting for m in report.modes if m.name == report.best), None)
+    if not met and best_weighting is None:
         lines.append(
             "- Attention rows are not class-specific; a gradient-weighted view (Chefer et al.) "
             "and excluding `[CLS]`/`[SEP]`/punctuation sinks from the ranking are the next "
             "levers; value norms (Kobayashi et al.) address heads that park mass on `[SEP]`."
         )
-    lines.append("- Run the full preset (300 / 150 / 300 / 300 test texts) for narrower intervals.")
+    elif not met:
+        lines.append(
+            f"- The best mode is already weighted ({best_weighting}); choosing layers on "
+            "validation texts, and the value vectors' own gradient (gradient x value), are the "
+            "next levers."
+        )
+    if any(view in VIEWS for view in ALL_ROWS_TOO_SLOW):
+        lines.append(
+            "- The minimal view's vertex search runs per row in Python; compiled, it could join "
+            "rollout and the substitution check."
+        )
+    hours = full_preset_hours(report)
+    estimate = f" (about {hours:.1f} hours on this machine, scaled from this run)"
+    lines.append(
+        "- Run the full preset (300 / 150 / 300 / 300 test texts) for narrower intervals"
+        + (estimate if hours == hours else "")
+        + "."
+    )
     return [*lines, ""]
 
 
