@@ -93,3 +93,49 @@ def test_planted_ranks_count_ties_against_the_method():
     ranks = report.planted_ranks(inputs, scores, [8, 9])
     assert ranks.tolist() == [1.0, 3.0]  # [CLS]/[SEP] never compete; a 3-way tie ranks last
     assert np.isnan(report.planted_ranks(inputs, scores, [42, 42])).all()
+
+
+def test_the_measured_modes_are_the_stated_subset():
+    names = {mode.name for mode in report.attention_modes()}
+    for view in report.VIEWS:
+        assert f"{view} (mean)" in names
+        assert f"{view}+gradient (mean)" in names
+    assert {"raw+norm (mean)", "efficient+norm (mean)"} <= names
+    assert "effective+norm (mean)" not in names
+    rollouts = {name for name in names if name.endswith("(rollout)")}
+    assert rollouts == {
+        "raw (rollout)",
+        "raw+gradient (rollout)",
+        "efficient (rollout)",
+        "efficient+gradient (rollout)",
+    }
+
+
+def test_solving_views_roll_out_only_on_short_inputs():
+    efficient_rollout = report.Mode("efficient", None, "rollout")
+    raw_rollout = report.Mode("raw", "gradient", "rollout")
+    limit = report.ALL_ROWS_MAX_TOKENS
+    assert report.measured_on(efficient_rollout, limit)
+    assert not report.measured_on(efficient_rollout, limit + 1)
+    assert report.measured_on(raw_rollout, 512)
+    assert report.measured_on(report.Mode("minimal", "gradient", "mean"), 512)
+
+
+def test_recorded_scores_are_replayed_in_order_without_running_again():
+    class Counting:
+        calls = 0
+
+        def attribute(self, inputs, **kwargs):
+            Counting.calls += 1
+            return inputs * kwargs["factor"]
+
+    recorded = report.Recorded(Counting())
+    first = recorded.attribute(torch.ones(2, 3), factor=2.0)
+    second = recorded.attribute(torch.ones(1, 2), factor=3.0)
+    replay = recorded.replaying()
+    assert torch.equal(replay.attribute(torch.zeros(2, 3), factor=9.0), first)
+    assert torch.equal(replay.attribute(torch.zeros(1, 2), factor=9.0), second)
+    assert Counting.calls == 2
+    stacked = recorded.stacked(4)
+    assert stacked.shape == (3, 4)
+    assert stacked[2].tolist() == [3.0, 3.0, 0.0, 0.0]
