@@ -12,7 +12,7 @@ from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import VIEWS, View, register_view
 from captum_effattn.attr._views import get_view
 from captum_effattn.demo.__main__ import build_parser
-from captum_effattn.demo.explain import GRADIENT_METHODS, method_names
+from captum_effattn.demo.explain import GRADIENT_METHODS, LEAD_METHOD, method_names
 from captum_effattn.metrics import TokenGate, compare_methods, gated_inputs, standard_methods
 from tests.attr.helpers import text_setup
 from tests.models.tiny import tiny_inputs, tiny_model
@@ -60,6 +60,7 @@ def test_a_registered_view_is_usable_everywhere(uniform_view):
     expected = mask / mask.sum(-1, keepdim=True)
     torch.testing.assert_close(scores, expected.to(scores.dtype))
     assert method_names() == (
+        LEAD_METHOD,
         "raw attention",
         "effective attention",
         "efficient attention",

@@ -33,4 +33,4 @@ def test_demo_explains_a_sentence_and_a_long_review(sentiment_classifier, tmp_pa
         assert page.count(f"<th>{method}</th>") == 2
     summary = next(line for line in out.splitlines() if line.startswith("mean seconds per example"))
     for method in method_names():
-        assert re.search(rf"{method} [0-9]+\.[0-9]+", summary)
+        assert re.search(rf"{re.escape(method)} [0-9]+\.[0-9]+", summary)
