@@ -151,9 +151,8 @@ def attention_rows_torch(
         width = chunk.shape[-1]
         # Every row in order: a chunk is a slice (a view), not a gathered copy.
         q = query[:, :, start : start + width] if every_row else _gather_rows(query, chunk)
-        # Scaled before the product: (width, d_k) multiplications instead of (width, n).
-        q = (q.to(work) * scale).view(batch, kv_heads, group, width, d_k)
-        scores = q @ keys.mT
+        q = q.to(work).view(batch, kv_heads, group, width, d_k)
+        scores = (q @ keys.mT) * scale
         if masking.additive is not None:
             added = _gather_rows(masking.additive, chunk).to(work)
             per_head = (kv_heads, group) if added.shape[1] == heads else (1, 1)
