@@ -125,6 +125,10 @@ def test_subprocess_run_shows_progress_and_ends_with_a_summary(tmp_path, other_m
     assert {row.predicted_label for row in rows[:-1]} <= {0, 1, 2}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_no_partial_file(tmp_path, tiny_model_dir):
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
     write_input(source, {"text": TEXTS * 2000})
@@ -147,6 +151,9 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path, tiny_model_dir):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # A child inherits an ignored SIGINT (and Python then never raises KeyboardInterrupt):
+        # start it as a terminal would, whatever an earlier test left in this process.
+        preexec_fn=_default_sigint,
     )
     try:
         for line in iter(process.stderr.readline, ""):  # wait until rows are being explained
