@@ -53,11 +53,9 @@ def measure(name: str, length: int, rounds: int = 0) -> dict[str, float]:
     """Growth of this process's peak RSS (MiB) over one ``attribute`` call at ``length`` tokens
     (``extra_mib``); with ``rounds``, also the median seconds of ``attribute`` and of a plain
     forward, interleaved (``attribute_s``, ``forward_s``)."""
-    import statistics
-    import time
-
     import torch
 
+    from benchmarks.timing import interleaved
     from captum_effattn import EfficientAttentionAttribution
 
     torch.set_num_threads(1)
@@ -76,18 +74,21 @@ def measure(name: str, length: int, rounds: int = 0) -> dict[str, float]:
     assert scores.shape == (1, length)
     assert bool(torch.isfinite(scores).all())
     result = {"extra_mib": (after - before) / 1024}  # ru_maxrss is in KiB on Linux
-    times: dict[str, list[float]] = {"attribute_s": [], "forward_s": []}
-    for round_index in range(rounds):
-        calls = [("attribute_s", lambda: explainer.attribute(ids)), ("forward_s", None)]
-        for key, call in calls if round_index % 2 == 0 else calls[::-1]:
-            start = time.perf_counter()
-            if call is None:
-                with torch.no_grad():
-                    forward(ids)
-            else:
-                call()
-            times[key].append(time.perf_counter() - start)
-    result.update({key: statistics.median(v) for key, v in times.items() if v})
+    if rounds:
+
+        def plain_forward() -> None:
+            with torch.no_grad():
+                forward(ids)
+
+        # Already warm (the memory call above): no warm-up round at 30 s a forward pass.
+        summaries = interleaved(
+            {"attribute": lambda: explainer.attribute(ids), "forward": plain_forward},
+            unit="forward",
+            rounds=rounds,
+            warmup=0,
+        )
+        result["attribute_s"] = summaries["attribute"].median_seconds
+        result["forward_s"] = summaries["forward"].median_seconds
     return result
 
 
