@@ -350,10 +350,6 @@ def forward_seconds(gate: TokenGate, inputs: GatedInputs, batch_size: int) -> fl
     return statistics.median(seconds) / len(inputs)
 
 
-def eraser_metrics() -> list[Any]:
-    return [Comprehensiveness(), Sufficiency(), DeletionAUC(), InsertionAUC()]
-
-
 def per_example(comparison: Comparison, metric: str) -> dict[str, np.ndarray]:
     """Method -> values of ``metric`` (its name, e.g. ``"comprehensiveness"``) by example."""
     values: dict[str, dict[int, float]] = {}
@@ -771,10 +767,20 @@ class Report:
     necessity: dict[str, RowStatistics]
     seconds: float = 0.0
     machine: str = ""
+    finished: str = ""  # when the measuring ended (UTC); a re-render keeps it
     figures: dict[str, str] = field(default_factory=dict)
 
     def result(self, name: str) -> DatasetResult | None:
         return next((r for r in self.results if r.dataset.name == name), None)
+
+    @property
+    def best_mode(self) -> Mode | None:
+        """The :class:`Mode` named :attr:`best` (``None`` if it is not an attention mode)."""
+        return next((m for m in self.modes if m.name == self.best), None)
+
+
+def _utc_now() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
 
 
 def header_section(report: Report) -> list[str]:
@@ -791,7 +797,7 @@ def header_section(report: Report) -> list[str]:
         "## How this page was made",
         "",
         f"- Command: `{report.command}`",
-        f"- Finished {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC after "
+        f"- Finished {report.finished or _utc_now()} UTC after "
         f"{report.seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU threads "
         f"({platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}).",
         f"- Sizes (preset `{preset}`): Rotten Tomatoes {sizes.rotten_tomatoes}, IMDB "
@@ -1399,7 +1405,7 @@ def verdict_section(report: Report) -> list[str]:
 def attribution_of_gain(report: Report) -> list[str]:
     """Where the best mode's gain over raw attention comes from: its view or its weighting
     (decided by the paired interval of the best mode against raw rows, same weighting)."""
-    best = next((m for m in report.modes if m.name == report.best), None)
+    best = report.best_mode
     result = report.result(_imdb_name(report))
     if best is None or result is None or best.view == "raw":
         return []
@@ -1469,9 +1475,8 @@ def full_preset_hours(report: Report) -> float:
     time per test text of each dataset (NaN when this run did not time its datasets)."""
     seconds = 0.0
     for result in report.results:
-        wall = getattr(result, "wall_s", float("nan"))
         full = FULL_SIZES.get(result.dataset.name, PRESETS["full"].imdb)
-        seconds += wall / max(1, len(result.dataset.test)) * full
+        seconds += result.wall_s / max(1, len(result.dataset.test)) * full
     return seconds / 3600
 
 
@@ -1485,7 +1490,7 @@ def next_section(report: Report) -> list[str]:
     if "minimal" not in VIEWS:
         lines.append("- Measure the `minimal` view once it is registered.")
     met, _ = goal_comprehensiveness(report, _imdb_name(report))
-    best_weighting = next((m.weighting for m in report.modes if m.name == report.best), None)
+    best_weighting = None if report.best_mode is None else report.best_mode.weighting
     if not met and best_weighting is None:
         lines.append(
             "- Attention rows are not class-specific; a gradient-weighted view (Chefer et al.) "
@@ -1745,6 +1750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report.seconds = time.perf_counter() - began
     report.machine = machine_line()
+    report.finished = _utc_now()
     if args.state:
         for dataset in report.datasets:
             dataset.classifier = None  # the models are not needed to render
