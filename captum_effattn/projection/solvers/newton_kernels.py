@@ -13,6 +13,8 @@ from numba import njit
 
 # Reassociation lets LLVM vectorize the dot products (sums in a different order, same accuracy).
 FAST_MATH = {"reassoc", "contract"}
+# Crossings the line search finds by scanning for the nearest breakpoint before it sorts the rest.
+SELECTED_CROSSINGS = 8
 # Bracket growths the line search tries (T = 4^k) before sweeping every breakpoint.
 MAX_BRACKETS = 32
 # ``u = B theta`` is carried along the steps (``u + t w``) and recomputed every this many steps,
@@ -51,16 +53,22 @@ def lower_solve(factor, rhs, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def cholesky_solve(matrix, rhs, factor, out):  # pragma: no cover - compiled
-    """Solve ``matrix @ out = rhs`` (SPD, lower Cholesky in ``factor``); False if not PD."""
-    if not cholesky_factor(matrix, factor):
-        return False
+def factored_solve(factor, rhs, out):  # pragma: no cover - compiled
+    """Solve ``L L^T out = rhs`` for the lower triangle ``L`` of ``factor``."""
     lower_solve(factor, rhs, out)  # L y = rhs
     for i in range(factor.shape[0] - 1, -1, -1):  # L^T out = y
         total = out[i]
         for k in range(i + 1, factor.shape[0]):
             total -= factor[k, i] * out[k]
         out[i] = total / factor[i, i]
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def cholesky_solve(matrix, rhs, factor, out):  # pragma: no cover - compiled
+    """Solve ``matrix @ out = rhs`` (SPD, lower Cholesky in ``factor``); False if not PD."""
+    if not cholesky_factor(matrix, factor):
+        return False
+    factored_solve(factor, rhs, out)
     return True
 
 
@@ -117,20 +125,36 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
 
     ``phi'`` is non-increasing: a bracket ``[0, T]`` with ``phi'(T) <= 0`` (``T`` = 1, the full
     Newton step, then 4, 16, ...) holds the maximizer, so only the breakpoints below ``T`` are
-    sorted and swept. Near convergence they are a handful of the row's keys. ``phi`` must be
+    swept, nearest first. Most steps cross one or two: the nearest is selected by a scan, and only
+    after :data:`SELECTED_CROSSINGS` crossings are the rest sorted. ``phi`` must be
     bounded above, as it is along every Newton direction (the dual is bounded: P(a) is not empty).
     """
     bound = bracket_bound(u, w, slope0)
     alpha, beta, moving = slope_terms_and_breaks(u, w, bound, breaks, order_buffer)
-    order = np.argsort(breaks[:moving])
-    for m in range(moving):
-        t = breaks[order[m]]
+    m = 0
+    while m < moving:
+        if m == SELECTED_CROSSINGS:
+            # Many crossings (the first steps): sort the rest once instead of selecting on.
+            order = np.argsort(breaks[m:moving]) + m
+            sorted_breaks = breaks[order]
+            sorted_keys = order_buffer[order]
+            breaks[m:moving] = sorted_breaks
+            order_buffer[m:moving] = sorted_keys
+        else:
+            nearest = m
+            for j in range(m + 1, moving):
+                if breaks[j] < breaks[nearest]:
+                    nearest = j
+            breaks[m], breaks[nearest] = breaks[nearest], breaks[m]
+            order_buffer[m], order_buffer[nearest] = order_buffer[nearest], order_buffer[m]
+        t = breaks[m]
         if slope0 - alpha - beta * t <= 0.0:
             break
-        i = order_buffer[order[m]]
+        i = order_buffer[m]
         sign = 1.0 if w[i] > 0.0 else -1.0
         alpha += sign * w[i] * u[i]
         beta += sign * w[i] * w[i]
+        m += 1
     step = (slope0 - alpha) / max(beta, 2.2250738585072014e-308)
     return max(step, 0.0)
 
@@ -142,6 +166,27 @@ def add_key_to_gram(gram, basis, i, sign):  # pragma: no cover - compiled
         scaled = sign * basis[i, p]
         for q in range(p + 1):
             gram[p, q] += scaled * basis[i, q]
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def add_keys_to_gram(gram, basis, keys, signs, count):  # pragma: no cover - compiled
+    """``gram += sum_j signs[j] m_k m_k^T`` over ``k = keys[j]``, ``j < count``, on the lower
+    triangle: four keys per pass over ``gram``, which then is read and written a quarter as
+    often as key by key."""
+    r = basis.shape[1]
+    j = 0
+    while j + 4 <= count:
+        m0, m1, m2, m3 = basis[keys[j]], basis[keys[j + 1]], basis[keys[j + 2]], basis[keys[j + 3]]
+        s0, s1, s2, s3 = signs[j], signs[j + 1], signs[j + 2], signs[j + 3]
+        for p in range(r):
+            a0, a1, a2, a3 = s0 * m0[p], s1 * m1[p], s2 * m2[p], s3 * m3[p]
+            row = gram[p]
+            for q in range(p + 1):
+                row[q] += a0 * m0[q] + a1 * m1[q] + a2 * m2[q] + a3 * m3[q]
+        j += 4
+    while j < count:
+        add_key_to_gram(gram, basis, keys[j], signs[j])
+        j += 1
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -189,30 +234,38 @@ def support_changes(u, support):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def update_support_gram(basis, key_used, full_gram, u, support, gram):  # pragma: no cover
+def update_support_gram(
+    basis, key_used, full_gram, u, support, gram, moved, signs
+):  # pragma: no cover - compiled
     """The support's Gram matrix ``M_S^T M_S`` (its lower triangle: all the Cholesky
     factorization reads), updated from the keys that moved when they are few, otherwise rebuilt
     from the Gram matrix of all keys (``full_gram``) or from nothing, whichever touches fewer
-    keys."""
+    keys. ``moved`` and ``signs`` ``(n,)`` are scratch for the keys added (+1) or removed (-1)."""
     n = u.shape[0]
     changes, size = support_changes(u, support)
+    count = 0
     if 2 * changes < size:
         for i in range(n):
             inside = u[i] > 0.0
             if inside != support[i]:
-                add_key_to_gram(gram, basis, i, 1.0 if inside else -1.0)
+                moved[count] = i
+                signs[count] = 1.0 if inside else -1.0
+                count += 1
                 support[i] = inside
-        return
-    outside = size < n - size
-    if outside:
-        gram[:, :] = 0.0
     else:
-        gram[:, :] = full_gram
-    for i in range(n):
-        inside = u[i] > 0.0
-        support[i] = inside
-        if inside == outside and key_used[i]:
-            add_key_to_gram(gram, basis, i, 1.0 if inside else -1.0)
+        outside = size < n - size
+        if outside:
+            gram[:, :] = 0.0
+        else:
+            gram[:, :] = full_gram
+        for i in range(n):
+            inside = u[i] > 0.0
+            support[i] = inside
+            if inside == outside and key_used[i]:
+                moved[count] = i
+                signs[count] = 1.0 if inside else -1.0
+                count += 1
+    add_keys_to_gram(gram, basis, moved, signs, count)
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -256,7 +309,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
     """
     basis, key_used, full_gram, regularizer, metric = geometry
     max_iter, tol, regularization, floor = settings
-    work, keys, (breaks, order_buffer, support, gram, hessian, factor) = buffers
+    work, keys, (breaks, order_buffer, support, gram, hessian, factor, moved, signs) = buffers
     gradient, direction, scaled_gradient = work[0], work[1], work[2]
     u, w = keys[0], keys[1]
     support[:] = False
@@ -275,7 +328,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
             return step_count, True
         if step_count == max_iter:
             return step_count, False
-        update_support_gram(basis, key_used, full_gram, u, support, gram)
+        update_support_gram(basis, key_used, full_gram, u, support, gram, moved, signs)
         mu = regularization * norm + floor
         regularized_direction(gram, regularizer, gradient, mu, hessian, factor, direction)
         rows_times(basis, direction, w)
@@ -299,6 +352,8 @@ def _buffers(n, r):  # pragma: no cover - compiled
             np.zeros((r, r)),
             np.empty((r, r)),
             np.zeros((r, r)),
+            np.empty(n, dtype=np.int64),
+            np.empty(n),
         ),
     )
 
@@ -367,15 +422,19 @@ def unit_columns(values, key_mask, out):  # pragma: no cover - compiled
             out[i, 0] = ones
             for k in range(d):
                 out[i, k + 1] = values[i, k]
+    # Column norms accumulated row by row: the rows are contiguous, the columns are not.
+    scale = np.zeros(d + 1)
+    for i in range(n):
+        for k in range(1, d + 1):
+            scale[k] += out[i, k] * out[i, k]
+    scale[0] = 1.0
     for k in range(1, d + 1):
-        total = 0.0
-        for i in range(n):
-            total += out[i, k] * out[i, k]
-        if not total > 0.0:
+        if not scale[k] > 0.0:
             return False
-        scale = 1.0 / math.sqrt(total)
-        for i in range(n):
-            out[i, k] *= scale
+        scale[k] = 1.0 / math.sqrt(scale[k])
+    for i in range(n):
+        for k in range(1, d + 1):
+            out[i, k] *= scale[k]
     return True
 
 
@@ -385,27 +444,37 @@ def inverse_frobenius(factor, scratch):  # pragma: no cover - compiled
     r = factor.shape[0]
     total = 0.0
     for j in range(r):
-        scratch[:] = 0.0
-        scratch[j] = 1.0
-        lower_solve(factor, scratch, scratch)
-        for i in range(j, r):
+        # Column j of L^{-1}: zero above the diagonal, so the solve starts at row j.
+        scratch[j] = 1.0 / factor[j, j]
+        total += scratch[j] * scratch[j]
+        for i in range(j + 1, r):
+            entry = 0.0
+            for k in range(j, i):
+                entry -= factor[i, k] * scratch[k]
+            scratch[i] = entry / factor[i, i]
             total += scratch[i] * scratch[i]
     return math.sqrt(total)
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def value_geometry(
-    values, key_mask, max_inverse_norm, matrix, gram, metric, scratch
+    values, key_mask, max_inverse_norm, matrix, gram, metric, scratch, keys, signs
 ):  # pragma: no cover - compiled
     """Unit columns ``W = [1, V]`` into ``matrix``, their Gram matrix (full) into ``gram`` and its
     Cholesky factor into ``metric``; False when ``W`` is not comfortably of full column rank
-    (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it."""
+    (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it. ``scratch``
+    ``(r,)``, ``keys`` and ``signs`` ``(n,)`` are scratch space."""
     if not unit_columns(values, key_mask, matrix):
         return False
     r = matrix.shape[1]
     gram[:, :] = 0.0
+    count = 0
     for i in range(matrix.shape[0]):
-        add_key_to_gram(gram, matrix, i, 1.0)
+        if key_mask[i]:
+            keys[count] = i
+            signs[count] = 1.0
+            count += 1
+    add_keys_to_gram(gram, matrix, keys, signs, count)
     for p in range(r):
         for q in range(p):
             gram[q, p] = gram[p, q]
@@ -418,11 +487,12 @@ def value_geometry(
 def columns_times(matrix, vector, out):  # pragma: no cover - compiled
     """``out = matrix^T @ vector``: ``(n, r)^T @ (n,) -> (r,)``."""
     n, r = matrix.shape
-    for k in range(r):
-        total = 0.0
-        for i in range(n):
-            total += matrix[i, k] * vector[i]
-        out[k] = total
+    out[:] = 0.0
+    for i in range(n):  # row by row: the rows of ``matrix`` are contiguous
+        weight = vector[i]
+        if weight != 0.0:
+            for k in range(r):
+                out[k] += matrix[i, k] * weight
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -460,9 +530,9 @@ def value_newton_rows(
         g = group[row]
         if g != current:
             current = g
-            scratch = buffers[0][3]
+            scratch, keys, signs = buffers[0][3], buffers[2][6], buffers[2][7]
             usable = value_geometry(
-                values[g], key_mask[g], max_inverse_norm, matrix, gram, metric, scratch
+                values[g], key_mask[g], max_inverse_norm, matrix, gram, metric, scratch, keys, signs
             )
         converged[row] = False
         iterations[row] = 0
@@ -470,7 +540,7 @@ def value_newton_rows(
             continue
         columns_times(matrix, rows[row], target)
         # Start where the orthonormal route starts: W th = the projection of a onto span(W).
-        cholesky_solve(gram, target, buffers[2][5], th)
+        factored_solve(metric, target, th)
         geometry = (matrix, key_mask[g], gram, gram, metric)
         iterations[row], converged[row] = newton_row(geometry, target, th, settings, buffers)
         if converged[row]:
