@@ -1,31 +1,34 @@
 """Project the captured layers' rows while the forward pass is still running the later layers.
 
 A layer's projection needs only that layer's queries, keys and values, which the capture records
-as soon as the layer has run. On a CPU the forward pass of a short input keeps about one core
-busy (a second thread barely speeds it up), so projecting early layers on a worker thread while
-the later ones run hides much of the projection's time; the compiled solver and PyTorch's kernels
-release the GIL.
+as soon as the layer has run. When the process has a CPU core that PyTorch's threads leave idle
+(say one torch thread on two cores), projecting early layers on a worker thread, on that core,
+while the later ones run hides much of the projection's time; the compiled solver and PyTorch's
+kernels release the GIL. When PyTorch's threads already cover every core, a worker would only
+compete with the forward pass for them (measured on MiniLM, two threads on two cores: no faster
+than projecting afterwards, and slower on batches), so every layer is projected after the
+forward, on all the caller's threads. On CUDA the projection always overlaps the forward.
 
-For inputs of at most :data:`SPLIT_MAX_TOKENS` tokens on a CPU, the forward pass runs the layers
-after the first on one thread fewer (the caller's setting is restored when it returns, also after
-an error), so the worker has a core of its own.
+Each projection call has a fixed cost (checks, layout, a few batched LAPACK calls), so layers are
+taken in portions of at least :data:`PORTION_ROWS` rows (all the [CLS] rows of a small batch at
+once; one layer at a time of ``query="all"``). The worker takes the portions waiting when it
+becomes free; when the forward returns, the caller and the worker take the remaining portions
+one by one until none is left, so that long projections (every row of every layer) are shared
+between the two.
 
-Each projection call has a fixed cost (checks, layout, a few batched LAPACK calls), so the worker
-takes every layer waiting when it becomes free and projects them in one batch. Layers still
-waiting when the forward returns are taken by the caller's thread, which works alongside the
-worker's last batch.
+The caller never waits for the worker to *start*: a portion the worker has not taken when the
+caller looks for work (the worker is busy with another thread's call, or the scheduler has not run
+it) is done by the caller, and only a portion the worker is already projecting is waited for. The
+worker runs at the caller's priority, so the scheduler does not starve the portion the caller may
+wait for.
 
-The caller never waits for the worker to *start*: a batch the worker has not taken when the forward
-ends (the worker is busy with another thread's call, or the scheduler has not run it) is done by
-the caller, and only a batch the worker is already projecting is waited for. The worker runs at
-the caller's priority, so the scheduler does not starve the batch the caller may wait for.
-
-Rows are solved one by one and bases per head, so how the layers happen to be batched does not
-change the result beyond rounding in the batched products.
+Rows are solved one by one and bases per head, so how the layers happen to be grouped into
+portions does not change the result beyond rounding in the batched products.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,11 +41,20 @@ from captum_effattn.attr._queries import QueryRows, QuerySpec, select_query_rows
 from captum_effattn.attr._views import LayerResult, View, project_layers
 from captum_effattn.models import CapturedHeads
 
-# Up to this many tokens (batch x sequence) a CPU forward pass gains less from its last thread
-# than the worker gains from a core of its own, so the forward gives that thread's core to the
-# worker; on longer inputs the forward needs every thread and the split costs time (the
-# measurements behind the threshold are in the CHANGELOG).
-SPLIT_MAX_TOKENS = 256
+# Rows (examples x heads x query rows) a portion of layers reaches before it is projected: small
+# enough that a projection of every row of every layer is shared layer by layer, large enough
+# that the [CLS] rows of a small batch go in one call.
+PORTION_ROWS = 512
+
+
+def spare_core() -> bool:
+    """Whether this process may run on more CPU cores than PyTorch's threads use (one of them is
+    then the worker's)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
 
 
 def _start_worker() -> None:
@@ -60,7 +72,7 @@ def _worker() -> ThreadPoolExecutor:
 
 @dataclass(eq=False)
 class _Batch:
-    """Layers the worker took to project together; ``done`` is set when it has finished."""
+    """A portion of layers the worker took; ``done`` is set when it has finished."""
 
     layers: list[CapturedHeads]
     done: threading.Event = field(default_factory=threading.Event)
@@ -81,7 +93,7 @@ class LayerPipeline:
         self._query = query
         self._view = view
         self._queries: QueryRows | None = None
-        self._failed = False
+        self._overlapping: bool | None = None  # decided on the first layer
         self._lock = threading.Lock()
         self._submitted: list[CapturedHeads] = []
         self._waiting: list[CapturedHeads] = []
@@ -90,63 +102,71 @@ class LayerPipeline:
         self._jobs: list[Future] = []
         self._batches: list[_Batch] = []
         self._results: dict[int, LayerResult] = {}
-        self._caller_threads: int | None = None
 
     def submit(self, captured: CapturedHeads) -> None:
         """Queue ``captured`` for projection (called from inside the forward pass)."""
-        if self._failed:
+        if self._overlapping is None:
+            self._overlapping = self._worth_overlapping(captured)
+        if not self._overlapping:
             return
-        if self._queries is None:
-            try:
-                self._queries = select_query_rows(self._query, captured.key_mask, captured.causal)
-            except (TypeError, ValueError):
-                self._failed = True
-                return
-            self._split_threads(captured.key_mask)
         with self._lock:
             self._submitted.append(captured)
             self._waiting.append(captured)
             if self._drain_queued:
-                return  # a batch not started yet will take this layer too
+                return  # a job not started yet will take this layer too
             self._drain_queued = True
         self._jobs.append(_worker().submit(self._work))
 
-    def _split_threads(self, key_mask: torch.Tensor) -> None:
-        """Leave a core to the worker for the rest of a small CPU forward pass."""
-        threads = torch.get_num_threads()
-        small = key_mask.device.type == "cpu" and key_mask.numel() <= SPLIT_MAX_TOKENS
-        if small and self._view.solves and threads > 1:
-            self._caller_threads = threads
-            torch.set_num_threads(threads - 1)  # this thread's setting only (OpenMP, MKL)
+    def _worth_overlapping(self, captured: CapturedHeads) -> bool:
+        """A view that solves, a query that resolves, and a device with room for the worker."""
+        if not self._view.solves:
+            return False  # rows read off the capture: cheaper after the forward than a hand-off
+        try:
+            self._queries = select_query_rows(self._query, captured.key_mask, captured.causal)
+        except (TypeError, ValueError):
+            return False
+        return captured.key_mask.device.type != "cpu" or spare_core()
 
-    def _restore_threads(self) -> None:
-        if self._caller_threads is not None:
-            torch.set_num_threads(self._caller_threads)
-            self._caller_threads = None
+    def _portion(self) -> list[CapturedHeads]:
+        """Take waiting layers, oldest first, until they hold :data:`PORTION_ROWS` rows (call
+        with the lock held)."""
+        assert self._queries is not None  # resolved before the first layer was queued
+        queries = self._queries.positions.shape[-1]
+        taken, rows = [], 0
+        while self._waiting and rows < PORTION_ROWS:
+            layer = self._waiting.pop(0)
+            taken.append(layer)
+            rows += layer.values.shape[0] * layer.values.shape[1] * queries
+        return taken
 
     def _drain(self) -> None:
-        """Project every layer waiting now, in one batch (the caller's share: errors raise)."""
-        with self._lock:
-            taken, self._waiting = self._waiting, []
-            self._drain_queued = False
-        if taken:
+        """Project waiting portions until none is left (the caller's share: errors raise)."""
+        while True:
+            with self._lock:
+                taken = self._portion()
+            if not taken:
+                return
             self._project(taken)
 
     def _work(self) -> None:
-        """The worker's job: take the layers waiting now, if the pipeline is still open."""
-        with self._lock:
-            taken, self._waiting = self._waiting, []
-            self._drain_queued = False
-            if not taken or self._closed:
+        """The worker's job: take waiting portions until none is left or the pipeline closes."""
+        while True:
+            with self._lock:
+                self._drain_queued = False
+                if self._closed:
+                    return
+                taken = self._portion()
+                if not taken:
+                    return
+                batch = _Batch(taken)
+                self._batches.append(batch)
+            try:
+                self._project(taken)
+            except BaseException as error:  # handed to the caller, which re-raises it
+                batch.error = error
                 return
-            batch = _Batch(taken)
-            self._batches.append(batch)
-        try:
-            self._project(taken)
-        except BaseException as error:  # handed to the caller, which re-raises it
-            batch.error = error
-        finally:
-            batch.done.set()
+            finally:
+                batch.done.set()
 
     def _project(self, taken: list[CapturedHeads]) -> None:
         assert self._queries is not None  # resolved before the first layer was queued
@@ -162,23 +182,24 @@ class LayerPipeline:
             captured: the layers of the forward pass, as the capture returned them.
             queries: the query rows resolved after the forward.
         """
-        self._restore_threads()  # the forward is over
-        if len(self._submitted) != len(captured) or any(
-            a is not b for a, b in zip(self._submitted, captured, strict=True)
+        if (
+            not self._overlapping
+            or len(self._submitted) != len(captured)
+            or any(a is not b for a, b in zip(self._submitted, captured, strict=True))
         ):
-            # Not the layers of exactly this forward pass: project them here instead.
+            # Nothing overlapped, or not the layers of exactly this forward pass: project here.
             self.close()
             return project_layers(captured, queries, self._view)
-        self._drain()  # what the worker has not taken yet, alongside its current batch
+        self._drain()  # the worker, when free, takes portions too
         for batch in self._started_batches():
-            batch.done.wait()  # a batch the worker is projecting: it runs at normal priority
+            batch.done.wait()  # a portion the worker is projecting: it runs at normal priority
             if batch.error is not None:
                 raise batch.error
         return [self._results[id(c)] for c in captured]
 
     def _started_batches(self) -> list[_Batch]:
         """Close the pipeline to the worker: jobs not started are cancelled, and one that starts
-        later finds nothing to take. The batches it did take."""
+        later finds nothing to take. The portions it did take."""
         with self._lock:
             self._closed = True
             self._waiting = []
@@ -188,10 +209,8 @@ class LayerPipeline:
         return batches
 
     def close(self) -> None:
-        """Stop the worker taking layers and wait for the batch it is projecting, if any (also
-        after an error), so that no work on the model's tensors outlives the call; the caller's
-        thread setting is back as it was."""
-        self._restore_threads()
+        """Stop the worker taking layers and wait for the portion it is projecting, if any (also
+        after an error), so that no work on the model's tensors outlives the call."""
         for batch in self._started_batches():
             batch.done.wait()  # its error, if any, was raised by results() or does not matter
         self._jobs.clear()

@@ -11,12 +11,20 @@ import pytest
 import torch
 
 from captum_effattn import EfficientAttentionAttribution
-from captum_effattn.attr._pipeline import LayerPipeline
+from captum_effattn.attr._pipeline import LayerPipeline, spare_core
 from captum_effattn.attr._queries import select_query_rows
 from captum_effattn.attr._views import get_view, project_rows
 from captum_effattn.models import capture_attention, select_heads
 from tests.attr.helpers import text_setup
 from tests.models.tiny import NUM_HEADS, NUM_LAYERS
+
+
+@pytest.fixture(autouse=True)
+def _spare_core(monkeypatch):
+    """These tests exercise the worker: act as if PyTorch left it a core (one test undoes it)."""
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "spare_core", lambda: True)
 
 
 def _pipelined_and_after(name, query, view, padding="right"):
@@ -180,36 +188,66 @@ def test_a_query_that_does_not_resolve_submits_nothing():
         )
 
 
-@pytest.mark.parametrize(
-    ("view", "limit", "during"),
-    [("efficient", 256, 1), ("effective", 256, 1), ("raw", 256, 2), ("efficient", 16, 2)],
-)
-def test_small_cpu_forwards_leave_a_core_to_the_worker_and_get_it_back(
-    two_threads, monkeypatch, view, limit, during
-):
+def test_without_a_spare_core_every_layer_is_projected_after_the_forward(monkeypatch):
     import captum_effattn.attr._pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "SPLIT_MAX_TOKENS", limit)
-    model, forward, ids, mask = text_setup("bert")  # 2 x 16 tokens
-    seen = []
+    monkeypatch.setattr(pipeline, "spare_core", lambda: False)
+    pipelined, after = _pipelined_and_after("bert", "auto", "efficient")
+    rows = torch.cat([rows for rows, _ in pipelined], dim=1)
+    torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
+    model, forward, ids, mask = text_setup("bert")
+    lazy = LayerPipeline("auto", get_view("efficient"))
+    with capture_attention(model, materialize=False, on_layer=lazy.submit), torch.no_grad():
+        forward(ids, mask)
+    assert lazy._jobs == []  # no worker was involved
+    assert lazy._waiting == []
 
-    def recording(ids, mask):
-        logits = forward(ids, mask)
-        seen.append(torch.get_num_threads())  # after the layers ran: the split is on
-        return logits
 
-    explainer = EfficientAttentionAttribution(recording, model=model)
-    explainer.attribute(ids, additional_forward_args=(mask,), view=view)
-    assert seen == [during]
-    assert torch.get_num_threads() == 2
+def test_rows_read_off_the_capture_are_never_handed_to_the_worker():
+    model, forward, ids, mask = text_setup("bert")
+    pipeline = LayerPipeline("auto", get_view("raw"))
+    with capture_attention(model, materialize=False, on_layer=pipeline.submit), torch.no_grad():
+        forward(ids, mask)
+    assert pipeline._jobs == []
 
-    def failing(ids, mask):
-        recording(ids, mask)
-        raise RuntimeError("boom")
 
-    with pytest.raises(ValueError, match="boom"):
-        EfficientAttentionAttribution(failing, model=model).attribute(
-            ids, additional_forward_args=(mask,), view=view
-        )
-    assert seen == [during, during]
-    assert torch.get_num_threads() == 2
+def test_the_rest_of_the_layers_is_shared_in_portions_between_caller_and_worker(monkeypatch):
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)  # one layer per portion
+    project = pipeline.project_layers
+    portions = []
+
+    def recording(layers, queries, view):
+        portions.append((threading.current_thread() is threading.main_thread(), len(layers)))
+        return project(layers, queries, view)
+
+    monkeypatch.setattr(pipeline, "project_layers", recording)
+    pipelined, after = _pipelined_and_after("gpt2", "all", "efficient")
+    assert [size for _, size in portions] == [1] * NUM_LAYERS
+    rows = torch.cat([rows for rows, _ in pipelined], dim=1)
+    torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
+
+
+def test_a_portion_holds_the_cls_rows_of_every_waiting_layer():
+    model, forward, ids, mask = text_setup("bert")  # 2 examples x 4 heads x 1 row per layer
+    pipeline = LayerPipeline("auto", get_view("efficient"))
+    pipeline._queries = select_query_rows("auto", mask.bool(), False)
+    with capture_attention(model, materialize=False) as rec, torch.no_grad():
+        forward(ids, mask)
+    pipeline._waiting = list(rec.layers)
+    assert pipeline._portion() == list(rec.layers)  # 8 rows a layer, far below PORTION_ROWS
+
+
+def test_spare_core_compares_torch_threads_with_the_cores_of_this_process(monkeypatch):
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert spare_core()  # the function itself: the autouse fixture replaced the module's
+        torch.set_num_threads(2)
+        assert not spare_core()
+    finally:
+        torch.set_num_threads(before)
