@@ -36,9 +36,12 @@ from captum_effattn.projection.solvers.newton import (
 # 1e-13 tolerance. MiniLM's heads sit far below (12-20 on a 256-token review; no head is refused
 # in tests/projection/test_real_minilm.py).
 MAX_INVERSE_NORM = 1e3
-# Rows per block handed to a thread: small enough to balance a few slow rows, large enough that
-# handing a block over stays small next to solving it.
+# Rows per block handed to a thread at least: small enough to balance a few slow rows, large
+# enough that handing a block over stays small next to solving it.
 BLOCK_ROWS = 4
+# Blocks per thread at most: thousands of rows (``query="all"``) go in larger blocks, since each
+# hand-off costs tens of microseconds of Python under the GIL.
+BLOCKS_PER_THREAD = 16
 
 ValueNewton = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], NewtonResult
@@ -75,7 +78,8 @@ def _in_blocks(solve, rows: int) -> None:
     if workers <= 1:
         solve(slice(None))
         return
-    blocks = [slice(i, i + BLOCK_ROWS) for i in range(0, rows, BLOCK_ROWS)]
+    size = max(BLOCK_ROWS, -(-rows // (workers * BLOCKS_PER_THREAD)))
+    blocks = [slice(i, i + size) for i in range(0, rows, size)]
     for _ in _pool(workers).map(solve, blocks):
         pass  # re-raises a block's exception here
 
