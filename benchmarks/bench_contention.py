@@ -6,7 +6,8 @@ pieces) on an idle machine and beside ``--busy`` busy-loop processes (one per co
 with the worker at normal priority (what the package does) and, for comparison, reniced to 19
 (what it did before: a niced worker is starved by the busy loops while the caller waits for it).
 Each configuration runs ``--rounds`` times, configurations interleaved round by round; the table
-gives the median and the slowest call, in milliseconds.
+gives the median and the slowest call, in milliseconds. PyTorch runs on ``--threads`` threads (1 by
+default): the worker only runs where PyTorch's threads leave a core of the process idle.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_contention.py [--rounds 15] [--tokens 128]``.
 """
@@ -68,7 +69,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not pipeline.spare_core():
+        raise SystemExit(f"{args.threads} torch threads leave no core to the worker: use fewer")
     explainer, ids, mask = _setup(args.tokens)
     workers = {"normal": _worker_at(0), "nice 19": _worker_at(19)}
     times: dict[tuple[str, str], list[float]] = {}
