@@ -133,7 +133,11 @@ def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
     found: dict[int, PreTrainedConfig] = {}
     stack: list[PreTrainedConfig] = []
     for module in model.modules():
-        config = getattr(module, "config", None)
+        # A plain attribute, read without ``Module.__getattr__`` (whose miss raises and catches
+        # an AttributeError in every module without a config: most of this loop's time).
+        config = module.__dict__.get("config")
+        if config is None and isinstance(getattr(type(module), "config", None), property):
+            config = module.config
         if isinstance(config, PreTrainedConfig):
             stack.append(config)
     while stack:

@@ -631,6 +631,8 @@ def _taps_by_module(
 
 
 def _require_eval_mode(model: nn.Module) -> None:
+    if not any(module.training for module in model.modules()):
+        return
     training = [name for name, module in model.named_modules() if module.training]
     if training:
         where = "the model" if training[0] == "" else f"its submodule {training[0]!r}"
