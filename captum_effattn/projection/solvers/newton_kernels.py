@@ -15,8 +15,6 @@ from numba import njit
 FAST_MATH = {"reassoc", "contract"}
 # Crossings the line search finds by scanning for the nearest breakpoint before it sorts the rest.
 SELECTED_CROSSINGS = 8
-# Bracket growths the line search tries (T = 4^k) before sweeping every breakpoint.
-MAX_BRACKETS = 32
 # ``u = B theta`` is carried along the steps (``u + t w``) and recomputed every this many steps,
 # so rounding cannot pile up.
 REFRESH_STEPS = 8
@@ -73,28 +71,6 @@ def cholesky_solve(matrix, rhs, factor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def line_slope(u, w, slope0, t):  # pragma: no cover - compiled
-    """``phi'(t) = s - sum_i w_i relu(u_i + t w_i)``."""
-    slope = slope0
-    for i in range(u.shape[0]):
-        moved = u[i] + t * w[i]
-        if moved > 0.0:
-            slope -= w[i] * moved
-    return slope
-
-
-@njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def bracket_bound(u, w, slope0):  # pragma: no cover - compiled
-    """``T`` = 1, 4, 16, ... until ``phi'(T) <= 0`` (``inf`` after :data:`MAX_BRACKETS` tries)."""
-    bound = 1.0
-    for _ in range(MAX_BRACKETS):
-        if line_slope(u, w, slope0, bound) <= 0.0:
-            return bound
-        bound *= 4.0
-    return np.inf
-
-
-@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def slope_terms_and_breaks(u, w, bound, breaks, order_buffer):  # pragma: no cover - compiled
     """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, and the breakpoints below ``bound``.
 
@@ -123,14 +99,13 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
     """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see
     :func:`captum_effattn.projection.solvers.newton.exact_step`).
 
-    ``phi'`` is non-increasing: a bracket ``[0, T]`` with ``phi'(T) <= 0`` (``T`` = 1, the full
-    Newton step, then 4, 16, ...) holds the maximizer, so only the breakpoints below ``T`` are
-    swept, nearest first. Most steps cross one or two: the nearest is selected by a scan, and only
-    after :data:`SELECTED_CROSSINGS` crossings are the rest sorted. ``phi`` must be
-    bounded above, as it is along every Newton direction (the dual is bounded: P(a) is not empty).
+    ``phi'`` is non-increasing and piecewise linear: the breakpoints are swept nearest first until
+    ``phi'`` turns non-positive, and the maximizer lies on that segment. Most steps cross one or
+    two: the nearest is selected by a scan, and only after :data:`SELECTED_CROSSINGS` crossings
+    are the rest sorted. ``phi`` must be bounded above, as it is along every Newton direction (the
+    dual is bounded: P(a) is not empty).
     """
-    bound = bracket_bound(u, w, slope0)
-    alpha, beta, moving = slope_terms_and_breaks(u, w, bound, breaks, order_buffer)
+    alpha, beta, moving = slope_terms_and_breaks(u, w, np.inf, breaks, order_buffer)
     m = 0
     while m < moving:
         if m == SELECTED_CROSSINGS:
@@ -140,7 +115,7 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
             sorted_keys = order_buffer[order]
             breaks[m:moving] = sorted_breaks
             order_buffer[m:moving] = sorted_keys
-        else:
+        elif m < SELECTED_CROSSINGS:
             nearest = m
             for j in range(m + 1, moving):
                 if breaks[j] < breaks[nearest]:
