@@ -15,7 +15,11 @@ from captum_effattn.kernels import KernelUnavailableError
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.engine.backends import NumbaBackend, resolve_backend
 from captum_effattn.projection.engine.grouped import GroupedMatrices
-from captum_effattn.projection.solvers.compiled_newton import compiled_newton_phase, numba_available
+from captum_effattn.projection.solvers.compiled_newton import (
+    compiled_newton_phase,
+    compiled_value_newton,
+    numba_available,
+)
 from captum_effattn.projection.solvers.newton import exact_step, newton_phase
 from tests.projection.problems import attention_rows, head_output_error, value_vectors
 
@@ -99,22 +103,82 @@ def test_the_starting_point_is_not_modified():
     assert torch.equal(start, c)
 
 
-def test_threads_share_the_rows_without_changing_any(monkeypatch):
-    """Rows are independent: one thread or several, in small blocks, the same bits."""
+@pytest.mark.parametrize("numba_pool", [True, False])
+def test_threads_share_the_rows_without_changing_any(monkeypatch, numba_pool):
+    """Rows are independent: one thread or several, in small blocks, on numba's pool or on Python
+    threads, the same bits."""
     import captum_effattn.projection.solvers.compiled_newton as compiled
 
     ops, c = _dual_problem(4, 9, 80, 8, 3, seed=2)
+    values, key_mask, group, rows = _value_problem(5, 7, 70, 6, seed=3)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         alone = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
+        alone_values = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
         torch.set_num_threads(2)
         monkeypatch.setattr(compiled, "BLOCK_ROWS", 1)
+        if not numba_pool:
+            monkeypatch.setattr(compiled, "_numba_pool_usable", lambda: False)
         shared = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
+        shared_values = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
     finally:
         torch.set_num_threads(before)
-    for one, other in zip(alone, shared, strict=True):
+    assert alone_values[2].all()  # solved: the comparison is not between empty rows
+    for one, other in zip(alone + alone_values, shared + shared_values, strict=True):
         assert torch.equal(one, other)
+
+
+def test_numba_pool_settings_are_restored_and_not_used_after_a_fork():
+    """The caller's numba thread count comes back; a forked child (GNU OpenMP does not survive a
+    fork) solves on Python threads instead, with the same rows."""
+    import multiprocessing
+
+    import numba
+
+    import captum_effattn.projection.solvers.compiled_newton as compiled
+
+    values, key_mask, group, rows = _value_problem(5, 7, 70, 6, seed=4)
+    before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        numba.set_num_threads(1)
+        x, _, solved = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    assert solved.all()
+    if not compiled._numba_pool_usable():
+        pytest.skip(f"numba's threading layer is {numba.threading_layer()}: Python threads only")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_solve_in_child, args=(queue, values, key_mask, group, rows))
+    child.start()
+    usable_in_child, x_child = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert usable_in_child is False
+    assert torch.equal(torch.from_numpy(x_child), x)
+
+
+def _solve_in_child(queue, values, key_mask, group, rows) -> None:
+    import captum_effattn.projection.solvers.compiled_newton as compiled
+
+    torch.set_num_threads(2)
+    x, _, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+    queue.put((compiled._numba_pool_usable(), x.numpy()))  # plain bytes, not a shared tensor
+
+
+def _value_problem(groups: int, rows_per_group: int, n: int, d: int, seed: int):
+    """Values, key mask, group and attention rows for :func:`compiled_value_newton`."""
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen).double()
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[1:, n - 5 :] = False
+    group = torch.arange(groups).repeat_interleave(rows_per_group)
+    rows = attention_rows(len(group), n, sharpness=3.0, generator=gen).double() * key_mask[group]
+    return values, key_mask, group, rows / rows.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,7 +1,9 @@
 """The compiled kernels of :mod:`.compiled_newton` (imports numba: only where it is installed).
 
 Plain loops over NumPy arrays, one row at a time; numba compiles them on first use and caches the
-machine code on disk (``cache=True``), so later processes load them instead of compiling.
+machine code on disk (``cache=True``), so later processes load them instead of compiling. The
+``*_blocks`` drivers run blocks of rows on numba's own thread pool (``prange``), whose OpenMP or TBB
+threads take the next block without the GIL or a Python hand-off.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # Reassociation lets LLVM vectorize the dot products (sums in a different order, same accuracy).
 FAST_MATH = {"reassoc", "contract"}
@@ -374,6 +376,25 @@ def newton_rows(bases, group, c, theta, settings, iterations, converged):  # pra
         )
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def newton_blocks(
+    bases, group, c, theta, settings, iterations, converged, block
+):  # pragma: no cover - compiled
+    """:func:`newton_rows` over blocks of ``block`` consecutive rows, blocks run in parallel."""
+    rows = c.shape[0]
+    for b in prange(-(-rows // block)):
+        start, stop = b * block, min(b * block + block, rows)
+        newton_rows(
+            bases,
+            group[start:stop],
+            c[start:stop],
+            theta[start:stop],
+            settings,
+            iterations[start:stop],
+            converged[start:stop],
+        )
+
+
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def unit_columns(values, key_mask, out):  # pragma: no cover - compiled
     """``out = [1, V]`` on the real keys (zero rows on padding), columns scaled to unit norm.
@@ -520,3 +541,25 @@ def value_newton_rows(
             rows_times(matrix, th, x[row])
             for i in range(n):
                 x[row, i] = max(x[row, i], 0.0)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def value_newton_blocks(
+    values, key_mask, group, rows, settings, max_inverse_norm, x, iterations, converged, block
+):  # pragma: no cover - compiled
+    """:func:`value_newton_rows` over blocks of ``block`` consecutive rows, blocks run in
+    parallel (each block factors the geometry of its first group again)."""
+    n_rows = rows.shape[0]
+    for b in prange(-(-n_rows // block)):
+        start, stop = b * block, min(b * block + block, n_rows)
+        value_newton_rows(
+            values,
+            key_mask,
+            group[start:stop],
+            rows[start:stop],
+            settings,
+            max_inverse_norm,
+            x[start:stop],
+            iterations[start:stop],
+            converged[start:stop],
+        )
