@@ -9,7 +9,7 @@ Each configuration runs ``--rounds`` times, configurations interleaved round by 
 gives the median and the slowest call, in milliseconds. PyTorch runs on ``--threads`` threads (1 by
 default): the worker only runs where PyTorch's threads leave a core of the process idle.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_contention.py [--rounds 15] [--tokens 128]``.
+Run: ``PYTHONPATH=. python benchmarks/bench_contention.py [--rounds 15] [--tokens 128] [--quick]``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="3 rounds at 64 tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.tokens = 3, 64
     torch.set_num_threads(args.threads)
     if not pipeline.spare_core():
         raise SystemExit(f"{args.threads} torch threads leave no core to the worker: use fewer")

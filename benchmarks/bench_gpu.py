@@ -16,8 +16,8 @@ weights from the same config, which the output says) and random token ids:
    step together in the batched solver).
 
 Run on the GPU machine (nothing to download; the offline model package is optional):
-``PYTHONPATH=. python benchmarks/bench_gpu.py``; ``--device cpu --batch 2 --tokens 64 --rounds 2``
-checks the script on a CPU.
+``PYTHONPATH=. python benchmarks/bench_gpu.py``; ``--device cpu --quick`` (2 x 64 tokens, 2
+rounds) checks the script on a CPU.
 """
 
 from __future__ import annotations
@@ -150,7 +150,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 x 64 tokens, 2 rounds")
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.tokens, args.rounds = 2, 64, 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu to check the script on a CPU")

@@ -289,7 +289,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", choices=("materializing", "streaming"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="n = 256 and 512, 2 repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repeats = [256, 512], 2
     if args.child:
         return child(args)
     part = args.part
@@ -299,6 +302,12 @@ def main() -> None:
         part = "cuda" if torch.cuda.is_available() else "cpu"
     if part == "agreement" and not _cuda_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+    import torch
+
+    from benchmarks.timing import machine_line
+
+    torch.set_num_threads(args.threads)  # as in the measuring processes
+    print(machine_line())
     {"cpu": cpu_part, "cuda": cuda_part, "agreement": agreement_part}[part](args)
 
 

@@ -11,6 +11,7 @@ earlier key); what ``attribute`` adds on top (capture, one row per head, its pro
 linear: ``(attribute - forward) / n`` stays flat as ``n`` doubles.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_memory.py [--model gpt2] [--lengths 8192 65536]``
+(``--quick``: GPT-2 at 1,024 and 2,048 tokens, to check the script).
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main() -> None:
     parser.add_argument("--model", choices=["gpt2", "llama"], nargs="+", default=["gpt2", "llama"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (0: memory only)")
+    parser.add_argument("--quick", action="store_true", help="GPT-2 at 1024 and 2048, 1 round")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.lengths, args.rounds = ["gpt2"], [1024, 2048], 1
     import torch
 
     from benchmarks.timing import machine_line

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from benchmarks.timing import machine_line
 from captum_effattn.data import (
     imdb_heldout,
     load_sentiment_classifier,
@@ -65,10 +66,7 @@ def main() -> None:
         "rotten_tomatoes": (rotten_tomatoes_splits().test[: args.sentences], 64),
         "imdb": (imdb_heldout(args.reviews), args.max_length),
     }
-    print(
-        f"torch threads {torch.get_num_threads()}, IG n_steps {args.ig_steps}, "
-        f"batch size {args.batch_size}"
-    )
+    print(f"{machine_line()}\nIG n_steps {args.ig_steps}, batch size {args.batch_size}")
     for name in args.datasets:
         reviews, max_length = datasets[name]
         started = time.perf_counter()

@@ -8,6 +8,9 @@ For 12 heads, d in {32, 64} and n in {64, 128, 256, 512}, measured side by side 
   (scipy SLSQP) timed on a sample of rows and extrapolated to all rows;
 - semismooth-Newton / interior-point iteration counts (median / max) and the worst output error.
 
+The three routes run in interleaved rounds (:mod:`benchmarks.timing`): medians of their times, and
+the SVD/QR ratio as the median [IQR] of per-round ratios; nothing is a "best of".
+
 Rows come from the real MiniLM (layer ``--layer``, 12 heads, d = 32) on a real IMDB review
 truncated to n tokens, and from synthetic heads (softmax of Gaussian scores, Gaussian values) for
 d = 64. Run: ``PYTHONPATH=. python benchmarks/bench_projection.py`` (``--quick`` for a smoke run).
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from benchmarks.timing import interleaved, machine_line
 from captum_effattn import effective_attention, efficient_attention
 from tests.reference import efficient_by_slsqp  # the tests' independent per-row QP solver
 
@@ -66,22 +70,21 @@ def synthetic_heads(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return attn, torch.randn(12, n, d, generator=g, dtype=torch.float64)
 
 
-def timed(fn, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
-def run_case(source: str, attn, values, sample_rows: int, repeats: int) -> dict:
+def run_case(source: str, attn, values, sample_rows: int, rounds: int) -> dict:
     heads, n, _ = attn.shape
-    t_eff, eff = timed(lambda: effective_attention(attn, values), repeats)
-    t_svd, eff_ref = timed(lambda: effective_by_full_svd(attn, values), repeats)
-    t_opt, (_, cert) = timed(
-        lambda: efficient_attention(attn, values, return_certificate=True), max(1, repeats // 2)
+    results = {}
+    routes = {
+        "qr": lambda: effective_attention(attn, values),
+        "svd": lambda: effective_by_full_svd(attn, values),
+        "efficient": lambda: efficient_attention(attn, values, return_certificate=True),
+    }
+    # Interleaved rounds (benchmarks/timing.py): the SVD/QR ratio is paired within each round.
+    timed = interleaved(
+        {name: lambda name=name: results.update({name: routes[name]()}) for name in routes},
+        unit="qr",
+        rounds=rounds,
     )
+    eff, eff_ref, (_, cert) = results["qr"], results["svd"], results["efficient"]
     g = torch.Generator().manual_seed(1)
     picks = torch.randint(heads * n, (sample_rows,), generator=g).tolist()
     a64, v64 = attn.double(), values.double()
@@ -96,10 +99,11 @@ def run_case(source: str, attn, values, sample_rows: int, repeats: int) -> dict:
         "source": source,
         "d": values.shape[-1],
         "n": n,
-        "eff_qr_s": t_eff,
-        "eff_svd_s": t_svd,
+        "eff_qr_s": timed["qr"].median_seconds,
+        "eff_svd_s": timed["svd"].median_seconds,
+        "svd_over_qr": timed["svd"].cell(),
         "eff_diff": float((eff.double() - eff_ref).abs().max()),
-        "efficient_s": t_opt,
+        "efficient_s": timed["efficient"].median_seconds,
         "qp_per_row_ms": 1e3 * per_row,
         "qp_all_rows_s": per_row * heads * n,
         "its_median": statistics.median(its),
@@ -115,27 +119,27 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="n")
     parser.add_argument("--layer", type=int, default=1, help="MiniLM layer for the real heads")
     parser.add_argument("--sample-rows", type=int, default=6, help="rows timed with SLSQP")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args()
     sizes = (64, 128) if args.quick else tuple(args.sizes)
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64 solver\n")
+    rounds = 2 if args.quick else args.rounds
+    print(f"{machine_line()}\nfloat64 solver; median seconds of {rounds} interleaved rounds\n")
     rows = []
     for n in sizes:
         attn, values = minilm_heads(n, args.layer)
-        rows.append(run_case(f"MiniLM L{args.layer}", attn, values, args.sample_rows, args.repeats))
+        rows.append(run_case(f"MiniLM L{args.layer}", attn, values, args.sample_rows, rounds))
         for d in (32, 64):
             attn, values = synthetic_heads(n, d)
-            rows.append(run_case("synthetic", attn, values, args.sample_rows, args.repeats))
+            rows.append(run_case("synthetic", attn, values, args.sample_rows, rounds))
         print_table(rows[-3:], header=n == sizes[0])
 
 
 def print_table(rows: list[dict], header: bool) -> None:
     if header:
         print(
-            "| source | d | n | effective QR (s) | full SVD (s) | SVD/QR | max diff | efficient, "
-            "all rows (s) | SLSQP per row (ms) | SLSQP all rows, extrapolated (s) | speed-up | "
-            "iterations median / max | max output error | all converged |"
+            "| source | d | n | effective QR (s) | full SVD (s) | SVD/QR [IQR] | max diff | "
+            "efficient, all rows (s) | SLSQP per row (ms) | SLSQP all rows, extrapolated (s) | "
+            "speed-up | iterations median / max | max output error | all converged |"
         )
         print("|" + " --- |" * 14)
     for r in rows:
@@ -145,7 +149,7 @@ def print_table(rows: list[dict], header: bool) -> None:
             r["n"],
             f"{r['eff_qr_s']:.4f}",
             f"{r['eff_svd_s']:.4f}",
-            f"{r['eff_svd_s'] / r['eff_qr_s']:.1f}x",
+            r["svd_over_qr"],
             f"{r['eff_diff']:.1e}",
             f"{r['efficient_s']:.2f}",
             f"{r['qp_per_row_ms']:.0f}",

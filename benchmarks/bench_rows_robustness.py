@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import machine_line
 from captum_effattn import efficient_attention
 from captum_effattn.projection import ConvergenceWarning
 
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="about 20,000 rows per dtype")
     args = parser.parse_args()
     target = 20_000 if args.quick else args.rows
+    print(machine_line(), flush=True)
 
     from transformers import AutoModel, AutoTokenizer
 
