@@ -64,8 +64,9 @@ def effective_attention(
             ``simplex_violation`` shows how far each row is from a distribution).
         rank_rtol: relative rank tolerance for ``V`` (default ``max(n, d) * eps`` in float64 after
             scaling columns to unit norm).
-        backend: ``"auto"`` (Triton kernels for CUDA tensors when triton is installed, PyTorch
-            otherwise or beyond the kernels' limits), ``"torch"``, or ``"triton"`` (raises
+        backend: ``"auto"`` (PyTorch, see
+            :data:`~captum_effattn.projection.engine.backends.AUTO_DEFAULT`), ``"torch"``, or
+            ``"triton"`` (Triton kernels for CUDA tensors; raises
             :class:`~captum_effattn.kernels.KernelUnavailableError` where the kernels cannot run).
             Both compute in float64 and agree to rounding.
 

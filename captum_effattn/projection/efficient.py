@@ -228,9 +228,9 @@ def efficient_attention(
             on masked keys, sum minus one). Default by dtype: 1e-6 (float64), 1e-4 (float32),
             5e-3 (float16), 3e-2 (bfloat16).
         backend: ``"auto"`` (for CPU tensors the Newton phase compiled with numba when numba is
-            installed; for CUDA tensors Triton kernels for the solver's matrix products when
-            triton is installed; PyTorch otherwise or beyond the kernels' limits), ``"torch"``,
-            ``"numba"`` or ``"triton"`` (these raise
+            installed, PyTorch otherwise and on CUDA, where it was faster than the Triton
+            kernels), ``"torch"``, ``"numba"`` or ``"triton"`` (Triton kernels for the solver's
+            matrix products on CUDA tensors; these raise
             :class:`~captum_effattn.kernels.KernelUnavailableError` where they cannot run). All
             compute in float64 and agree to rounding.
 

@@ -57,8 +57,8 @@ def attention_rows(
         rows: query positions to compute: an int, a sequence of ints or a 1-D integer tensor
             (negative values count from the end). Default: all ``n_q`` rows.
         scaling: multiplies the scores; default ``1 / sqrt(d_k)``.
-        backend: ``"auto"`` (the Triton kernel for CUDA tensors when triton is installed,
-            PyTorch otherwise), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (PyTorch: faster than the Triton kernel where measured),
+            ``"torch"`` or ``"triton"`` (CUDA tensors, the ``gpu`` extra).
 
     Returns:
         ``(*batch, H_q, r, n)`` probabilities in ``query``'s dtype, ``r`` the number of requested

@@ -191,9 +191,9 @@ def attention_rows_of(
 ) -> torch.Tensor:
     """Selected attention rows, by the implementation ``backend`` selects.
 
-    Args and returns as :func:`attention_rows_torch`. ``backend``: ``"torch"`` (differentiable),
-    ``"auto"`` or ``"triton"``: the Triton kernel (same conventions, no autograd) where it takes
-    the problem (no additive mask, no window), PyTorch otherwise under ``"auto"``.
+    Args and returns as :func:`attention_rows_torch`. ``backend``: ``"torch"`` or ``"auto"``
+    (differentiable), ``"triton"``: the Triton kernel (same conventions, no autograd) where it
+    takes the problem (no additive mask, no window).
 
     Raises:
         ValueError: an unknown ``backend``.
