@@ -141,7 +141,7 @@ def _in_blocks(
     if numba_pool:
         import numba
 
-        workers = min(workers, numba.config.NUMBA_NUM_THREADS)
+        workers = min(workers, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if workers <= 1:
         solve(slice(None))
         return
