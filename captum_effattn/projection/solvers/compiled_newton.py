@@ -87,13 +87,16 @@ def _numba_pool_usable() -> bool:
         if _numba_pool_state is None:
             import numba
 
-            empty = np.zeros((0, 1))
-            _kernels().newton_blocks(
+            # The kernel the common route runs (compiled once, the same types as its real calls).
+            no_rows = np.zeros((0, 1))
+            _kernels().value_newton_blocks(
                 np.zeros((1, 1, 1)),
+                np.zeros((1, 1), dtype=np.bool_),
                 np.zeros(0, dtype=np.int64),
-                empty,
-                empty.copy(),
+                no_rows,
                 (1, 1e-13, 0.0, 0.0),
+                MAX_INVERSE_NORM,
+                no_rows.copy(),
                 np.zeros(0, dtype=np.int64),
                 np.zeros(0, dtype=np.bool_),
                 1,
