@@ -160,8 +160,8 @@ class CapturedHeads:
     def _computed_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys.
 
-        Without gradients to track, the backends pick the implementation (the Triton kernel for
-        CUDA tensors where it is installed); with them, PyTorch, which differentiates.
+        PyTorch, which differentiates (``backend="auto"`` without gradients to track: the same
+        PyTorch path today, since it is faster than the Triton kernel where measured).
         """
         query, key = self._recorded(self.query), self._recorded(self.key)
         tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
