@@ -132,17 +132,20 @@ class RowLayout:
 
 
 def _unit_scale(values: ValueVectors, key_mask: KeyMask) -> ValueVectors:
-    """``values`` ``(S, n, d)`` divided by their largest magnitude on real keys, per source.
+    """``values`` ``(S, n, d)`` in float64, divided by their largest magnitude on real keys, per
+    source.
 
     Every result is invariant to the scale of ``V``; the tolerances, rank decisions and norms that
     lead to it are not (squared norms underflow below 1e-154 and overflow above 1e154 in float64),
     so they all see values of magnitude one.
     """
     # Largest magnitude per key from its max and min: no temporary of the values' size (such a
-    # temporary cost ten times the rest on MiniLM's [CLS] rows).
-    per_key = torch.maximum(values.amax(-1), values.amin(-1).neg())
+    # temporary cost ten times the rest on MiniLM's [CLS] rows). The division goes in place into
+    # the float64 copy: a second fresh buffer of the values' size costs more in page faults than
+    # the arithmetic (MiniLM, 8 x 512 tokens, 72 heads: 47 -> 27 ms).
+    per_key = torch.maximum(values.amax(-1), values.amin(-1).neg()).to(torch.float64)
     largest = torch.where(key_mask, per_key, 0).amax(-1)[:, None, None]
-    return values / torch.where(largest > 0, largest, 1)
+    return values.to(torch.float64, copy=True).div_(torch.where(largest > 0, largest, 1))
 
 
 def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
@@ -158,7 +161,7 @@ def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
     source_shape = torch.broadcast_shapes(values.shape[:-2], key_mask.shape[:-1])
     source_shape = torch.Size((1,) * (len(batch_shape) - len(source_shape)) + tuple(source_shape))
     n_sources = math.prod(source_shape)
-    source_values = values.to(torch.float64).expand(*source_shape, n, values.shape[-1])
+    source_values = values.expand(*source_shape, n, values.shape[-1])  # float64 in _unit_scale
     source_mask = key_mask.expand(*source_shape, n)
     source_of_batch = (
         torch.arange(n_sources, device=device).reshape(source_shape).expand(batch_shape).reshape(-1)
