@@ -13,7 +13,7 @@ threading layer is OpenMP or TBB, otherwise on Python threads (the kernels relea
 Numba's pool matters on a busy machine: right after a forward pass PyTorch's OpenMP threads still
 spin for a few milliseconds, and Python threads that must wake up and take the GIL for every block
 lose the cores to them (72 [CLS] rows on two threads: 11 ms after a forward on Python threads,
-6.5 ms on numba's pool, 12 ms on one thread).
+6.8 ms on numba's pool, 12 ms on one thread).
 
 Needs ``numba`` (``pip install captum-effattn[numba]``); :func:`numba_available` says whether it is
 importable. The first call compiles (cached on disk afterwards).
