@@ -20,11 +20,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
-
-
 def write_reviews(path: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -39,11 +34,10 @@ def write_reviews(path: Path, rows: int) -> None:
 
 
 def run(engine: str, source: Path, directory: Path, args) -> None:
-    import torch
-
+    from benchmarks.timing import load_average, machine_line
     from captum_effattn import explain_dataset
 
-    print(f"\n{engine} engine: torch {torch.get_num_threads()} threads, {load_line()}")
+    print(f"\n{engine} engine: {machine_line()}")
     summary = explain_dataset(
         source,
         directory / f"{engine}.parquet",
@@ -56,7 +50,7 @@ def run(engine: str, source: Path, directory: Path, args) -> None:
         ray_actors=args.ray_actors,
     )
     print(summary)
-    print(f"{engine}: {summary.rows_per_second:.2f} rows/s; after: {load_line()}")
+    print(f"{engine}: {summary.rows_per_second:.2f} rows/s; after: {load_average()}")
 
 
 def main() -> None:

@@ -98,10 +98,14 @@ def summarize(name: str, seconds: list[float], unit_seconds: list[float]) -> Rat
     return RatioSummary(name, median, low, high, len(ratios), statistics.median(seconds))
 
 
+def load_average() -> str:
+    """``load average 0.52, 0.61, 0.70``: the machine's 1, 5 and 15 minute load averages."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_line() -> str:
     """What the numbers depend on: torch, threads, cores, load average, processor."""
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-        f"{os.cpu_count()} cores, load average {load}, {platform.processor() or platform.machine()}"
+        f"{os.cpu_count()} cores, {load_average()}, {platform.processor() or platform.machine()}"
     )
