@@ -17,6 +17,21 @@ def value_vectors(*shape: int, generator: torch.Generator, dtype=torch.float64) 
     return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
+def grouped_rows_problem(
+    groups: int, rows_per_group: int, n: int, d: int, padded: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, key_mask, group, rows)`` for the compiled solvers: ``groups`` heads of ``n``
+    keys (the last ``padded`` masked) and ``d`` value columns, ``rows_per_group`` attention rows
+    each (normalized over the real keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen)
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[:, n - padded :] = False
+    group = torch.arange(groups).repeat_interleave(rows_per_group)
+    attn = attention_rows(len(group), n, sharpness=3.0, generator=gen) * key_mask[group]
+    return values, key_mask, group, attn / attn.sum(-1, keepdim=True)
+
+
 def head_output_error(x: torch.Tensor, a: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``||x V - a V|| / ||a V||`` per row, in float64."""
     x, a, values = x.double(), a.double(), values.double()

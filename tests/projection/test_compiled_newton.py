@@ -21,7 +21,12 @@ from captum_effattn.projection.solvers.compiled_newton import (
     numba_available,
 )
 from captum_effattn.projection.solvers.newton import exact_step, newton_phase
-from tests.projection.problems import attention_rows, head_output_error, value_vectors
+from tests.projection.problems import (
+    attention_rows,
+    grouped_rows_problem,
+    head_output_error,
+    value_vectors,
+)
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
 
@@ -110,7 +115,7 @@ def test_threads_share_the_rows_without_changing_any(monkeypatch, numba_pool):
     import captum_effattn.projection.solvers.compiled_newton as compiled
 
     ops, c = _dual_problem(4, 9, 80, 8, 3, seed=2)
-    values, key_mask, group, rows = _value_problem(5, 7, 70, 6, seed=3)
+    values, key_mask, group, rows = grouped_rows_problem(5, 7, 70, 6, 5, seed=3)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -138,7 +143,7 @@ def test_numba_pool_settings_are_restored_and_not_used_after_a_fork():
 
     import captum_effattn.projection.solvers.compiled_newton as compiled
 
-    values, key_mask, group, rows = _value_problem(5, 7, 70, 6, seed=4)
+    values, key_mask, group, rows = grouped_rows_problem(5, 7, 70, 6, 5, seed=4)
     before = torch.get_num_threads(), numba.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -168,17 +173,6 @@ def _solve_in_child(queue, values, key_mask, group, rows) -> None:
     torch.set_num_threads(2)
     x, _, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
     queue.put((compiled._numba_pool_usable(), x.numpy()))  # plain bytes, not a shared tensor
-
-
-def _value_problem(groups: int, rows_per_group: int, n: int, d: int, seed: int):
-    """Values, key mask, group and attention rows for :func:`compiled_value_newton`."""
-    gen = torch.Generator().manual_seed(seed)
-    values = value_vectors(groups, n, d, generator=gen).double()
-    key_mask = torch.ones(groups, n, dtype=torch.bool)
-    key_mask[1:, n - 5 :] = False
-    group = torch.arange(groups).repeat_interleave(rows_per_group)
-    rows = attention_rows(len(group), n, sharpness=3.0, generator=gen).double() * key_mask[group]
-    return values, key_mask, group, rows / rows.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -16,7 +16,12 @@ from captum_effattn.projection.solvers.compiled_newton import (
     compiled_value_newton,
     numba_available,
 )
-from tests.projection.problems import attention_rows, head_output_error, value_vectors
+from tests.projection.problems import (
+    attention_rows,
+    grouped_rows_problem,
+    head_output_error,
+    value_vectors,
+)
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
 
@@ -24,16 +29,6 @@ pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba e
 def _output_error(x, a, values):
     """``||x V - a V|| / ||a V||`` per row, each row with its own ``V`` (``(R, n, d)``)."""
     return head_output_error(x[:, None], a[:, None], values)[:, 0]
-
-
-def _problem(groups, rows_per_group, n, d, padded, seed):
-    gen = torch.Generator().manual_seed(seed)
-    values = value_vectors(groups, n, d, generator=gen)
-    key_mask = torch.ones(groups, n, dtype=torch.bool)
-    key_mask[:, n - padded :] = False
-    group = torch.arange(groups).repeat_interleave(rows_per_group)
-    attn = attention_rows(len(group), n, sharpness=3.0, generator=gen) * key_mask[group]
-    return values, key_mask, group, attn / attn.sum(-1, keepdim=True)
 
 
 @settings(max_examples=30, deadline=None)
@@ -49,7 +44,7 @@ def test_same_steps_and_rows_as_newton_on_an_orthonormal_basis(
     groups, rows_per_group, n, d, padded, seed
 ):
     padded = min(padded, n - 1)
-    values, key_mask, group, a = _problem(groups, rows_per_group, n, d, padded, seed)
+    values, key_mask, group, a = grouped_rows_problem(groups, rows_per_group, n, d, padded, seed)
     x, steps, solved = compiled_value_newton(values, key_mask, group, a, 200, 1e-13)
     real = key_mask[group].sum(-1)
     # Rows whose keys do not outnumber [1, V]'s columns are the general path's (maybe unchanged).
