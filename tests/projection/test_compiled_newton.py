@@ -33,14 +33,8 @@ pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba e
 
 def _dual_problem(groups: int, rows_per_group: int, n: int, d: int, padded: int, seed: int):
     """Bases of ``[1, V]`` for ``groups`` heads and the coordinates ``c = B^T a`` of their rows."""
-    gen = torch.Generator().manual_seed(seed)
-    values = value_vectors(groups, n, d, generator=gen)
-    key_mask = torch.ones(groups, n, dtype=torch.bool)
-    key_mask[:, n - padded :] = False
+    values, key_mask, group, attn = grouped_rows_problem(groups, rows_per_group, n, d, padded, seed)
     basis, _ = value_space_basis(values, key_mask, with_ones=True)
-    group = torch.arange(groups).repeat_interleave(rows_per_group)
-    attn = attention_rows(len(group), n, sharpness=3.0, generator=gen) * key_mask[group]
-    attn = attn / attn.sum(-1, keepdim=True)
     ops = GroupedMatrices(basis, group)
     return ops, ops.right(attn)
 
