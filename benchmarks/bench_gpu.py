@@ -5,14 +5,18 @@ heads, d = 32; the real MiniLM checkpoint when its offline package is installed,
 weights from the same config, which the output says) and random token ids:
 
 1. ``attribute`` against the plain forward pass at ``--batch`` x ``--tokens`` (default 32 x 512):
-   the default view and ``weighting="gradient"``, interleaved rounds (``benchmarks/timing.py``),
-   each call followed by a device synchronization; medians of per-round ratios, [IQR].
+   the default view and ``weighting="gradient"``, and the default view with the Newton phase
+   replayed from CUDA graphs (``"auto"`` pointed at ``backend="cudagraph"`` for the call),
+   interleaved rounds (``benchmarks/timing.py``), each call followed by a device
+   synchronization; medians of per-round ratios, [IQR].
 2. ``efficient_attention`` on every row of one layer's 12 heads at ``--tokens`` (the captured
    attention of the first example), per backend that runs on the device (``torch``, ``triton``
-   on CUDA, ``numba`` on CPU) and ``auto``, interleaved; which backend ``auto`` resolves to and
-   whether it is the fastest.
-3. Kernel launches per Newton step: the device kernels the profiler records in one call of item
-   2 (``auto``), divided by the Newton steps its certificate reports (the largest row count: rows
+   and ``cudagraph`` on CUDA, ``numba`` on CPU) and ``auto``, interleaved; which backend
+   ``auto`` resolves to and whether it is the fastest. A backend that fails on the device (a
+   CUDA graph that cannot be captured) is reported and left out.
+3. Launches per Newton step, per backend of item 2 that runs the batched solver: the kernel and
+   graph launches the profiler records in one call (host-side launch calls, and the kernels the
+   device ran), divided by the Newton steps its certificate reports (the largest row count: rows
    step together in the batched solver).
 
 Run on the GPU machine (nothing to download; the offline model package is optional):
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,8 +38,12 @@ import torch
 from benchmarks.timing import interleaved, machine_line
 from captum_effattn import EfficientAttentionAttribution, efficient_attention
 from captum_effattn.data import minilm_path
+from captum_effattn.kernels import KernelUnavailableError
 from captum_effattn.models import capture_attention
-from captum_effattn.projection.engine.backends import BACKENDS, resolve_backend
+from captum_effattn.projection.engine.backends import AUTO_ORDER, BACKENDS, resolve_backend
+
+# Host-side calls that start work on the device: one per kernel, or one per graph replay.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaGraphLaunch")
 
 
 def minilm_classifier(device: torch.device):
@@ -74,6 +83,21 @@ def synchronized(device: torch.device, call: Callable[[], object]) -> Callable[[
     return run
 
 
+@contextmanager
+def auto_resolving_to(device: torch.device, name: str) -> Iterator[None]:
+    """``backend="auto"`` picks ``name`` on ``device``'s type inside the block (the attribution
+    has no backend argument: it always asks for ``"auto"``)."""
+    before = AUTO_ORDER.get(device.type)
+    AUTO_ORDER[device.type] = (name,)
+    try:
+        yield
+    finally:
+        if before is None:
+            del AUTO_ORDER[device.type]
+        else:
+            AUTO_ORDER[device.type] = before
+
+
 def print_ratios(title: str, summaries, unit: str) -> None:
     print(f"\n{title}\n")
     for name, summary in summaries.items():
@@ -96,6 +120,10 @@ def attribution_against_forward(model, device, args) -> None:
         with torch.no_grad():
             forward(ids, mask)
 
+    def graphed() -> None:
+        with auto_resolving_to(device, "cudagraph"):
+            explainer.attribute(ids, **kwargs)
+
     methods = {
         "forward": synchronized(device, plain),
         "efficient (default)": synchronized(device, lambda: explainer.attribute(ids, **kwargs)),
@@ -103,6 +131,8 @@ def attribution_against_forward(model, device, args) -> None:
             device, lambda: explainer.attribute(ids, weighting="gradient", **kwargs)
         ),
     }
+    if graphs_capture(device):
+        methods["efficient (cudagraph)"] = synchronized(device, graphed)
     summaries = interleaved(methods, unit="forward", rounds=args.rounds)
     title = f"1. attribute vs forward, {args.batch} x {args.tokens} tokens"
     print_ratios(title, summaries, "forward")
@@ -116,13 +146,37 @@ def one_layer(model, device, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.attn[0], layer.values[0]  # (12, n, n), (12, n, d)
 
 
+def runs(device: torch.device, name: str, call: Callable[[], object]) -> bool:
+    """Whether ``call`` runs on the device; says why not when it does not."""
+    try:
+        synchronized(device, call)()
+    except KernelUnavailableError as error:
+        print(f"\n{name} left out: {error}")
+        return False
+    return True
+
+
+def graphs_capture(device: torch.device) -> bool:
+    """Whether ``backend="cudagraph"`` runs here (named, it raises where the graph cannot be
+    captured; under ``"auto"`` it would fall back silently)."""
+    if BACKENDS["cudagraph"].unavailable_reason(device) is not None:
+        return False
+    attn = torch.softmax(torch.randn(2, 40, 40, device=device, dtype=torch.float64), -1)
+    values = torch.randn(2, 40, 8, device=device, dtype=torch.float64)
+    return runs(device, "cudagraph", lambda: efficient_attention(attn, values, backend="cudagraph"))
+
+
 def backends_on_all_rows(model, device, args) -> None:
     attn, values = one_layer(model, device, args.tokens)
-    names = [name for name, b in BACKENDS.items() if b.unavailable_reason(device) is None]
 
     def project(backend: str) -> Callable[[], None]:
         return synchronized(device, lambda: efficient_attention(attn, values, backend=backend))
 
+    names = [
+        name
+        for name, b in BACKENDS.items()
+        if b.unavailable_reason(device) is None and runs(device, name, project(name))
+    ]
     methods = {name: project(name) for name in [*names, "auto"]}
     summaries = interleaved(methods, unit=names[0], rounds=args.rounds)
     title = f"2. efficient_attention, every row of 12 heads, n = {args.tokens}"
@@ -131,17 +185,30 @@ def backends_on_all_rows(model, device, args) -> None:
     fastest = min(names, key=lambda name: summaries[name].median_seconds)
     print(f"\n`auto` resolves to {chosen!r}; the fastest here is {fastest!r}")
 
-    _, certificate = efficient_attention(attn, values, return_certificate=True)
-    steps = int(certificate.iterations.max())
+    print("\n3. launches per Newton step, one call each\n")
+    for name in names:
+        if BACKENDS[name].batched_newton:
+            launches_per_step(device, attn, values, name)
+
+
+def launches_per_step(device, attn, values, backend: str) -> None:
+    _, certificate = efficient_attention(attn, values, return_certificate=True, backend=backend)
+    steps = max(int(certificate.iterations.max()), 1)
     with torch.profiler.profile() as profile:
-        synchronized(device, lambda: efficient_attention(attn, values))()
-    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else None
-    events = [e for e in profile.events() if kind is None or e.device_type == kind]
-    what = "device kernels" if kind is not None else "profiled CPU operations"
-    print(
-        f"\n3. {len(events)} {what} in one call, {steps} Newton steps at most: "
-        f"{len(events) / max(steps, 1):.0f} per step"
-    )
+        synchronized(device, lambda: efficient_attention(attn, values, backend=backend))()
+    events = list(profile.events())
+    if device.type == "cuda":
+        launches = sum(e.name in LAUNCH_CALLS for e in events)
+        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        print(
+            f"- {backend}: {launches} launches ({launches / steps:.1f} per step), {kernels} "
+            f"device kernels, {steps} Newton and interior-point steps at most"
+        )
+    else:
+        print(
+            f"- {backend}: {len(events)} profiled CPU operations, {steps} steps at most: "
+            f"{len(events) / steps:.0f} per step"
+        )
 
 
 def main() -> None:

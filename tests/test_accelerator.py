@@ -17,8 +17,11 @@ from captum_effattn import EfficientAttentionAttribution, effective_attention, e
 from captum_effattn.attr import check_sufficiency
 from captum_effattn.metrics import TokenGate, compare_methods, gated_inputs
 from captum_effattn.projection import efficient_attention_from_qk
+from captum_effattn.projection.engine.grouped import GroupedMatrices
+from captum_effattn.projection.solvers.static_newton import BLOCK_STEPS, NewtonBlock
 from tests.attr.helpers import text_setup
 from tests.models.tiny import tiny_inputs, tiny_model
+from tests.projection.problems import dual_problem
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,41 @@ def test_projections_agree_with_the_cpu(device, causal, dtype):
         assert cpu_report.all_converged
         tol = 1e-9 if dtype == torch.float64 else 1e-6
         torch.testing.assert_close(here.cpu(), on_cpu, atol=tol, rtol=0)
+
+
+@pytest.fixture
+def cuda_device(device) -> torch.device:
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    return device
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudagraph_backend_agrees_with_the_cpu(cuda_device, causal):
+    attn, values, key_mask = _problem(causal, torch.float64)
+    on_cpu = efficient_attention(attn, values, key_mask, causal)
+    here, report = efficient_attention(
+        *_to(cuda_device, attn, values, key_mask),
+        causal,
+        return_certificate=True,
+        backend="cudagraph",
+    )
+    assert report.all_converged
+    torch.testing.assert_close(here.cpu(), on_cpu, atol=1e-9, rtol=0)
+
+
+def test_a_newton_block_does_not_synchronize(cuda_device):
+    """What a CUDA graph needs: a block of Newton steps waits for nothing on the device."""
+    ops, c = dual_problem(3, 8, 64, 8, 4, seed=2)
+    ops = GroupedMatrices(ops.matrices.to(cuda_device), ops.group.to(cuda_device))
+    c = c.to(cuda_device)
+    block = NewtonBlock.start(ops, c, c, 50, 1e-13)
+    block.step()  # builds the products' caches and the libraries' workspaces
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block.run(BLOCK_STEPS)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("causal", [False, True])

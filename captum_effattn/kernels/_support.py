@@ -13,8 +13,9 @@ INSTALL_HINT = "pip install 'captum-effattn[gpu]' (Linux; triton==3.7.1 pairs wi
 
 
 class KernelUnavailableError(RuntimeError):
-    """``backend="triton"`` or ``"numba"`` was forced where it cannot run (package missing,
-    tensors on a device it does not compute on, sizes beyond the kernels' limits)."""
+    """``backend="triton"``, ``"numba"`` or ``"cudagraph"`` was forced where it cannot run
+    (package missing, tensors on a device it does not compute on, sizes beyond the kernels'
+    limits, a device that cannot capture the CUDA graph)."""
 
 
 def triton_available() -> bool:

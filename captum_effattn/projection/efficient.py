@@ -229,9 +229,10 @@ def efficient_attention(
             5e-3 (float16), 3e-2 (bfloat16).
         backend: ``"auto"`` (for CPU tensors the Newton phase compiled with numba when numba is
             installed, PyTorch otherwise and on CUDA, where it was faster than the Triton
-            kernels), ``"torch"``, ``"numba"`` or ``"triton"`` (Triton kernels for the solver's
-            matrix products on CUDA tensors; these raise
-            :class:`~captum_effattn.kernels.KernelUnavailableError` where they cannot run). All
+            kernels), ``"torch"``, ``"numba"``, ``"triton"`` (Triton kernels for the solver's
+            matrix products on CUDA tensors) or ``"cudagraph"`` (the Newton phase replayed from
+            CUDA graphs, CUDA tensors); a named backend raises
+            :class:`~captum_effattn.kernels.KernelUnavailableError` where it cannot run. All
             compute in float64 and agree to rounding.
 
     Returns:
@@ -241,7 +242,8 @@ def efficient_attention(
     Raises:
         TypeError, ValueError: malformed inputs (see :func:`effective_attention`), or a row that
             is not a probability distribution over its real keys.
-        KernelUnavailableError: ``backend="numba"`` or ``"triton"`` where it cannot run.
+        KernelUnavailableError: ``backend="numba"``, ``"triton"`` or ``"cudagraph"`` where it
+            cannot run.
 
     Warns:
         ConvergenceWarning: a row missed ``tol``; the certificate says which.

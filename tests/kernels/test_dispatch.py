@@ -96,9 +96,8 @@ def test_effective_from_qk_runs_the_fused_projection(gen, device):
 
 def test_unknown_backend(gen):
     attn = attention_rows(2, 5, generator=gen)
-    with pytest.raises(
-        ValueError, match=r"backend must be one of \('auto', 'torch', 'numba', 'triton'\)"
-    ):
+    choices = r"\('auto', 'torch', 'numba', 'triton', 'cudagraph'\)"
+    with pytest.raises(ValueError, match=f"backend must be one of {choices}"):
         efficient_attention(attn, value_vectors(5, 2, generator=gen), backend="cuda")
 
 

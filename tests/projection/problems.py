@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.engine.grouped import GroupedMatrices
+
 
 def attention_rows(
     *shape: int, sharpness: float = 1.0, generator: torch.Generator, dtype=torch.float64
@@ -36,3 +39,14 @@ def head_output_error(x: torch.Tensor, a: torch.Tensor, values: torch.Tensor) ->
     """``||x V - a V|| / ||a V||`` per row, in float64."""
     x, a, values = x.double(), a.double(), values.double()
     return ((x - a) @ values).norm(dim=-1) / (a @ values).norm(dim=-1)
+
+
+def dual_problem(
+    groups: int, rows_per_group: int, n: int, d: int, padded: int, seed: int
+) -> tuple[GroupedMatrices, torch.Tensor]:
+    """The Newton phases' input for :func:`grouped_rows_problem`: orthonormal bases of ``[1, V]``
+    per head, and the coordinates ``c = B^T a`` of its rows."""
+    values, key_mask, group, attn = grouped_rows_problem(groups, rows_per_group, n, d, padded, seed)
+    basis, _ = value_space_basis(values, key_mask, with_ones=True)
+    ops = GroupedMatrices(basis, group)
+    return ops, ops.right(attn)

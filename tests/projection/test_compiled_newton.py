@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 
 from captum_effattn import efficient_attention
 from captum_effattn.kernels import KernelUnavailableError
-from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.engine.backends import NumbaBackend, resolve_backend
-from captum_effattn.projection.engine.grouped import GroupedMatrices
 from captum_effattn.projection.solvers.compiled_newton import (
     compiled_newton_phase,
     compiled_value_newton,
@@ -23,20 +21,13 @@ from captum_effattn.projection.solvers.compiled_newton import (
 from captum_effattn.projection.solvers.newton import exact_step, newton_phase
 from tests.projection.problems import (
     attention_rows,
+    dual_problem,
     grouped_rows_problem,
     head_output_error,
     value_vectors,
 )
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba extra")
-
-
-def _dual_problem(groups: int, rows_per_group: int, n: int, d: int, padded: int, seed: int):
-    """Bases of ``[1, V]`` for ``groups`` heads and the coordinates ``c = B^T a`` of their rows."""
-    values, key_mask, group, attn = grouped_rows_problem(groups, rows_per_group, n, d, padded, seed)
-    basis, _ = value_space_basis(values, key_mask, with_ones=True)
-    ops = GroupedMatrices(basis, group)
-    return ops, ops.right(attn)
 
 
 @settings(max_examples=25, deadline=None)
@@ -51,7 +42,7 @@ def _dual_problem(groups: int, rows_per_group: int, n: int, d: int, padded: int,
 def test_same_steps_as_the_batched_newton_phase(groups, rows_per_group, n, d, padded, seed):
     """Same iteration: the same number of steps per row and the same dual point to rounding."""
     padded = min(padded, n - 1)
-    ops, c = _dual_problem(groups, rows_per_group, n, d, padded, seed)
+    ops, c = dual_problem(groups, rows_per_group, n, d, padded, seed)
     theta, steps, converged = newton_phase(ops, c, c.clone(), 50, 1e-13)
     theta_c, steps_c, converged_c = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
     assert torch.equal(converged_c, converged)
@@ -87,7 +78,7 @@ def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
 
 def test_converges_where_the_optimum_is_degenerate():
     """n much larger than d: most keys leave the support; the gradient tolerance is met."""
-    ops, c = _dual_problem(3, 8, 200, 6, 10, seed=5)
+    ops, c = dual_problem(3, 8, 200, 6, 10, seed=5)
     theta, steps, converged = compiled_newton_phase(ops, c, c.clone(), 200, 1e-13)
     assert converged.all()
     residual = c - ops.right(ops.left(theta).clamp_min(0))
@@ -96,7 +87,7 @@ def test_converges_where_the_optimum_is_degenerate():
 
 
 def test_the_starting_point_is_not_modified():
-    ops, c = _dual_problem(2, 3, 30, 4, 0, seed=1)
+    ops, c = dual_problem(2, 3, 30, 4, 0, seed=1)
     start = c.clone()
     compiled_newton_phase(ops, c, start, 50, 1e-13)
     assert torch.equal(start, c)
@@ -108,7 +99,7 @@ def test_threads_share_the_rows_without_changing_any(monkeypatch, numba_pool):
     threads, the same bits."""
     import captum_effattn.projection.solvers.compiled_newton as compiled
 
-    ops, c = _dual_problem(4, 9, 80, 8, 3, seed=2)
+    ops, c = dual_problem(4, 9, 80, 8, 3, seed=2)
     values, key_mask, group, rows = grouped_rows_problem(5, 7, 70, 6, 5, seed=3)
     before = torch.get_num_threads()
     try:

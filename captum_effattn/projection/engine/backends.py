@@ -9,6 +9,10 @@
   and the streamed attention rows, falling back to PyTorch where a problem exceeds the kernels'
   limits (rows wider than :data:`~captum_effattn.kernels._support.MAX_WIDTH`, masks the attention
   kernel does not implement).
+- ``"cudagraph"`` (CUDA tensors): batched PyTorch with the Newton phase in fixed-shape blocks of
+  steps captured in a CUDA graph (:mod:`captum_effattn.projection.solvers.static_newton`): one
+  launch and one read-back per block of steps instead of some forty launches and several reads
+  per step.
 
 Every backend is an object behind the :class:`Backend` protocol, registered in :data:`BACKENDS`
 by name; ``backend=`` strings resolve through :func:`resolve_backend`. ``backend="auto"`` picks
@@ -47,6 +51,7 @@ from captum_effattn.projection.solvers.compiled_newton import (
     numba_available,
 )
 from captum_effattn.projection.solvers.newton import NewtonResult, newton_phase
+from captum_effattn.projection.solvers.static_newton import GraphCaptureError, static_newton_phase
 
 NUMBA_INSTALL_HINT = "pip install 'captum-effattn[numba]'"
 
@@ -255,8 +260,42 @@ class TritonBackend(TorchBackend):
         return False
 
 
+@dataclass(frozen=True)
+class CudaGraphBackend(TorchBackend):
+    """Batched PyTorch, the Newton phase replayed from a CUDA graph (CUDA tensors)."""
+
+    name: ClassVar[str] = "cudagraph"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Tensors off CUDA."""
+        if device.type != "cuda":
+            return (
+                f"backend='cudagraph' replays the Newton phase from CUDA graphs: it needs CUDA "
+                f"tensors; got tensors on {device} (use backend='auto' there)"
+            )
+        return None
+
+    def newton(
+        self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
+    ) -> NewtonResult:
+        """:func:`~captum_effattn.projection.solvers.static_newton.static_newton_phase` with
+        ``graphs=True``; where the device cannot capture the graph, :func:`newton_phase` unless
+        the backend was named.
+
+        Raises:
+            KernelUnavailableError: named, and the device could not capture the phase in a graph.
+        """
+        try:
+            return static_newton_phase(ops, c, theta, max_iter, tol, graphs=True)
+        except GraphCaptureError as error:
+            if self.forced:
+                raise KernelUnavailableError(f"backend='cudagraph': {error}") from error
+            return newton_phase(ops, c, theta, max_iter, tol)
+
+
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (TorchBackend(), NumbaBackend(), TritonBackend())
+    backend.name: backend
+    for backend in (TorchBackend(), NumbaBackend(), TritonBackend(), CudaGraphBackend())
 }
 """Every backend, by the name ``backend=`` selects it with."""
 

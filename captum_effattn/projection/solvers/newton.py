@@ -83,6 +83,23 @@ def exact_step(
         candidates: sweep only this many nearest breakpoints first; rows whose sign change lies
             beyond them then sort all of theirs. ``None``: sort all at once.
     """
+    breaks, terms = _breakpoints(u, w, slope0)
+    if candidates is None or candidates >= u.shape[-1]:
+        return sorted_step(breaks, terms)
+    nearest, order = torch.topk(breaks, candidates, dim=-1, largest=False, sorted=True)
+    complete = torch.isinf(nearest[:, -1])  # every breakpoint of the row is among them
+    step, found = _step_on_segments(nearest, order, *terms, complete=complete)
+    if not bool(found.all()):
+        rest = (~found).nonzero()[:, 0]
+        step[rest] = sorted_step(breaks[rest], tuple(term[rest] for term in terms))
+    return step
+
+
+def _breakpoints(
+    u: torch.Tensor, w: torch.Tensor, slope0: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Each key's breakpoint ``-u_i / w_i`` (``inf`` for keys that never cross 0), and per row
+    what each breakpoint adds to ``phi``'s slope and curvature with their values at ``t = 0``."""
     active0 = (u > 0) | ((u == 0) & (w > 0))
     alpha0 = (active0 * w * u).sum(-1, keepdim=True)
     beta0 = (active0 * w * w).sum(-1, keepdim=True)
@@ -92,21 +109,15 @@ def exact_step(
     safe_w = torch.where(moving, w, torch.ones_like(w))
     breaks = torch.where(moving, -u / safe_w, torch.full_like(u, torch.inf))
     sign = enters.to(u.dtype) - leaves.to(u.dtype)
-    # Per row: what each breakpoint adds to phi's slope and curvature, and their values at t = 0.
-    terms = (sign * w * u, sign * w * w, alpha0, beta0, slope0)
-    if candidates is not None and candidates < u.shape[-1]:
-        nearest, order = torch.topk(breaks, candidates, dim=-1, largest=False, sorted=True)
-        complete = torch.isinf(nearest[:, -1])  # every breakpoint of the row is among them
-    else:
-        nearest, order = torch.sort(breaks, dim=-1)
-        complete = torch.ones_like(slope0, dtype=torch.bool)
-    step, found = _step_on_segments(nearest, order, *terms, complete=complete)
-    if not bool(found.all()):
-        rest = (~found).nonzero()[:, 0]
-        every, order = torch.sort(breaks[rest], dim=-1)
-        step[rest], _ = _step_on_segments(
-            every, order, *(term[rest] for term in terms), complete=torch.ones_like(found[rest])
-        )
+    return breaks, (sign * w * u, sign * w * w, alpha0, beta0, slope0)
+
+
+def sorted_step(breaks: torch.Tensor, terms: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The exact step from every breakpoint sorted: no value read back to the host, so it can
+    run inside a CUDA graph."""
+    ordered, order = torch.sort(breaks, dim=-1)
+    complete = torch.ones(breaks.shape[0], dtype=torch.bool, device=breaks.device)
+    step, _ = _step_on_segments(ordered, order, *terms, complete=complete)
     return step
 
 

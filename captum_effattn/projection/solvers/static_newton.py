@@ -1,0 +1,180 @@
+"""The semismooth Newton phase in fixed-shape blocks of steps that read nothing back to the host.
+
+:func:`.newton.newton_phase` keeps only the unfinished rows and reads values back to the host
+every step (which rows finished, how many keys moved, whether the nearest breakpoints held the
+step). On a GPU each read waits for the device to drain its queue, and a step is some forty small
+kernels whose launch latency outweighs their arithmetic: the solver is latency-bound there
+(measured on an H200 for issue 5: about 30 launches per step).
+
+Here every step works on every row, a finished row frozen by a mask, and reads nothing back, so
+that :data:`BLOCK_STEPS` steps can be captured once in a CUDA graph and replayed: one launch per
+block, and one read per block (has every row finished?). The steps are
+:func:`.newton.newton_phase`'s, with the two choices that need a read made the read-free way: the
+support's Gram matrix is recomputed every step (not updated from the keys that moved), and the
+line search sorts every breakpoint (not the nearest few first). Results agree with
+:func:`.newton.newton_phase` to rounding.
+
+On the CPU the same blocks run eagerly (that is what the tests exercise); the compiled ``numba``
+phase is the fast CPU route.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captum_effattn.projection.engine.grouped import GroupedProducts
+from captum_effattn.projection.solvers.newton import (
+    REGULARIZATION,
+    REGULARIZATION_FLOOR,
+    NewtonResult,
+    exact_step,
+)
+
+BLOCK_STEPS = 8
+"""Newton steps per block (per CUDA graph replay): one read-back per block decides whether to go
+on, so a row that converges waits at most this many steps of the others."""
+
+
+class GraphCaptureError(RuntimeError):
+    """The Newton block could not be captured in a CUDA graph on this device."""
+
+
+@dataclass(frozen=True)
+class NewtonBlock:
+    """Fixed-shape Newton steps on all rows of one problem, updating its state in place.
+
+    Args:
+        ops: the rows' orthonormal bases (products per group).
+        c: ``(R, r)`` the rows' coordinates ``B^T a``.
+        theta: ``(R, r)`` dual points, updated in place.
+        converged: ``(R,)`` bool, rows whose gradient norm reached ``tol`` (then frozen).
+        iterations: ``(R,)`` int64, steps each row took.
+        budget: ``()`` int64, steps left to the whole phase (a step past it changes nothing).
+        tol: the gradient norm at which a row is done.
+    """
+
+    ops: GroupedProducts
+    c: torch.Tensor
+    theta: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    budget: torch.Tensor
+    tol: float
+
+    @classmethod
+    def start(
+        cls, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
+    ) -> NewtonBlock:
+        """A block's state at ``theta`` (copied), ``max_iter`` steps to spend."""
+        rows = len(c)
+        return cls(
+            ops=ops,
+            c=c,
+            theta=theta.clone(),
+            converged=torch.zeros(rows, dtype=torch.bool, device=c.device),
+            iterations=torch.zeros(rows, dtype=torch.long, device=c.device),
+            budget=torch.tensor(max_iter, dtype=torch.long, device=c.device),
+            tol=tol,
+        )
+
+    def gradient_norm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, gradient, norm)`` at the current ``theta``: ``u = B theta``, ``c - B^T relu(u)``
+        and its norm per row."""
+        u = self.ops.left(self.theta)
+        gradient = self.c - self.ops.right(u.clamp_min(0))
+        return u, gradient, gradient.norm(dim=-1)
+
+    def step(self) -> None:
+        """One Newton step on every unfinished row (the rest keep their state)."""
+        u, gradient, norm = self.gradient_norm()
+        done = self.converged | (norm <= self.tol)
+        moving = ~done & (self.budget > 0)
+        support = (u > 0).to(u.dtype)
+        mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
+        eye = torch.eye(self.c.shape[-1], dtype=u.dtype, device=u.device)
+        # No error check: a row whose factorization fails gets a non-finite step, never counts as
+        # converged, and goes to the interior point like any row Newton leaves unfinished.
+        factor, _ = torch.linalg.cholesky_ex(self.ops.gram(support) + mu[:, None, None] * eye)
+        half = torch.linalg.solve_triangular(factor, gradient[..., None], upper=False)
+        direction = torch.linalg.solve_triangular(factor.mT, half, upper=True)[..., 0]
+        step = exact_step(u, self.ops.left(direction), (direction * self.c).sum(-1))
+        moved = self.theta + step[:, None] * direction
+        self.theta.copy_(torch.where(moving[:, None], moved, self.theta))
+        self.iterations.add_(moving.to(torch.long))
+        self.converged.copy_(done)
+        self.budget.sub_(1)
+
+    def run(self, steps: int) -> None:
+        """``steps`` steps, eagerly."""
+        for _ in range(steps):
+            self.step()
+
+    def finish(self) -> NewtonResult:
+        """``(theta, iterations, converged)``, convergence judged at the final ``theta``."""
+        _, _, norm = self.gradient_norm()
+        return self.theta, self.iterations, self.converged | (norm <= self.tol)
+
+
+def _captured(block: NewtonBlock, steps: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``steps`` steps of ``block`` (not run: capturing records, it does not
+    execute)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # Thread-local: the attribution pipeline's other thread may be running the forward pass
+        # on the same device meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            block.run(steps)
+    except RuntimeError as error:
+        raise GraphCaptureError(
+            f"the Newton phase could not be captured in a CUDA graph on "
+            f"{torch.cuda.get_device_name(block.c.device)}: {error}"
+        ) from error
+    return graph
+
+
+def static_newton_phase(
+    basis: GroupedProducts,
+    c: torch.Tensor,
+    theta: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    *,
+    graphs: bool = False,
+) -> NewtonResult:
+    """:func:`.newton.newton_phase` in blocks of :data:`BLOCK_STEPS` read-free steps.
+
+    Args:
+        basis, c, theta, max_iter, tol: as in :func:`.newton.newton_phase` (``theta`` is not
+            modified).
+        graphs: capture a block in a CUDA graph and replay it (CUDA tensors); otherwise the
+            blocks run eagerly.
+
+    Returns:
+        ``(theta, iterations, converged)``, each per row.
+
+    Raises:
+        GraphCaptureError: ``graphs=True`` and the block cannot be captured on this device.
+    """
+    block = NewtonBlock.start(basis, c, theta, max_iter, tol)
+    left = max_iter
+    if graphs and left > 0 and len(c):
+        # One eager step first, on a side stream as capture requires: it builds what the steps
+        # reuse (the products' cached outer products, cuBLAS and cuSOLVER workspaces) outside
+        # the graph.
+        side = torch.cuda.Stream(device=c.device)
+        side.wait_stream(torch.cuda.current_stream(c.device))
+        with torch.cuda.stream(side):
+            block.step()
+        torch.cuda.current_stream(c.device).wait_stream(side)
+        left -= 1
+        graph = _captured(block, BLOCK_STEPS)
+        while left > 0 and not bool(block.converged.all()):
+            graph.replay()
+            left -= BLOCK_STEPS
+    else:
+        while left > 0 and len(c) and not bool(block.converged.all()):
+            block.run(min(BLOCK_STEPS, left))
+            left -= BLOCK_STEPS
+    return block.finish()
