@@ -76,6 +76,7 @@ def _solve_chunk(
         iterations=iterations,
         unchanged=torch.zeros_like(solved),
         failed=torch.zeros_like(solved),
+        error=measured,
     )
     rest = (~solved).nonzero()[:, 0]
     if len(rest):
@@ -93,6 +94,9 @@ def _solve_chunk(
         for field in ("rows", "reference", "unchanged", "failed"):
             getattr(result, field)[rest] = getattr(general, field)
         result.iterations[rest] += general.iterations  # steps taken on both routes
+        measured[rest] = output_error(
+            backend.grouped(left.values, left.group), general.rows, general.reference
+        )
     return result
 
 

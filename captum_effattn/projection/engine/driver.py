@@ -29,6 +29,8 @@ class ChunkResult:
     unchanged: torch.Tensor  # (R_c,) rows returned exactly as given (nothing to project)
     # (R_c,) rows no solver finished, returned as given (valid, not projected): never converged
     failed: torch.Tensor | None = None
+    # (R_c,) the rows' output error, where the solver already measured it (as output_error does)
+    error: torch.Tensor | None = None
 
 
 ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
@@ -96,8 +98,10 @@ def project_rows(
                 work = max(work, chunk.key_mask.numel() * rank_width**2)
             with threads_for(work, chunk.rows.device):
                 result = solve_chunk(chunk, mask_c, chosen)
-                values_c = chosen.grouped(chunk.values, chunk.group)
-                error_c = output_error(values_c, result.rows, result.reference)
+                error_c = result.error
+                if error_c is None:
+                    values_c = chosen.grouped(chunk.values, chunk.group)
+                    error_c = output_error(values_c, result.rows, result.reference)
             n_c = result.rows.shape[-1]
             out[chunk.row_ids, :n_c] = result.rows
             error[chunk.row_ids] = error_c
