@@ -14,10 +14,10 @@ weights from the same config, which the output says) and random token ids:
    and ``cudagraph`` on CUDA, ``numba`` on CPU) and ``auto``, interleaved; which backend
    ``auto`` resolves to and whether it is the fastest. A backend that fails on the device (a
    CUDA graph that cannot be captured) is reported and left out.
-3. Launches per Newton step, per backend of item 2 that runs the batched solver: the kernel and
-   graph launches the profiler records in one call (host-side launch calls, and the kernels the
-   device ran), divided by the Newton steps its certificate reports (the largest row count: rows
-   step together in the batched solver).
+3. Launches per Newton step, per backend of item 2 that runs the batched solver: the Newton phase
+   alone on every row of the layer's 12 heads (orthonormal bases of ``[1, V]``, the backend's own
+   step cap), the kernel and graph launches the profiler records (host-side launch calls, and the
+   kernels the device ran) divided by the most steps a row took (rows step together).
 
 Run on the GPU machine (nothing to download; the offline model package is optional):
 ``PYTHONPATH=. python benchmarks/bench_gpu.py``; ``--device cpu --quick`` (2 x 64 tokens, 2
@@ -40,6 +40,8 @@ from captum_effattn import EfficientAttentionAttribution, efficient_attention
 from captum_effattn.data import minilm_path
 from captum_effattn.kernels import KernelUnavailableError
 from captum_effattn.models import capture_attention
+from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.efficient import NEWTON_TOL
 from captum_effattn.projection.engine.backends import AUTO_ORDER, BACKENDS, resolve_backend
 
 # Host-side calls that start work on the device: one per kernel, or one per graph replay.
@@ -192,22 +194,38 @@ def backends_on_all_rows(model, device, args) -> None:
 
 
 def launches_per_step(device, attn, values, backend: str) -> None:
-    _, certificate = efficient_attention(attn, values, return_certificate=True, backend=backend)
-    steps = max(int(certificate.iterations.max()), 1)
+    """Launches of ``backend``'s Newton phase alone, on every row of the layer's heads."""
+    chosen = BACKENDS[backend]
+    heads, n, _ = values.shape
+    key_mask = torch.ones(heads, n, dtype=torch.bool, device=device)
+    basis, _ = value_space_basis(values.double(), key_mask, with_ones=True)
+    group = torch.arange(heads, device=device).repeat_interleave(n)
+    ops = chosen.grouped(basis, group)
+    rows = attn.double().reshape(heads * n, n)
+    c = ops.right(rows / rows.sum(-1, keepdim=True))
+
+    def newton():
+        return chosen.newton(ops, c, c, chosen.newton_steps, NEWTON_TOL)
+
+    newton()  # warm-up: allocator, library handles, the products' caches
     with torch.profiler.profile() as profile:
-        synchronized(device, lambda: efficient_attention(attn, values, backend=backend))()
+        _, iterations, converged = newton()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    steps = max(int(iterations.max()), 1)
     events = list(profile.events())
+    done = f"{int(converged.sum())} of {len(converged)} rows converged"
     if device.type == "cuda":
         launches = sum(e.name in LAUNCH_CALLS for e in events)
         kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
         print(
-            f"- {backend}: {launches} launches ({launches / steps:.1f} per step), {kernels} "
-            f"device kernels, {steps} Newton and interior-point steps at most"
+            f"- {backend}: {launches} launches in {steps} Newton steps ({launches / steps:.1f} per "
+            f"step), {kernels} device kernels; {done}"
         )
     else:
         print(
-            f"- {backend}: {len(events)} profiled CPU operations, {steps} steps at most: "
-            f"{len(events) / steps:.0f} per step"
+            f"- {backend}: {len(events)} profiled CPU operations in {steps} Newton steps "
+            f"({len(events) / steps:.0f} per step); {done}"
         )
 
 

@@ -158,23 +158,29 @@ def static_newton_phase(
         GraphCaptureError: ``graphs=True`` and the block cannot be captured on this device.
     """
     block = NewtonBlock.start(basis, c, theta, max_iter, tol)
-    left = max_iter
-    if graphs and left > 0 and len(c):
-        # One eager step first, on a side stream as capture requires: it builds what the steps
-        # reuse (the products' cached outer products, cuBLAS and cuSOLVER workspaces) outside
-        # the graph.
-        side = torch.cuda.Stream(device=c.device)
-        side.wait_stream(torch.cuda.current_stream(c.device))
-        with torch.cuda.stream(side):
-            block.step()
-        torch.cuda.current_stream(c.device).wait_stream(side)
-        left -= 1
-        graph = _captured(block, BLOCK_STEPS)
-        while left > 0 and not bool(block.converged.all()):
-            graph.replay()
-            left -= BLOCK_STEPS
+    if graphs and max_iter > 0 and len(c):
+        with torch.cuda.device(c.device):
+            _replay(block, max_iter)
     else:
+        left = max_iter
         while left > 0 and len(c) and not bool(block.converged.all()):
             block.run(min(BLOCK_STEPS, left))
             left -= BLOCK_STEPS
     return block.finish()
+
+
+def _replay(block: NewtonBlock, max_iter: int) -> None:
+    """``max_iter`` steps of ``block`` (fewer once every row has converged): one eager, the rest
+    from a graph of :data:`BLOCK_STEPS` steps."""
+    # The eager step runs on a side stream, as capture requires, and builds what the steps reuse
+    # (the products' cached outer products, cuBLAS and cuSOLVER workspaces) outside the graph.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        block.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = _captured(block, BLOCK_STEPS)
+    left = max_iter - 1
+    while left > 0 and not bool(block.converged.all()):
+        graph.replay()
+        left -= BLOCK_STEPS
