@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.engine.grouped import GroupedMatrices
@@ -50,3 +51,18 @@ def dual_problem(
     basis, _ = value_space_basis(values, key_mask, with_ones=True)
     ops = GroupedMatrices(basis, group)
     return ops, ops.right(attn)
+
+
+@st.composite
+def grouped_problem_shapes(draw, max_rows_per_group: int = 6, max_n: int = 60) -> tuple[int, ...]:
+    """``(groups, rows_per_group, n, d, padded, seed)`` for :func:`grouped_rows_problem` and
+    :func:`dual_problem` (at least one real key)."""
+    n = draw(st.integers(2, max_n))
+    return (
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, max_rows_per_group)),
+        n,
+        draw(st.integers(1, 12)),
+        min(draw(st.integers(0, 5)), n - 1),
+        draw(st.integers(0, 2**16)),
+    )

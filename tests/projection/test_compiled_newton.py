@@ -22,6 +22,7 @@ from captum_effattn.projection.solvers.newton import exact_step, newton_phase
 from tests.projection.problems import (
     attention_rows,
     dual_problem,
+    grouped_problem_shapes,
     grouped_rows_problem,
     head_output_error,
     value_vectors,
@@ -31,18 +32,10 @@ pytestmark = pytest.mark.skipif(not numba_available(), reason="needs the numba e
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    groups=st.integers(1, 4),
-    rows_per_group=st.integers(1, 6),
-    n=st.integers(2, 60),
-    d=st.integers(1, 12),
-    padded=st.integers(0, 5),
-    seed=st.integers(0, 2**16),
-)
-def test_same_steps_as_the_batched_newton_phase(groups, rows_per_group, n, d, padded, seed):
+@given(shape=grouped_problem_shapes())
+def test_same_steps_as_the_batched_newton_phase(shape):
     """Same iteration: the same number of steps per row and the same dual point to rounding."""
-    padded = min(padded, n - 1)
-    ops, c = dual_problem(groups, rows_per_group, n, d, padded, seed)
+    ops, c = dual_problem(*shape)
     theta, steps, converged = newton_phase(ops, c, c.clone(), 50, 1e-13)
     theta_c, steps_c, converged_c = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)
     assert torch.equal(converged_c, converged)

@@ -16,26 +16,18 @@ from captum_effattn.projection.solvers.static_newton import (
     NewtonBlock,
     static_newton_phase,
 )
-from tests.projection.problems import dual_problem
+from tests.projection.problems import dual_problem, grouped_problem_shapes
 
 
 @settings(max_examples=30, deadline=None)
 @given(
-    groups=st.integers(1, 4),
-    rows_per_group=st.integers(1, 6),
-    n=st.integers(2, 60),
-    d=st.integers(1, 12),
-    padded=st.integers(0, 5),
+    shape=grouped_problem_shapes(),
     max_iter=st.sampled_from([0, 1, BLOCK_STEPS - 1, BLOCK_STEPS + 3, 50]),
-    seed=st.integers(0, 2**16),
 )
-def test_same_steps_as_the_compacting_newton_phase(
-    groups, rows_per_group, n, d, padded, max_iter, seed
-):
+def test_same_steps_as_the_compacting_newton_phase(shape, max_iter):
     """Same rows converged, the same steps per row, the same rows to rounding, for every step
     budget (whole blocks or not)."""
-    padded = min(padded, n - 1)
-    ops, c = dual_problem(groups, rows_per_group, n, d, padded, seed)
+    ops, c = dual_problem(*shape)
     start = c.clone()
     theta, steps, converged = newton_phase(ops, c, c.clone(), max_iter, 1e-13)
     theta_s, steps_s, converged_s = static_newton_phase(ops, c, start, max_iter, 1e-13)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from captum_effattn import efficient_attention
 from captum_effattn.projection.basis import value_space_basis
@@ -18,6 +17,7 @@ from captum_effattn.projection.solvers.compiled_newton import (
 )
 from tests.projection.problems import (
     attention_rows,
+    grouped_problem_shapes,
     grouped_rows_problem,
     head_output_error,
     value_vectors,
@@ -32,19 +32,10 @@ def _output_error(x, a, values):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    groups=st.integers(1, 4),
-    rows_per_group=st.integers(1, 5),
-    n=st.integers(2, 70),
-    d=st.integers(1, 12),
-    padded=st.integers(0, 5),
-    seed=st.integers(0, 2**16),
-)
-def test_same_steps_and_rows_as_newton_on_an_orthonormal_basis(
-    groups, rows_per_group, n, d, padded, seed
-):
-    padded = min(padded, n - 1)
-    values, key_mask, group, a = grouped_rows_problem(groups, rows_per_group, n, d, padded, seed)
+@given(shape=grouped_problem_shapes(max_rows_per_group=5, max_n=70))
+def test_same_steps_and_rows_as_newton_on_an_orthonormal_basis(shape):
+    d = shape[3]
+    values, key_mask, group, a = grouped_rows_problem(*shape)
     x, steps, solved = compiled_value_newton(values, key_mask, group, a, 200, 1e-13)
     real = key_mask[group].sum(-1)
     # Rows whose keys do not outnumber [1, V]'s columns are the general path's (maybe unchanged).
