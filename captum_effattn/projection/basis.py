@@ -12,6 +12,12 @@ from captum_effattn._typing import KeyMask, RowBases
 CHOLESKY_ORTHOGONALITY = 1e-4
 # A first pass this close to orthonormal (largest entry of B^T B - I) needs no second.
 ORTHONORMAL_AFTER_ONE_PASS = 1e-13
+# ``||L^{-1}||_F`` above which unit columns (``[V]`` or ``[1, V]``, Gram ``L L^T``) go to the
+# orthonormal route instead of working with their Gram matrix: rounding errors grow with it, and
+# 1e3 keeps them near 1e-14 against the 1e-13 tolerance of the compiled Newton phase. MiniLM's
+# heads sit far below (12-20 on a 256-token review; no head is refused in
+# tests/projection/test_real_minilm.py).
+MAX_INVERSE_NORM = 1e3
 
 
 def _right_inverse_transpose(matrix: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -79,10 +85,10 @@ def orthonormal_basis(
         ``rank[g]`` columns are orthonormal and the rest exactly zero, and ``rank`` of shape
         ``(G,)``. Rows of masked keys are exactly zero.
     """
-    return _basis_of_unit_columns(_unit_columns(matrix.to(torch.float64), key_mask), key_mask, rtol)
+    return _basis_of_unit_columns(unit_columns(matrix.to(torch.float64), key_mask), key_mask, rtol)
 
 
-def _unit_columns(matrix: torch.Tensor, key_mask: KeyMask, out: torch.Tensor | None = None):
+def unit_columns(matrix: torch.Tensor, key_mask: KeyMask, out: torch.Tensor | None = None):
     """``matrix`` with padding rows zeroed and columns scaled to unit norm (zero columns stay)."""
     if not bool(key_mask.all()):
         matrix = matrix * key_mask[..., None]
@@ -131,5 +137,5 @@ def value_space_basis(
     matrix = torch.empty(groups, n, d + 1, dtype=torch.float64, device=values.device)
     real = key_mask.to(torch.float64)
     matrix[..., 0] = real / real.sum(-1, keepdim=True).sqrt().clamp_min(1)
-    _unit_columns(values.to(torch.float64), key_mask, out=matrix[..., 1:])
+    unit_columns(values.to(torch.float64), key_mask, out=matrix[..., 1:])
     return _basis_of_unit_columns(matrix, key_mask, rtol)

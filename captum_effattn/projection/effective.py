@@ -8,12 +8,15 @@ to one).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
-from captum_effattn.projection.basis import value_space_basis
+from captum_effattn.projection.basis import MAX_INVERSE_NORM, unit_columns, value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
+from captum_effattn.projection.engine.certify import ACCEPTED_ERROR, output_error
 from captum_effattn.projection.engine.driver import ChunkResult, project_rows
 from captum_effattn.projection.engine.layout import Chunk
 from captum_effattn.projection.engine.validation import (
@@ -26,11 +29,58 @@ from captum_effattn.projection.engine.validation import (
 def _project_chunk(
     chunk: Chunk, row_mask: torch.Tensor, backend: Backend, rank_rtol: float | None
 ) -> ChunkResult:
-    basis, _ = value_space_basis(chunk.values, chunk.key_mask, with_ones=False, rtol=rank_rtol)
-    ops = backend.grouped(basis, chunk.group)
     a = chunk.rows * row_mask
+    # A caller's own rank tolerance is for the bases' rank decisions, and fused kernels project
+    # onto a basis: build one then.
+    if rank_rtol is not None or backend.fused_projection:
+        return _onto_basis(chunk, a, backend, rank_rtol)
+    result, accepted = _by_normal_equations(chunk, a, backend)
+    rest = (~accepted).nonzero()[:, 0]
+    if len(rest):
+        left = chunk.subset(rest)
+        general = _onto_basis(left, a[rest], backend, None)
+        result.fill(rest, general, backend.grouped(left.values, left.group))
+    return result
+
+
+def _onto_basis(
+    chunk: Chunk, a: torch.Tensor, backend: Backend, rank_rtol: float | None
+) -> ChunkResult:
+    """``a U U^T`` with ``U`` an orthonormal basis of each group's values (any rank)."""
+    basis, _ = value_space_basis(chunk.values, chunk.key_mask, with_ones=False, rtol=rank_rtol)
+    return _result(backend.grouped(basis, chunk.group).project(a), a)
+
+
+def _by_normal_equations(
+    chunk: Chunk, a: torch.Tensor, backend: Backend
+) -> tuple[ChunkResult, torch.Tensor]:
+    """``a W G^{-1} W^T`` with ``W`` the unit columns of each group's values and ``G = W^T W``,
+    and which rows to keep: those of groups whose ``W`` is well conditioned (``||L^{-1}||_F <=``
+    :data:`~captum_effattn.projection.basis.MAX_INVERSE_NORM`, ``G = L L^T``) that meet the
+    head output within :data:`~captum_effattn.projection.engine.certify.ACCEPTED_ERROR`.
+
+    The same projection as :func:`_onto_basis` for full-rank values, without the orthonormal
+    basis, which costs several times more (MiniLM, the 72 [CLS] rows of one 128-token review:
+    2.3 ms against 8.6 ms on one thread).
+    """
+    columns = unit_columns(chunk.values, chunk.key_mask)
+    factor, info = torch.linalg.cholesky_ex(columns.mT @ columns)
+    factored = info == 0
+    identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    inverse = torch.cholesky_inverse(torch.where(factored[:, None, None], factor, identity))
+    # ||L^{-1}||_F^2 = trace(G^{-1}).
+    conditioned = factored & (inverse.diagonal(dim1=-2, dim2=-1).sum(-1) <= MAX_INVERSE_NORM**2)
+    inverse = torch.where(conditioned[:, None, None], inverse, 0)
+    ops = backend.grouped(columns, chunk.group)
+    x = ops.left(backend.grouped(inverse, chunk.group).right(ops.right(a)))
+    error = output_error(backend.grouped(chunk.values, chunk.group), x, a)
+    result = replace(_result(x, a), error=error)
+    return result, conditioned[chunk.group] & (error <= ACCEPTED_ERROR)
+
+
+def _result(x: torch.Tensor, a: torch.Tensor) -> ChunkResult:
     return ChunkResult(
-        rows=ops.project(a),
+        rows=x,
         reference=a,
         iterations=torch.zeros(len(a), dtype=torch.long, device=a.device),
         unchanged=torch.zeros(len(a), dtype=torch.bool, device=a.device),

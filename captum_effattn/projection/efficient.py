@@ -24,7 +24,7 @@ from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
-from captum_effattn.projection.engine.certify import output_error
+from captum_effattn.projection.engine.certify import ACCEPTED_ERROR, output_error
 from captum_effattn.projection.engine.driver import ChunkResult, project_rows
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk
@@ -39,9 +39,6 @@ SOLVERS = ("auto", "newton", "interior")
 NEWTON_TOL = 1e-13
 INTERIOR_TOL = 1e-12
 SIMPLEX_TOL = 1e-12
-# Relative head-output error up to which a row the compiled Newton phase reports solved is kept;
-# the rows it solves reach 1e-13 to 1e-12, the others go to the general route.
-ACCEPTED_ERROR = 1e-10
 
 
 def _solve_chunk(
@@ -80,23 +77,11 @@ def _solve_chunk(
     )
     rest = (~solved).nonzero()[:, 0]
     if len(rest):
-        used, group = torch.unique(chunk.group[rest], return_inverse=True)
-        left = Chunk(
-            row_ids=chunk.row_ids[rest],
-            rows=chunk.rows[rest],
-            group=group,
-            values=chunk.values[used],
-            key_mask=chunk.key_mask[used],
-        )
+        left = chunk.subset(rest)
         general = _solve_with_bases(
             left, row_mask[rest], backend, solver, steps, max_interior_iter, rank_rtol
         )
-        for field in ("rows", "reference", "unchanged", "failed"):
-            getattr(result, field)[rest] = getattr(general, field)
-        result.iterations[rest] += general.iterations  # steps taken on both routes
-        measured[rest] = output_error(
-            backend.grouped(left.values, left.group), general.rows, general.reference
-        )
+        result.fill(rest, general, backend.grouped(left.values, left.group))
     return result
 
 

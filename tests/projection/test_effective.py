@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from captum_effattn import effective_attention
-from tests.projection.problems import attention_rows, head_output_error, value_vectors
+from captum_effattn.projection.effective import _by_normal_equations
+from captum_effattn.projection.engine.backends import BACKENDS
+from captum_effattn.projection.engine.layout import Chunk
+from tests.projection.problems import (
+    attention_rows,
+    grouped_problem_shapes,
+    head_output_error,
+    value_vectors,
+)
 from tests.reference import effective_by_lstsq
 
 
@@ -59,3 +69,53 @@ def test_causal_rows_never_move_mass_onto_future_keys(gen):
     for i in (3, 17, n - 1):
         prefix = effective_attention(attn[:, i : i + 1, : i + 1], values[:, : i + 1])
         torch.testing.assert_close(x[:, i : i + 1, : i + 1], prefix, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=grouped_problem_shapes(max_n=50),
+    causal=st.booleans(),
+    duplicate=st.booleans(),
+    spread=st.sampled_from([1.0, 1e-4, 1e-9]),
+)
+def test_the_normal_equations_agree_with_an_orthonormal_basis(shape, causal, duplicate, spread):
+    """The route without a basis (well-conditioned heads) gives the rows of the route with one,
+    and leaves the rest to it: exact duplicate columns (rank-deficient values), columns nearly
+    dependent (``spread``), fewer keys than columns, causal prefixes."""
+    groups, _, n, d, padded, seed = shape
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen)
+    if d > 1:
+        values[..., 1] = values[..., 0] + spread * values[..., 1] * (not duplicate)
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[:, n - padded :] = False
+    hidden = ~key_mask[:, None, :]
+    if causal:
+        hidden = hidden | torch.ones(n, n, dtype=torch.bool).triu(1)
+    scores = 2 * torch.randn(groups, n, n, generator=gen, dtype=torch.float64)
+    attn = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1).nan_to_num()
+    x, report = effective_attention(attn, values, key_mask, causal, return_certificate=True)
+    # A rank tolerance of the caller's own (here the default's value) always builds bases.
+    rtol = max(n, d) * torch.finfo(torch.float64).eps
+    y, basis_report = effective_attention(
+        attn, values, key_mask, causal, return_certificate=True, rank_rtol=rtol
+    )
+    torch.testing.assert_close(x, y, atol=1e-9, rtol=0)
+    assert torch.equal(report.converged, basis_report.converged)
+    assert report.output_error.max() <= max(1e-10, float(basis_report.output_error.max()))
+
+
+def test_the_normal_equations_take_the_well_conditioned_heads(gen):
+    """Which heads the route without a basis keeps: all but the one with dependent columns, and
+    its rows there are the basis route's."""
+    values = value_vectors(3, 40, 6, generator=gen)
+    values[2, :, 1] = values[2, :, 0]
+    key_mask = torch.ones(3, 40, dtype=torch.bool)
+    group = torch.arange(3).repeat_interleave(4)
+    rows = attention_rows(12, 40, sharpness=2.0, generator=gen)
+    chunk = Chunk(torch.arange(12), rows, group, values, key_mask)
+    result, kept = _by_normal_equations(chunk, rows, BACKENDS["torch"])
+    assert torch.equal(kept, group != 2)
+    reference = effective_attention(rows[:8].reshape(2, 4, 40), values[:2])
+    torch.testing.assert_close(result.rows[:8].reshape(2, 4, 40), reference, atol=1e-12, rtol=0)
+    assert float(result.error[:8].max()) <= 1e-13

@@ -64,11 +64,14 @@ class Backend(Protocol):
         forced: the caller named it: limits raise instead of falling back to PyTorch.
         newton_steps: default cap on Newton steps per row.
         batched_newton: whether the Newton phase runs as batched PyTorch operations.
+        fused_projection: whether its products project rows onto an orthonormal basis in one
+            kernel (effective attention then always builds the basis).
     """
 
     name: ClassVar[str]
     newton_steps: ClassVar[int]
     batched_newton: ClassVar[bool]
+    fused_projection: ClassVar[bool]
 
     @property
     def forced(self) -> bool:
@@ -122,6 +125,7 @@ class TorchBackend:
     name: ClassVar[str] = "torch"
     newton_steps: ClassVar[int] = 50
     batched_newton: ClassVar[bool] = True
+    fused_projection: ClassVar[bool] = False
 
     def insisting(self) -> Backend:
         """The same backend with :attr:`forced` set."""
@@ -209,6 +213,7 @@ class TritonBackend(TorchBackend):
     """Triton kernels (CUDA tensors) where a problem fits them, PyTorch elsewhere."""
 
     name: ClassVar[str] = "triton"
+    fused_projection: ClassVar[bool] = True
 
     def available(self) -> bool:
         """Whether ``triton`` is installed."""

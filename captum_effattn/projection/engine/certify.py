@@ -6,6 +6,11 @@ import torch
 
 from captum_effattn.projection.engine.grouped import GroupedProducts
 
+ACCEPTED_ERROR = 1e-10
+"""Relative head-output error up to which a row from a fast route (the compiled Newton phase of
+efficient attention, the normal equations of effective attention) is kept; those routes reach
+1e-13 to 1e-12 on the rows they solve, and the others go to the route with orthonormal bases."""
+
 
 def output_error(values: GroupedProducts, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``||x V - a V|| / ||a V||`` per row (``(R, n)`` rows, per-group ``V``)."""

@@ -12,6 +12,7 @@ from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend, resolve_backend
 from captum_effattn.projection.engine.certify import output_error, simplex_violation
+from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk, RowLayout, build_layout
 from captum_effattn.projection.engine.threads import threads_for
 from captum_effattn.projection.engine.validation import check_inputs
@@ -31,6 +32,22 @@ class ChunkResult:
     failed: torch.Tensor | None = None
     # (R_c,) the rows' output error, where the solver already measured it (as output_error does)
     error: torch.Tensor | None = None
+
+    def fill(self, rows: torch.Tensor, other: ChunkResult, values: GroupedProducts) -> None:
+        """Take ``other``'s results, those of the sub-chunk of ``rows`` whose per-group values
+        are ``values``, for those rows: their iterations add up (steps taken on both routes), and
+        their output errors are measured here if this result carries errors."""
+        self.rows[rows] = other.rows
+        self.reference[rows] = other.reference
+        self.unchanged[rows] = other.unchanged
+        self.iterations[rows] += other.iterations
+        if self.failed is not None:
+            self.failed[rows] = other.failed if other.failed is not None else False
+        if self.error is not None:
+            error = other.error
+            if error is None:
+                error = output_error(values, other.rows, other.reference)
+            self.error[rows] = error
 
 
 ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]

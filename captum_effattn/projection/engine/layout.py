@@ -31,6 +31,17 @@ class Chunk:
     values: ValueVectors  # (G_c, n_c, d) float64
     key_mask: KeyMask  # (G_c, n_c) bool, the keys each group may use
 
+    def subset(self, rows: torch.Tensor) -> Chunk:
+        """The chunk of ``rows`` (indices into this chunk's rows) and the groups they use."""
+        used, group = torch.unique(self.group[rows], return_inverse=True)
+        return Chunk(
+            row_ids=self.row_ids[rows],
+            rows=self.rows[rows],
+            group=group,
+            values=self.values[used],
+            key_mask=self.key_mask[used],
+        )
+
 
 @dataclass(frozen=True)
 class RowLayout:

@@ -32,6 +32,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from captum_effattn.projection.basis import MAX_INVERSE_NORM
 from captum_effattn.projection.engine.threads import allowed_threads
 from captum_effattn.projection.solvers.newton import (
     REGULARIZATION,
@@ -39,11 +40,6 @@ from captum_effattn.projection.solvers.newton import (
     NewtonResult,
 )
 
-# ``||L^{-1}||_F`` above which ``[1, V]`` (unit columns, Gram ``L L^T``) goes to the orthonormal
-# route: the gradient's rounding error grows with it, and 1e3 keeps it near 1e-14 against the
-# 1e-13 tolerance. MiniLM's heads sit far below (12-20 on a 256-token review; no head is refused
-# in tests/projection/test_real_minilm.py).
-MAX_INVERSE_NORM = 1e3
 # Rows per block handed to a thread at least: small enough to balance a few slow rows, large
 # enough that handing a block over stays small next to solving it.
 BLOCK_ROWS = 4
