@@ -92,7 +92,10 @@ def unit_columns(matrix: torch.Tensor, key_mask: KeyMask, out: torch.Tensor | No
     """``matrix`` with padding rows zeroed and columns scaled to unit norm (zero columns stay)."""
     if not bool(key_mask.all()):
         matrix = matrix * key_mask[..., None]
-    norms = matrix.norm(dim=-2, keepdim=True)
+    # Squares summed down the columns: torch's norm over a strided dimension took five times as
+    # long (72 x 128 x 32 values: 0.65 vs 0.12 ms) and does not rescale either; the projections
+    # pass values already scaled to magnitude one (engine.layout), far from over- and underflow.
+    norms = matrix.square().sum(-2, keepdim=True).sqrt()
     return torch.div(matrix, torch.where(norms > 0, norms, torch.ones_like(norms)), out=out)
 
 
