@@ -136,6 +136,32 @@ def _support_gram(
     return ops.gram(support)
 
 
+def dual_gradient(
+    ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u, gradient, norm)`` per row: ``u = B theta``, the dual gradient ``c - B^T relu(u)``
+    and its norm."""
+    u = ops.left(theta)
+    gradient = c - ops.right(u.clamp_min(0))
+    return u, gradient, gradient.norm(dim=-1)
+
+
+def newton_direction(
+    gram: torch.Tensor, gradient: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
+    """The Newton direction ``(gram + mu I)^{-1} gradient`` per row, with the Levenberg-Marquardt
+    term ``mu = REGULARIZATION * ||gradient|| + REGULARIZATION_FLOOR``.
+
+    No error check (nothing is read back): a row whose factorization fails gets a non-finite
+    direction, never converges, and goes to the interior point like any row Newton leaves
+    unfinished.
+    """
+    mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    factor, _ = torch.linalg.cholesky_ex(gram + mu[:, None, None] * eye)
+    return torch.cholesky_solve(gradient[..., None], factor)[..., 0]
+
+
 def newton_phase(
     basis: GroupedProducts,
     c: torch.Tensor,
@@ -155,20 +181,17 @@ def newton_phase(
     Returns:
         ``(theta, iterations, converged)``, each per row.
     """
-    R, r = c.shape
+    R = len(c)
     iterations = torch.zeros(R, dtype=torch.long, device=c.device)
     converged = torch.zeros(R, dtype=torch.bool, device=c.device)
     # The unfinished rows' state is kept compact and written back only when rows finish:
     # scattering into the full arrays every step cost more than the steps' arithmetic.
     active = torch.arange(R, device=c.device)
     ops, c_active, theta_active = basis, c, theta.clone()
-    eye = torch.eye(r, dtype=c.dtype, device=c.device)
     # The last support and its Gram matrix B^T diag(support) B.
     previous: tuple[torch.Tensor, torch.Tensor] | None = None
     for step_count in range(max_iter + 1):
-        u = ops.left(theta_active)
-        gradient = c_active - ops.right(u.clamp_min(0))
-        norm = gradient.norm(dim=-1)
+        u, gradient, norm = dual_gradient(ops, c_active, theta_active)
         done = norm <= tol
         if step_count == max_iter or done.all():
             converged[active[done]] = True
@@ -185,10 +208,7 @@ def newton_phase(
         support = (u > 0).to(u.dtype)
         gram = _support_gram(ops, previous, support)
         previous = (support, gram)
-        mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
-        hessian = gram + mu[:, None, None] * eye
-        factor, _ = torch.linalg.cholesky_ex(hessian)
-        direction = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
+        direction = newton_direction(gram, gradient, norm)
         candidates = CANDIDATE_BREAKS if step_count >= FULL_SORT_STEPS else None
         step = exact_step(u, ops.left(direction), (direction * c_active).sum(-1), candidates)
         theta_active += step[:, None] * direction

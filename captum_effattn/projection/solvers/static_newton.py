@@ -26,10 +26,10 @@ import torch
 
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.solvers.newton import (
-    REGULARIZATION,
-    REGULARIZATION_FLOOR,
     NewtonResult,
+    dual_gradient,
     exact_step,
+    newton_direction,
 )
 
 BLOCK_STEPS = 8
@@ -79,26 +79,12 @@ class NewtonBlock:
             tol=tol,
         )
 
-    def gradient_norm(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(u, gradient, norm)`` at the current ``theta``: ``u = B theta``, ``c - B^T relu(u)``
-        and its norm per row."""
-        u = self.ops.left(self.theta)
-        gradient = self.c - self.ops.right(u.clamp_min(0))
-        return u, gradient, gradient.norm(dim=-1)
-
     def step(self) -> None:
         """One Newton step on every unfinished row (the rest keep their state)."""
-        u, gradient, norm = self.gradient_norm()
+        u, gradient, norm = dual_gradient(self.ops, self.c, self.theta)
         done = self.converged | (norm <= self.tol)
         moving = ~done & (self.budget > 0)
-        support = (u > 0).to(u.dtype)
-        mu = REGULARIZATION * norm + REGULARIZATION_FLOOR
-        eye = torch.eye(self.c.shape[-1], dtype=u.dtype, device=u.device)
-        # No error check: a row whose factorization fails gets a non-finite step, never counts as
-        # converged, and goes to the interior point like any row Newton leaves unfinished.
-        factor, _ = torch.linalg.cholesky_ex(self.ops.gram(support) + mu[:, None, None] * eye)
-        half = torch.linalg.solve_triangular(factor, gradient[..., None], upper=False)
-        direction = torch.linalg.solve_triangular(factor.mT, half, upper=True)[..., 0]
+        direction = newton_direction(self.ops.gram((u > 0).to(u.dtype)), gradient, norm)
         step = exact_step(u, self.ops.left(direction), (direction * self.c).sum(-1))
         moved = self.theta + step[:, None] * direction
         self.theta.copy_(torch.where(moving[:, None], moved, self.theta))
@@ -113,7 +99,7 @@ class NewtonBlock:
 
     def finish(self) -> NewtonResult:
         """``(theta, iterations, converged)``, convergence judged at the final ``theta``."""
-        _, _, norm = self.gradient_norm()
+        _, _, norm = dual_gradient(self.ops, self.c, self.theta)
         return self.theta, self.iterations, self.converged | (norm <= self.tol)
 
 
