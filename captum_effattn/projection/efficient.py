@@ -24,8 +24,13 @@ from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
-from captum_effattn.projection.engine.certify import ACCEPTED_ERROR, output_error
-from captum_effattn.projection.engine.driver import ChunkResult, project_rows
+from captum_effattn.projection.engine.certify import ACCEPTED_ERROR
+from captum_effattn.projection.engine.driver import (
+    ChunkResult,
+    chunk_error,
+    project_rows,
+    with_fallback,
+)
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk
 from captum_effattn.projection.engine.validation import (
@@ -65,7 +70,7 @@ def _solve_chunk(
     x = x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     # Trust a solved row only as far as it is measured: the compiled kernel can report a row of
     # a near-one-hot input solved far from the constraints (seen on MiniLM layer 0 at n = 34).
-    measured = output_error(backend.grouped(chunk.values, chunk.group), x, a)
+    measured = chunk_error(backend, chunk, x, a)
     solved &= measured <= ACCEPTED_ERROR
     result = ChunkResult(
         rows=x,
@@ -75,14 +80,15 @@ def _solve_chunk(
         failed=torch.zeros_like(solved),
         error=measured,
     )
-    rest = (~solved).nonzero()[:, 0]
-    if len(rest):
-        left = chunk.subset(rest)
-        general = _solve_with_bases(
+    return with_fallback(
+        result,
+        chunk,
+        solved,
+        backend,
+        lambda left, rest: _solve_with_bases(
             left, row_mask[rest], backend, solver, steps, max_interior_iter, rank_rtol
-        )
-        result.fill(rest, general, backend.grouped(left.values, left.group))
-    return result
+        ),
+    )
 
 
 def _solve_with_bases(

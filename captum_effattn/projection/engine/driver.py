@@ -12,7 +12,6 @@ from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend, resolve_backend
 from captum_effattn.projection.engine.certify import output_error, simplex_violation
-from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk, RowLayout, build_layout
 from captum_effattn.projection.engine.threads import threads_for
 from captum_effattn.projection.engine.validation import check_inputs
@@ -30,28 +29,48 @@ class ChunkResult:
     unchanged: torch.Tensor  # (R_c,) rows returned exactly as given (nothing to project)
     # (R_c,) rows no solver finished, returned as given (valid, not projected): never converged
     failed: torch.Tensor | None = None
-    # (R_c,) the rows' output error, where the solver already measured it (as output_error does)
+    # (R_c,) the rows' output error, where the solver already measured it (chunk_error)
     error: torch.Tensor | None = None
-
-    def fill(self, rows: torch.Tensor, other: ChunkResult, values: GroupedProducts) -> None:
-        """Take ``other``'s results, those of the sub-chunk of ``rows`` whose per-group values
-        are ``values``, for those rows: their iterations add up (steps taken on both routes), and
-        their output errors are measured here if this result carries errors."""
-        self.rows[rows] = other.rows
-        self.reference[rows] = other.reference
-        self.unchanged[rows] = other.unchanged
-        self.iterations[rows] += other.iterations
-        if self.failed is not None:
-            self.failed[rows] = other.failed if other.failed is not None else False
-        if self.error is not None:
-            error = other.error
-            if error is None:
-                error = output_error(values, other.rows, other.reference)
-            self.error[rows] = error
 
 
 ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
 """Solves one chunk, given the chunk, its rows' key masks ``(R_c, n_c)`` and the backend."""
+
+
+def chunk_error(
+    backend: Backend, chunk: Chunk, rows: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor:
+    """``output_error`` of a chunk's projected ``rows`` against ``reference``, with its values."""
+    return output_error(backend.grouped(chunk.values, chunk.group), rows, reference)
+
+
+def with_fallback(
+    result: ChunkResult,
+    chunk: Chunk,
+    kept: torch.Tensor,
+    backend: Backend,
+    route: Callable[[Chunk, torch.Tensor], ChunkResult],
+) -> ChunkResult:
+    """``result`` of a fast route, its rows not ``kept`` replaced (in place) by those of
+    ``route(sub_chunk, rows)`` on the sub-chunk of those rows: iterations add up (steps taken on
+    both routes), and their output errors are measured where ``result`` carries errors."""
+    rest = (~kept).nonzero()[:, 0]
+    if not len(rest):
+        return result
+    left = chunk.subset(rest)
+    other = route(left, rest)
+    result.rows[rest] = other.rows
+    result.reference[rest] = other.reference
+    result.unchanged[rest] = other.unchanged
+    result.iterations[rest] += other.iterations
+    if result.failed is not None:
+        result.failed[rest] = other.failed if other.failed is not None else False
+    if result.error is not None:
+        error = other.error
+        if error is None:
+            error = chunk_error(backend, left, other.rows, other.reference)
+        result.error[rest] = error
+    return result
 
 
 def _empty(attn: torch.Tensor, tol: float) -> tuple[torch.Tensor, ProjectionCertificate]:
@@ -117,8 +136,7 @@ def project_rows(
                 result = solve_chunk(chunk, mask_c, chosen)
                 error_c = result.error
                 if error_c is None:
-                    values_c = chosen.grouped(chunk.values, chunk.group)
-                    error_c = output_error(values_c, result.rows, result.reference)
+                    error_c = chunk_error(chosen, chunk, result.rows, result.reference)
             n_c = result.rows.shape[-1]
             out[chunk.row_ids, :n_c] = result.rows
             error[chunk.row_ids] = error_c
