@@ -106,7 +106,8 @@ def print_ratios(title: str, summaries, unit: str) -> None:
         print(f"- {name}: {summary.median_seconds * 1e3:.1f} ms, {summary.cell()} {unit}")
 
 
-def attribution_against_forward(model, device, args) -> None:
+def attribution_against_forward(model, device, args, graphs: bool) -> None:
+    """Item 1; ``graphs``: ``backend="cudagraph"`` runs here (then timed too)."""
     ids = torch.randint(1000, 30000, (args.batch, args.tokens), device=device)
     mask = torch.ones_like(ids)
 
@@ -133,7 +134,7 @@ def attribution_against_forward(model, device, args) -> None:
             device, lambda: explainer.attribute(ids, weighting="gradient", **kwargs)
         ),
     }
-    if graphs_capture(device):
+    if graphs:
         methods["efficient (cudagraph)"] = synchronized(device, graphed)
     summaries = interleaved(methods, unit="forward", rounds=args.rounds)
     title = f"1. attribute vs forward, {args.batch} x {args.tokens} tokens"
@@ -158,28 +159,25 @@ def runs(device: torch.device, name: str, call: Callable[[], object]) -> bool:
     return True
 
 
-def graphs_capture(device: torch.device) -> bool:
-    """Whether ``backend="cudagraph"`` runs here (named, it raises where the graph cannot be
-    captured; under ``"auto"`` it would fall back silently)."""
-    if BACKENDS["cudagraph"].unavailable_reason(device) is not None:
-        return False
-    attn = torch.softmax(torch.randn(2, 40, 40, device=device, dtype=torch.float64), -1)
-    values = torch.randn(2, 40, 8, device=device, dtype=torch.float64)
-    return runs(device, "cudagraph", lambda: efficient_attention(attn, values, backend="cudagraph"))
+def projection(device, attn, values, backend: str) -> Callable[[], None]:
+    """``efficient_attention`` of every row with ``backend``, synchronized."""
+    return synchronized(device, lambda: efficient_attention(attn, values, backend=backend))
 
 
-def backends_on_all_rows(model, device, args) -> None:
-    attn, values = one_layer(model, device, args.tokens)
-
-    def project(backend: str) -> Callable[[], None]:
-        return synchronized(device, lambda: efficient_attention(attn, values, backend=backend))
-
-    names = [
+def working_backends(device, attn, values) -> list[str]:
+    """The backends that run on the device, named (so a CUDA graph that cannot be captured
+    raises instead of falling back): the others are reported and left out."""
+    return [
         name
         for name, b in BACKENDS.items()
-        if b.unavailable_reason(device) is None and runs(device, name, project(name))
+        if b.unavailable_reason(device) is None
+        and runs(device, name, projection(device, attn, values, name))
     ]
-    methods = {name: project(name) for name in [*names, "auto"]}
+
+
+def backends_on_all_rows(device, args, attn, values, names: list[str]) -> None:
+    """Items 2 and 3, for the backends ``names`` on the layer's rows."""
+    methods = {name: projection(device, attn, values, name) for name in [*names, "auto"]}
     summaries = interleaved(methods, unit=names[0], rounds=args.rounds)
     title = f"2. efficient_attention, every row of 12 heads, n = {args.tokens}"
     print_ratios(title, summaries, names[0])
@@ -245,8 +243,10 @@ def main() -> None:
     model, source = minilm_classifier(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{machine_line()}\ndevice: {name}; model: {source}")
-    attribution_against_forward(model, device, args)
-    backends_on_all_rows(model, device, args)
+    attn, values = one_layer(model, device, args.tokens)
+    names = working_backends(device, attn, values)
+    attribution_against_forward(model, device, args, graphs="cudagraph" in names)
+    backends_on_all_rows(device, args, attn, values, names)
 
 
 if __name__ == "__main__":
