@@ -215,7 +215,7 @@ def efficient_attention(
         solver: ``"auto"`` (semismooth Newton, then interior point for rows Newton does not
             finish), ``"newton"`` or ``"interior"`` alone (for benchmarks and tests).
         max_newton_iter: Newton steps per row at most before handing the row over to the
-            interior point. Default: 200 with the compiled (numba) Newton phase, 50 otherwise.
+            interior point. Default: 1000 with the compiled (numba) Newton phase, 50 otherwise.
         max_interior_iter: interior-point iterations per row at most.
         rank_rtol: relative tolerance for the rank of ``[V, 1]`` (default ``max(n, d + 1) * eps``
             in float64, after scaling columns to unit norm).

@@ -180,7 +180,7 @@ def test_efficient_attention_agrees_across_cpu_backends(causal):
 
 def test_auto_compiles_newton_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == NumbaBackend(forced=False)
-    assert resolve_backend("numba", torch.device("cpu")).newton_steps == 200
+    assert resolve_backend("numba", torch.device("cpu")).newton_steps == 1000
 
 
 def test_numba_is_refused_for_tensors_off_the_cpu():
