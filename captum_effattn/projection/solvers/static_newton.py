@@ -103,14 +103,14 @@ class NewtonBlock:
         return self.theta, self.iterations, self.converged | (norm <= self.tol)
 
 
-def _captured(block: NewtonBlock, steps: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``steps`` steps of ``block`` (not run: capturing records, it does not
-    execute)."""
+def _captured(block: NewtonBlock, steps: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``steps`` steps of ``block``, captured on ``stream`` (not run: capturing
+    records, it does not execute)."""
     graph = torch.cuda.CUDAGraph()
     try:
         # Thread-local: the attribution pipeline's other thread may be running the forward pass
         # on the same device meanwhile.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             block.run(steps)
     except RuntimeError as error:
         raise GraphCaptureError(
@@ -158,14 +158,15 @@ def static_newton_phase(
 def _replay(block: NewtonBlock, max_iter: int) -> None:
     """``max_iter`` steps of ``block`` (fewer once every row has converged): one eager, the rest
     from a graph of :data:`BLOCK_STEPS` steps."""
-    # The eager step runs on a side stream, as capture requires, and builds what the steps reuse
-    # (the products' cached outer products, cuBLAS and cuSOLVER workspaces) outside the graph.
+    # The eager step runs on the side stream the graph is then captured on, and builds what the
+    # steps reuse (the products' cached outer products, the cuBLAS and cuSOLVER workspaces, which
+    # are kept per stream) before capture, not inside it.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         block.step()
     torch.cuda.current_stream().wait_stream(side)
-    graph = _captured(block, BLOCK_STEPS)
+    graph = _captured(block, BLOCK_STEPS, side)
     left = max_iter - 1
     while left > 0 and not bool(block.converged.all()):
         graph.replay()
