@@ -56,8 +56,12 @@ def _by_normal_equations(
 ) -> tuple[ChunkResult, torch.Tensor]:
     """``a W G^{-1} W^T`` with ``W`` the unit columns of each group's values and ``G = W^T W``,
     and which rows to keep: those of groups whose ``W`` is well conditioned (``||L^{-1}||_F <=``
-    :data:`~captum_effattn.projection.basis.MAX_INVERSE_NORM`, ``G = L L^T``) that meet the
-    head output within :data:`~captum_effattn.projection.engine.certify.ACCEPTED_ERROR`.
+    :data:`~captum_effattn.projection.basis.MAX_INVERSE_NORM`, ``G = L L^T``) and have more
+    real keys than columns, that meet the head output within
+    :data:`~captum_effattn.projection.engine.certify.ACCEPTED_ERROR`. With no more keys than
+    columns the projection is the identity or ``V`` is rank-deficient on them: the basis route
+    returns those rows as they are, where ``W G^{-1} W^T`` would round them (short causal
+    prefixes).
 
     The same projection as :func:`_onto_basis` for full-rank values, without the orthonormal
     basis (MiniLM, the 72 [CLS] rows of one 128-token review, ``effective_attention`` on one
@@ -69,7 +73,10 @@ def _by_normal_equations(
     identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     inverse = torch.cholesky_inverse(torch.where(factored[:, None, None], factor, identity))
     # ||L^{-1}||_F^2 = trace(G^{-1}).
-    conditioned = factored & (inverse.diagonal(dim1=-2, dim2=-1).sum(-1) <= MAX_INVERSE_NORM**2)
+    more_keys = chunk.key_mask.sum(-1) > columns.shape[-1]
+    conditioned = (
+        factored & more_keys & (inverse.diagonal(dim1=-2, dim2=-1).sum(-1) <= MAX_INVERSE_NORM**2)
+    )
     inverse = torch.where(conditioned[:, None, None], inverse, 0)
     ops = backend.grouped(columns, chunk.group)
     x = ops.left(backend.grouped(inverse, chunk.group).right(ops.right(a)))

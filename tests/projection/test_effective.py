@@ -119,3 +119,26 @@ def test_the_normal_equations_take_the_well_conditioned_heads(gen):
     reference = effective_attention(rows[:8].reshape(2, 4, 40), values[:2])
     torch.testing.assert_close(result.rows[:8].reshape(2, 4, 40), reference, atol=1e-12, rtol=0)
     assert float(result.error[:8].max()) <= 1e-13
+
+
+def test_the_normal_equations_leave_groups_with_no_more_keys_than_columns():
+    """Two keys under two full-rank value columns: the projection is the identity, and the row
+    must come back as it is, not rounded through ``G^{-1}`` (found by hypothesis on a causal
+    prefix: these nearly parallel values returned a row 1.4e-12 longer than the row itself)."""
+    values = torch.tensor(
+        [[-2.443815470299606, -1.297255217940803], [-0.45697889431084093, -0.257096041633557]],
+        dtype=torch.float64,
+    )
+    a = torch.tensor([[0.47217079780351084, 0.5278292021964892]], dtype=torch.float64)
+    x = effective_attention(a, values)
+    torch.testing.assert_close(x, a, atol=1e-15, rtol=0)
+    assert float(x.norm() - a.norm()) <= 1e-15
+    chunk = Chunk(torch.arange(1), a, torch.zeros(1, dtype=torch.long), values[None], a > 0)
+    _, kept = _by_normal_equations(chunk, a, BACKENDS["torch"])
+    assert not kept.any()
+    # One key more, and the route takes the row.
+    longer = torch.cat([values, torch.tensor([[1.0, -1.0]], dtype=torch.float64)])
+    b = torch.tensor([[0.3, 0.3, 0.4]], dtype=torch.float64)
+    chunk = Chunk(torch.arange(1), b, torch.zeros(1, dtype=torch.long), longer[None], b > 0)
+    _, kept = _by_normal_equations(chunk, b, BACKENDS["torch"])
+    assert kept.all()
