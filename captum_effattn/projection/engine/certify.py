@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from captum_effattn.projection.engine.grouped import GroupedProducts
+from captum_effattn.projection.engine.row_blocks import per_row
 
 ACCEPTED_ERROR = 1e-10
 """Relative head-output error up to which a row from a fast route (the compiled Newton phase of
@@ -21,6 +22,10 @@ def output_error(values: GroupedProducts, x: torch.Tensor, a: torch.Tensor) -> t
 
 def simplex_violation(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
     """Largest of ``-min(x)``, ``|sum(x) - 1|`` over real keys, and mass on masked keys."""
+    return per_row(_simplex_violation, x, row_mask)
+
+
+def _simplex_violation(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
     negative = (-x.amin(-1)).clamp_min(0)
     off_sum = ((x * row_mask).sum(-1) - 1).abs()
     masked = (x * ~row_mask).abs().sum(-1)
