@@ -173,7 +173,8 @@ class NumbaBackend(TorchBackend):
     name: ClassVar[str] = "numba"
     # A compiled step is cheap: letting Newton finish beats handing rows to the interior point.
     # Near-one-hot rows can need hundreds of steps (MiniLM on IMDB: at most 722 over 184,320
-    # rows at n = 128-512); at 200 they went to the interior point, at twice the cost.
+    # rows at n = 128-512); at 200 they went on to the basis route and the interior point, at
+    # twice the cost. A row that never finishes (rare: one in the test suite) costs 1,000 steps.
     newton_steps: ClassVar[int] = 1000
     batched_newton: ClassVar[bool] = False
 
