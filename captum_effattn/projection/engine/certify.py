@@ -20,13 +20,19 @@ def output_error(values: GroupedProducts, x: torch.Tensor, a: torch.Tensor) -> t
     return change.norm(dim=-1) / reference.norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+def distribution_terms(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """``(R, 3)`` for ``(R, n)`` rows: each row's smallest entry, its mass on masked keys, and its
+    sum over real keys (computed a block of rows at a time)."""
+    return per_row(_distribution_terms, x, row_mask)
+
+
+def _distribution_terms(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    masked = (x * ~row_mask).abs().sum(-1)
+    return torch.stack((x.amin(-1), masked, (x * row_mask).sum(-1)), -1)
+
+
 def simplex_violation(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
     """Largest of ``-min(x)``, ``|sum(x) - 1|`` over real keys, and mass on masked keys."""
-    return per_row(_simplex_violation, x, row_mask)
-
-
-def _simplex_violation(x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-    negative = (-x.amin(-1)).clamp_min(0)
-    off_sum = ((x * row_mask).sum(-1) - 1).abs()
-    masked = (x * ~row_mask).abs().sum(-1)
-    return torch.maximum(torch.maximum(negative, off_sum), masked)
+    smallest, masked, total = distribution_terms(x, row_mask).unbind(-1)
+    negative = (-smallest).clamp_min(0)
+    return torch.maximum(torch.maximum(negative, (total - 1).abs()), masked)

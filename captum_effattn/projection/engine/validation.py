@@ -18,7 +18,7 @@ import torch
 
 from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.kernels._support import check_device
-from captum_effattn.projection.engine.row_blocks import per_row
+from captum_effattn.projection.engine.certify import distribution_terms
 
 # How far a row may stray from a probability distribution and still be accepted (then renormalized
 # in float64). Attention computed in low precision sums to 1 only up to its rounding.
@@ -260,12 +260,6 @@ def check_inputs(
     return CheckedInputs(attn, values, key_mask, batch_shape)
 
 
-def _distribution_terms(rows: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-    """``(R, 3)``: each row's smallest entry, mass on masked keys, and sum over real keys."""
-    masked_mass = (rows * ~row_mask).abs().sum(-1)
-    return torch.stack((rows.amin(-1), masked_mass, (rows * row_mask).sum(-1)), -1)
-
-
 def check_distributions(
     rows: torch.Tensor,
     row_mask: torch.Tensor,
@@ -282,7 +276,7 @@ def check_distributions(
         shape: the shape of the user's ``attn``, for the message.
         row_index: callable mapping a flat row number to its index in ``attn``.
     """
-    smallest, masked_mass, total = per_row(_distribution_terms, rows, row_mask).unbind(-1)
+    smallest, masked_mass, total = distribution_terms(rows, row_mask).unbind(-1)
     negative = smallest < -tol
     off_mask = masked_mass > tol
     off_sum = (total - 1).abs() > tol
