@@ -206,3 +206,26 @@ def test_without_numba_auto_falls_back_and_forcing_it_says_how_to_install():
     assert "backend='numba' needs the numba package: pip install 'captum-effattn[numba]'" in (
         result.stderr
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 300), block=st.integers(1, 40), threads=st.integers(1, 8))
+def test_blocks_are_dealt_round_robin_and_cover_every_row_once(rows, block, threads):
+    """``prange`` hands each thread an equal contiguous run of indices; those runs must map to
+    blocks ``t, t + threads, ...`` (so one head's consecutive slow blocks spread over the
+    threads), and together to every row exactly once."""
+    from captum_effattn.projection.solvers.newton_kernels import dealt_block, dealt_indices
+
+    indices = dealt_indices(rows, block, threads)
+    assert indices % threads == 0
+    per_thread = indices // threads
+    covered = []
+    for thread in range(threads):
+        starts = []
+        for index in range(thread * per_thread, (thread + 1) * per_thread):
+            start, stop = dealt_block(index, rows, block, threads)
+            covered.extend(range(start, stop))
+            if start < stop:
+                starts.append(start)
+        assert starts == list(range(thread * block, rows, threads * block))
+    assert sorted(covered) == list(range(rows))

@@ -7,9 +7,11 @@ those are bound by per-operation latency, not by their arithmetic. Compiled, a r
 arithmetic only, and two things batching cannot do become cheap: the support's Gram matrix is
 updated from just the keys that entered or left it, and each row stops the moment it converges.
 Rows are shared among as many threads as the caller allows PyTorch
-(:func:`..engine.threads.allowed_threads`), in small blocks handed out as threads become free (a
-few rows need ten times the median number of steps): on numba's own thread pool where its
-threading layer is OpenMP or TBB, otherwise on Python threads (the kernels release the GIL).
+(:func:`..engine.threads.allowed_threads`), in small blocks (a few rows need ten times the median
+number of steps, and they come together: near-one-hot rows of one head): on numba's own thread
+pool where its threading layer is OpenMP or TBB, the blocks dealt round-robin to its threads
+(``newton_kernels.dealt_block``), otherwise on Python threads that take the next block as they
+become free (the kernels release the GIL).
 Numba's pool matters on a busy machine: right after a forward pass PyTorch's OpenMP threads still
 spin for a few milliseconds, and Python threads that must wake up and take the GIL for every block
 lose the cores to them (72 [CLS] rows on two threads: 11 ms after a forward on Python threads,
@@ -44,8 +46,11 @@ from captum_effattn.projection.solvers.newton import (
 # enough that handing a block over stays small next to solving it.
 BLOCK_ROWS = 4
 # Blocks per thread at most: thousands of rows (``query="all"``) go in larger blocks, since each
-# hand-off costs tens of microseconds of Python under the GIL.
-BLOCKS_PER_THREAD = 16
+# costs its first group's geometry again (and, on Python threads, a hand-off of tens of
+# microseconds under the GIL). Every row of MiniLM's 72 heads at n = 256, two threads: 1.13-1.16 s
+# with 64, 1.21-1.26 s with 16 (two runs of 5 interleaved rounds: fewer, larger blocks balance
+# one head's slow rows worse).
+BLOCKS_PER_THREAD = 64
 
 ValueNewton = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], NewtonResult
@@ -96,6 +101,7 @@ def _numba_pool_usable() -> bool:
                 np.zeros(0, dtype=np.int64),
                 np.zeros(0, dtype=np.bool_),
                 1,
+                1,
             )
             _numba_pool_state = (os.getpid(), numba.threading_layer() in ("omp", "tbb"))
         pid, usable = _numba_pool_state
@@ -104,8 +110,9 @@ def _numba_pool_usable() -> bool:
 
 @contextmanager
 def _numba_threads(workers: int) -> Iterator[None]:
-    """Numba's parallel regions on ``workers`` threads, blocks handed out one at a time (both
-    settings are the calling thread's own, and are restored on exit)."""
+    """Numba's parallel regions on ``workers`` threads, in chunks of one block (both settings are
+    the calling thread's own, and are restored on exit). On the OpenMP layer the chunk size did
+    not make the blocks go to whichever thread is free: the drivers deal them round-robin."""
     import numba
 
     before = numba.get_num_threads()
@@ -130,11 +137,11 @@ def _numpy(tensor: torch.Tensor, dtype=np.float64) -> np.ndarray:
 
 
 def _in_blocks(
-    solve: Callable[[slice], None], solve_blocks: Callable[[int], None], rows: int
+    solve: Callable[[slice], None], solve_blocks: Callable[[int, int], None], rows: int
 ) -> None:
     """All ``rows`` on the threads the caller allows PyTorch: ``solve(slice)`` solves a slice on
-    the calling thread (or on a Python thread), ``solve_blocks(size)`` all rows in blocks of
-    ``size`` on numba's pool."""
+    the calling thread (or on a Python thread), ``solve_blocks(size, threads)`` all rows in
+    blocks of ``size`` on ``threads`` threads of numba's pool."""
     workers = min(allowed_threads(), -(-rows // BLOCK_ROWS))
     numba_pool = workers > 1 and _numba_pool_usable()
     if numba_pool:
@@ -147,7 +154,7 @@ def _in_blocks(
     size = max(BLOCK_ROWS, -(-rows // (workers * BLOCKS_PER_THREAD)))
     if numba_pool:
         with _numba_threads(workers):
-            solve_blocks(size)
+            solve_blocks(size, workers)
         return
     blocks = [slice(i, i + size) for i in range(0, rows, size)]
     for _ in _pool(workers, os.getpid()).map(solve, blocks):
@@ -192,9 +199,9 @@ def compiled_newton_phase(
             converged[rows],
         )
 
-    def solve_blocks(size: int) -> None:
+    def solve_blocks(size: int, threads: int) -> None:
         _kernels().newton_blocks(
-            bases_np, group_np, c_np, theta_np, settings, iterations, converged, size
+            bases_np, group_np, c_np, theta_np, settings, iterations, converged, size, threads
         )
 
     _in_blocks(solve, solve_blocks, len(c_np))
@@ -253,7 +260,7 @@ def compiled_value_newton(
             solved[block],
         )
 
-    def solve_blocks(size: int) -> None:
+    def solve_blocks(size: int, threads: int) -> None:
         _kernels().value_newton_blocks(
             values_np,
             mask_np,
@@ -265,6 +272,7 @@ def compiled_value_newton(
             iterations,
             solved,
             size,
+            threads,
         )
 
     _in_blocks(solve, solve_blocks, len(rows_np))
