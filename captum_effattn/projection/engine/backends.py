@@ -172,9 +172,10 @@ class NumbaBackend(TorchBackend):
 
     name: ClassVar[str] = "numba"
     # A compiled step is cheap: letting Newton finish beats handing rows to the interior point.
-    # Near-one-hot rows can need hundreds of steps (MiniLM on IMDB: at most 722 over 184,320
-    # rows at n = 128-512); at 200 they went on to the basis route and the interior point, at
-    # twice the cost. A row that never finishes (rare: one in the test suite) costs 1,000 steps.
+    # Near-one-hot rows can need hundreds of steps: of 506,232 rows of MiniLM on IMDB reviews,
+    # 1,013 needed more than 200 and 19 more than 1,000 (benchmarks/bench_rows_robustness.py).
+    # At 200 they went on to the basis route and the interior point, at twice the cost; a row
+    # that never finishes costs the 1,000 steps.
     newton_steps: ClassVar[int] = 1000
     batched_newton: ClassVar[bool] = False
 
