@@ -37,6 +37,7 @@ import torch
 from benchmarks.timing import machine_line
 from captum_effattn import efficient_attention
 from captum_effattn.projection import ConvergenceWarning
+from captum_effattn.projection.engine.backends import resolve_backend
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -111,8 +112,8 @@ def layer_heads(model, tokenizer, text: str, max_length: int):
     return [(layer.attn, layer.values) for layer in record.layers]
 
 
-def project(attn: torch.Tensor, values: torch.Tensor, totals: Totals, where: str) -> None:
-    """Project every row; add its counts to ``totals`` (the cap: ``"auto"``'s Newton steps)."""
+def project(attn: torch.Tensor, values: torch.Tensor, totals: Totals, where: str, cap: int) -> None:
+    """Project every row; add its counts to ``totals`` (``cap``: ``"auto"``'s Newton steps)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         x, certificate = efficient_attention(attn, values, return_certificate=True)
@@ -124,15 +125,9 @@ def project(attn: torch.Tensor, values: torch.Tensor, totals: Totals, where: str
     errors = certificate.output_error[finite]
     if errors.numel():
         totals.max_error = max(totals.max_error, float(errors.max()))
-    totals.count_iterations(certificate.iterations, _newton_cap(attn.device))
+    totals.count_iterations(certificate.iterations, cap)
     if not bool(converged.all()) and len(totals.failures) < 20:
         totals.failures.append(f"{where}: {certificate.summary()}")
-
-
-def _newton_cap(device: torch.device) -> int:
-    from captum_effattn.projection.engine.backends import resolve_backend
-
-    return resolve_backend("auto", device).newton_steps
 
 
 def main() -> None:
@@ -153,6 +148,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path()).eval()
     totals = {dtype: Totals() for dtype in DTYPES}
+    cap = resolve_backend("auto", torch.device("cpu")).newton_steps  # the model runs on the CPU
     sources = {"imdb": 0, "tweet": 0}
     start = last = time.perf_counter()
     for index, (source, text) in enumerate(texts(args.tweets_per_review)):
@@ -163,7 +159,7 @@ def main() -> None:
         for layer, (attn, values) in enumerate(heads):
             for dtype, total in totals.items():
                 where = f"text {index} ({source}), layer {layer}, {dtype}"
-                project(attn.to(dtype), values.to(dtype), total, where)
+                project(attn.to(dtype), values.to(dtype), total, where, cap)
         if time.perf_counter() - last >= args.every:
             last = time.perf_counter()
             print(f"[{last - start:7.0f} s] texts {sources}", flush=True)
