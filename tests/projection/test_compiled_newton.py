@@ -69,6 +69,57 @@ def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
         assert step == pytest.approx(float(expected[row]), rel=1e-12, abs=1e-300)
 
 
+@pytest.mark.parametrize("crossed", [0, 3, 8, 9, 40, 120])
+def test_line_search_past_many_breakpoints(crossed):
+    """A step that crosses ``crossed`` breakpoints before the maximizer: the first few taken by
+    selection, the rest from the in-place heap, as the full sort of the reference finds."""
+    import numpy as np
+
+    from captum_effattn.projection.solvers.newton_kernels import exact_step as compiled_step
+
+    n = 120
+    gen = torch.Generator().manual_seed(crossed)
+    # Every key enters (u < 0 < w) at its own breakpoint t_i = -u_i / w_i, in shuffled order.
+    w = 0.5 + torch.rand(1, n, generator=gen, dtype=torch.float64)
+    t = torch.randperm(n, generator=gen).to(torch.float64)[None] + 1.0
+    u = -t * w
+    # phi'(t) = s - sum over entered keys of w_i (u_i + t w_i): put the root just past the
+    # ``crossed``-th breakpoint.
+    order = t[0].argsort()
+    entered = order[:crossed]
+    t_root = (float(t[0, order[crossed]]) if crossed < n else float(t.max()) + 1.0) - 0.5
+    s = ((w[0, entered] * (u[0, entered] + t_root * w[0, entered])).sum()).reshape(1)
+    expected = exact_step(u, w, s)
+    assert float(expected[0]) == pytest.approx(t_root if crossed else 0.0, rel=1e-12, abs=1e-12)
+    breaks, keys = np.empty(n), np.empty(n, dtype=np.int64)
+    step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys)
+    assert step == pytest.approx(float(expected[0]), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 8, 33, 65])
+def test_compiled_cholesky_solves_like_torch(r):
+    """The compiled factorization (four rows at a time below the diagonal) and the row-wise back
+    substitution agree with torch's Cholesky and solve, at every size modulo four."""
+    import numpy as np
+
+    from captum_effattn.projection.solvers.newton_kernels import cholesky_solve
+
+    gen = torch.Generator().manual_seed(r)
+    a = torch.randn(3 * r, r, generator=gen, dtype=torch.float64)
+    matrix = a.T @ a + 0.1 * torch.eye(r, dtype=torch.float64)
+    rhs = torch.randn(r, generator=gen, dtype=torch.float64)
+    factor, out = np.zeros((r, r)), np.empty(r)
+    assert cholesky_solve(matrix.numpy(), rhs.numpy(), factor, out)
+    expected = torch.linalg.cholesky(matrix)
+    torch.testing.assert_close(torch.from_numpy(np.tril(factor)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.from_numpy(out), torch.linalg.solve(matrix, rhs), rtol=1e-10, atol=1e-12
+    )
+    indefinite = matrix.clone()
+    indefinite[r - 1, r - 1] = -1.0
+    assert not cholesky_solve(indefinite.numpy(), rhs.numpy(), factor, out)
+
+
 def test_converges_where_the_optimum_is_degenerate():
     """n much larger than d: most keys leave the support; the gradient tolerance is met."""
     ops, c = dual_problem(3, 8, 200, 6, 10, seed=5)
@@ -101,6 +152,7 @@ def test_threads_share_the_rows_without_changing_any(monkeypatch, numba_pool):
         alone_values = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
         torch.set_num_threads(2)
         monkeypatch.setattr(compiled, "BLOCK_ROWS", 1)
+        monkeypatch.setattr(compiled, "PYTHON_BLOCK_ROWS", 1)
         if not numba_pool:
             monkeypatch.setattr(compiled, "_numba_pool_usable", lambda: False)
         shared = compiled_newton_phase(ops, c, c.clone(), 50, 1e-13)

@@ -42,9 +42,14 @@ from captum_effattn.projection.solvers.newton import (
     NewtonResult,
 )
 
-# Rows per block handed to a thread at least: small enough to balance a few slow rows, large
-# enough that handing a block over stays small next to solving it.
-BLOCK_ROWS = 4
+# Rows per block handed to a thread at least. One: the 72 [CLS] rows of MiniLM (one head each,
+# so no geometry is shared within a block) balance better one by one on numba's pool, where a
+# block costs no hand-off: their projection took 0.945x the time of blocks of four on two threads
+# (n = 128, 30 interleaved rounds; 0.973x at batch 8).
+BLOCK_ROWS = 1
+# The same on Python threads (numba's pool unusable, as in a forked child), where each block is a
+# hand-off of tens of microseconds under the GIL.
+PYTHON_BLOCK_ROWS = 4
 # Blocks per thread at most: thousands of rows (``query="all"``) go in larger blocks, since each
 # costs its first group's geometry again (and, on Python threads, a hand-off of tens of
 # microseconds under the GIL). Every row of MiniLM's 72 heads at n = 256, two threads: 1.13-1.16 s
@@ -151,7 +156,8 @@ def _in_blocks(
     if workers <= 1:
         solve(slice(None))
         return
-    size = max(BLOCK_ROWS, -(-rows // (workers * BLOCKS_PER_THREAD)))
+    smallest = BLOCK_ROWS if numba_pool else PYTHON_BLOCK_ROWS
+    size = max(smallest, -(-rows // (workers * BLOCKS_PER_THREAD)))
     if numba_pool:
         with _numba_threads(workers):
             solve_blocks(size, workers)
