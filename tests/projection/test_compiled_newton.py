@@ -98,11 +98,11 @@ def test_line_search_past_many_breakpoints(crossed):
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 8, 33, 65])
 def test_compiled_cholesky_solves_like_torch(r):
-    """The compiled factorization (four rows at a time below the diagonal) and the row-wise back
-    substitution agree with torch's Cholesky and solve, at every size modulo four."""
+    """The compiled factorization (four rows at a time below the diagonal), the row-wise back
+    substitution and the inverse's norm agree with torch, at every size modulo four."""
     import numpy as np
 
-    from captum_effattn.projection.solvers.newton_kernels import cholesky_solve
+    from captum_effattn.projection.solvers.newton_kernels import cholesky_solve, inverse_frobenius
 
     gen = torch.Generator().manual_seed(r)
     a = torch.randn(3 * r, r, generator=gen, dtype=torch.float64)
@@ -115,6 +115,14 @@ def test_compiled_cholesky_solves_like_torch(r):
     torch.testing.assert_close(
         torch.from_numpy(out), torch.linalg.solve(matrix, rhs), rtol=1e-10, atol=1e-12
     )
+    # The conditioning check: ||L^{-1}||_F, with L^{-1} itself in the scratch matrix.
+    inverse = np.zeros((r, r))
+    norm = inverse_frobenius(factor, inverse)
+    expected_inverse = torch.linalg.inv(expected)
+    torch.testing.assert_close(
+        torch.from_numpy(np.tril(inverse)), expected_inverse, rtol=1e-10, atol=1e-12
+    )
+    assert norm == pytest.approx(float(expected_inverse.norm()), rel=1e-12)
     indefinite = matrix.clone()
     indefinite[r - 1, r - 1] = -1.0
     assert not cholesky_solve(indefinite.numpy(), rhs.numpy(), factor, out)

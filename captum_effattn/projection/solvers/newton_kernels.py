@@ -509,20 +509,31 @@ def unit_columns(values, key_mask, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def inverse_frobenius(factor, scratch):  # pragma: no cover - compiled
-    """``||L^{-1}||_F`` for the lower triangular ``L`` in ``factor``."""
+def inverse_frobenius(factor, inverse):  # pragma: no cover - compiled
+    """``||L^{-1}||_F`` for the lower triangular ``L`` in ``factor``; ``L^{-1}`` is left in the
+    lower triangle of ``inverse`` ``(r, r)``.
+
+    Row by row: ``L Y = I`` makes row ``i`` of ``Y = L^{-1}`` ``(e_i - sum_{k<i} L_ik Y_k) / L_ii``,
+    a sum of earlier rows (contiguous), with one division per row; column by column, every entry
+    was a short strided dot product and a division (10.4 against 5.6 us at ``r = 33``).
+    """
     r = factor.shape[0]
     total = 0.0
-    for j in range(r):
-        # Column j of L^{-1}: zero above the diagonal, so the solve starts at row j.
-        scratch[j] = 1.0 / factor[j, j]
-        total += scratch[j] * scratch[j]
-        for i in range(j + 1, r):
-            entry = 0.0
-            for k in range(j, i):
-                entry -= factor[i, k] * scratch[k]
-            scratch[i] = entry / factor[i, i]
-            total += scratch[i] * scratch[i]
+    for i in range(r):
+        row = inverse[i]
+        for c in range(i):
+            row[c] = 0.0
+        row[i] = 1.0
+        coefficients = factor[i]
+        for k in range(i):
+            coefficient = coefficients[k]
+            earlier = inverse[k]
+            for c in range(k + 1):
+                row[c] -= coefficient * earlier[c]
+        scale = 1.0 / coefficients[i]
+        for c in range(i + 1):
+            row[c] *= scale
+            total += row[c] * row[c]
     return math.sqrt(total)
 
 
@@ -533,7 +544,7 @@ def value_geometry(
     """Unit columns ``W = [1, V]`` into ``matrix``, their Gram matrix (full) into ``gram`` and its
     Cholesky factor into ``metric``; False when ``W`` is not comfortably of full column rank
     (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it. ``scratch``
-    ``(r,)``, ``keys`` and ``signs`` ``(n,)`` are scratch space."""
+    ``(r, r)``, ``keys`` and ``signs`` ``(n,)`` are scratch space."""
     if not unit_columns(values, key_mask, matrix):
         return False
     r = matrix.shape[1]
@@ -600,7 +611,8 @@ def value_newton_rows(
         g = group[row]
         if g != current:
             current = g
-            scratch, keys, signs = buffers[0][3], buffers[2][6], buffers[2][7]
+            # The Hessian buffer is free until the row's first step.
+            scratch, keys, signs = buffers[2][4], buffers[2][6], buffers[2][7]
             usable = value_geometry(
                 values[g], key_mask[g], max_inverse_norm, matrix, gram, metric, scratch, keys, signs
             )
