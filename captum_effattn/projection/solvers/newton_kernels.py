@@ -15,7 +15,8 @@ from numba import njit, prange
 
 # Reassociation lets LLVM vectorize the dot products (sums in a different order, same accuracy).
 FAST_MATH = {"reassoc", "contract"}
-# Crossings the line search finds by scanning for the nearest breakpoint before it sorts the rest.
+# Crossings the line search finds by scanning for the nearest breakpoint before it heaps the rest
+# (2, 4 and 16 were no faster on MiniLM's [CLS] rows).
 SELECTED_CROSSINGS = 8
 # ``u = B theta`` is carried along the steps (``u + t w``) and recomputed every this many steps,
 # so rounding cannot pile up.
