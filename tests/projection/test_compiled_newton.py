@@ -172,6 +172,28 @@ def test_threads_share_the_rows_without_changing_any(monkeypatch, numba_pool):
         assert torch.equal(one, other)
 
 
+def test_a_few_rows_stay_on_the_calling_thread_without_numbas_pool(monkeypatch):
+    """On Python threads a block is a hand-off: fewer rows than two blocks' worth are solved on
+    the calling thread, however many threads the caller allows."""
+    import captum_effattn.projection.solvers.compiled_newton as compiled
+
+    def no_pool(*args):
+        raise AssertionError("a Python thread pool for rows that fit in one block")
+
+    monkeypatch.setattr(compiled, "_numba_pool_usable", lambda: False)
+    monkeypatch.setattr(compiled, "_pool", no_pool)
+    values, key_mask, group, rows = grouped_rows_problem(2, 2, 40, 6, 1, seed=4)
+    rows, group = rows[: compiled.PYTHON_BLOCK_ROWS], group[: compiled.PYTHON_BLOCK_ROWS]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x, _, solved = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+    finally:
+        torch.set_num_threads(before)
+    assert solved.all()
+    assert x.shape == rows.shape
+
+
 def test_numba_pool_settings_are_restored_and_not_used_after_a_fork():
     """The caller's numba thread count comes back; a forked child (GNU OpenMP does not survive a
     fork) solves on Python threads instead, with the same rows."""

@@ -147,8 +147,10 @@ def _in_blocks(
     """All ``rows`` on the threads the caller allows PyTorch: ``solve(slice)`` solves a slice on
     the calling thread (or on a Python thread), ``solve_blocks(size, threads)`` all rows in
     blocks of ``size`` on ``threads`` threads of numba's pool."""
-    workers = min(allowed_threads(), -(-rows // BLOCK_ROWS))
-    numba_pool = workers > 1 and _numba_pool_usable()
+    threads = allowed_threads()
+    numba_pool = min(threads, -(-rows // BLOCK_ROWS)) > 1 and _numba_pool_usable()
+    smallest = BLOCK_ROWS if numba_pool else PYTHON_BLOCK_ROWS
+    workers = min(threads, -(-rows // smallest))
     if numba_pool:
         import numba
 
@@ -156,7 +158,6 @@ def _in_blocks(
     if workers <= 1:
         solve(slice(None))
         return
-    smallest = BLOCK_ROWS if numba_pool else PYTHON_BLOCK_ROWS
     size = max(smallest, -(-rows // (workers * BLOCKS_PER_THREAD)))
     if numba_pool:
         with _numba_threads(workers):
