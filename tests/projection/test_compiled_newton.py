@@ -102,7 +102,11 @@ def test_compiled_cholesky_solves_like_torch(r):
     substitution and the inverse's norm agree with torch, at every size modulo four."""
     import numpy as np
 
-    from captum_effattn.projection.solvers.newton_kernels import cholesky_solve, inverse_frobenius
+    from captum_effattn.projection.solvers.newton_kernels import (
+        cholesky_solve,
+        inverse_frobenius,
+        lower_times,
+    )
 
     gen = torch.Generator().manual_seed(r)
     a = torch.randn(3 * r, r, generator=gen, dtype=torch.float64)
@@ -123,6 +127,12 @@ def test_compiled_cholesky_solves_like_torch(r):
         torch.from_numpy(np.tril(inverse)), expected_inverse, rtol=1e-10, atol=1e-12
     )
     assert norm == pytest.approx(float(expected_inverse.norm()), rel=1e-12)
+    # The gradient's scaling multiplies by that inverse's lower triangle.
+    scaled = np.empty(r)
+    lower_times(inverse, rhs.numpy(), scaled)
+    torch.testing.assert_close(
+        torch.from_numpy(scaled), expected_inverse @ rhs, rtol=1e-10, atol=1e-12
+    )
     indefinite = matrix.clone()
     indefinite[r - 1, r - 1] = -1.0
     assert not cholesky_solve(indefinite.numpy(), rhs.numpy(), factor, out)

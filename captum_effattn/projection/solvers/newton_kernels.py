@@ -235,13 +235,26 @@ def dual_gradient(basis, u, target, gradient):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def lower_times(factor, vector, out):  # pragma: no cover - compiled
+    """``out = L @ vector`` for the lower triangle ``L`` of ``factor``."""
+    for i in range(factor.shape[0]):
+        row = factor[i]
+        total = 0.0
+        for k in range(i + 1):
+            total += row[k] * vector[k]
+        out[i] = total
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def scaled_gradient_norm(
-    basis, metric, u, target, gradient, scaled_gradient
+    basis, metric_inverse, u, target, gradient, scaled_gradient
 ):  # pragma: no cover - compiled
-    """``||metric^{-1} (target - M^T relu(u))||``; leaves the gradient in ``gradient`` and its
-    scaled version in ``scaled_gradient``."""
+    """``||L^{-1} (target - M^T relu(u))||`` for the metric's lower-triangular inverse ``L^{-1}``
+    (``metric_inverse``); leaves the gradient in ``gradient`` and its scaled version in
+    ``scaled_gradient``. A product with ``L^{-1}``, whose rows are independent dot products, is
+    cheaper than a solve with ``L`` (0.11 against 0.27 us at ``r = 33``)."""
     dual_gradient(basis, u, target, gradient)
-    lower_solve(metric, gradient, scaled_gradient)
+    lower_times(metric_inverse, gradient, scaled_gradient)
     return math.sqrt(np.sum(scaled_gradient * scaled_gradient))
 
 
@@ -311,18 +324,19 @@ def regularized_direction(
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - compiled
     """Newton steps on ``max th^T target - 1/2 ||relu(M th)||^2`` for one row until the gradient's
-    norm, measured as ``||metric^{-1} gradient||``, is at most ``tol``.
+    norm, measured as ``||L^{-1} gradient||`` for a metric ``L``, is at most ``tol``.
 
     ``M`` (``basis``, ``(n, r)``) is an orthonormal basis (``full_gram`` = identity on its used
-    columns, ``regularizer`` = ``metric`` = identity) or the unit columns of ``[1, V]`` themselves
-    (``full_gram`` = ``regularizer`` = their Gram matrix ``G``, ``metric`` = its Cholesky factor
-    ``L``). Newton's method is invariant under the change of coordinates ``th = L^T theta``; with
-    the Levenberg-Marquardt term taken as ``mu * G`` and the gradient measured through ``L`` both
-    run the same steps in key space (``M th`` is the same vector).
+    columns, ``regularizer`` = ``L^{-1}`` = identity) or the unit columns of ``[1, V]`` themselves
+    (``full_gram`` = ``regularizer`` = their Gram matrix ``G``, ``L`` its Cholesky factor).
+    Newton's method is invariant under the change of coordinates ``th = L^T theta``; with the
+    Levenberg-Marquardt term taken as ``mu * G`` and the gradient measured through ``L`` both run
+    the same steps in key space (``M th`` is the same vector).
 
     Args:
-        geometry: ``(basis, key_used, full_gram, regularizer, metric)``; ``key_used`` ``(n,)``
-            the keys whose row of ``M`` is not zero.
+        geometry: ``(basis, key_used, full_gram, regularizer, metric_inverse)``; ``key_used``
+            ``(n,)`` the keys whose row of ``M`` is not zero, ``metric_inverse`` ``L^{-1}``
+            (its lower triangle).
         target: ``(r,)`` the row's coordinates.
         th: ``(r,)`` starting point, updated in place.
         settings: ``(max_iter, tol, regularization, floor)``.
@@ -331,7 +345,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
     Returns:
         ``(steps, converged)``.
     """
-    basis, key_used, full_gram, regularizer, metric = geometry
+    basis, key_used, full_gram, regularizer, metric_inverse = geometry
     max_iter, tol, regularization, floor = settings
     work, keys, (breaks, order_buffer, support, gram, hessian, factor, moved, signs) = buffers
     gradient, direction, scaled_gradient = work[0], work[1], work[2]
@@ -342,12 +356,12 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
     while True:
         if step_count % REFRESH_STEPS == 0:
             rows_times(basis, th, u)
-        norm = scaled_gradient_norm(basis, metric, u, target, gradient, scaled_gradient)
+        norm = scaled_gradient_norm(basis, metric_inverse, u, target, gradient, scaled_gradient)
         if norm <= tol and step_count % REFRESH_STEPS != 0:
             # The carried ``u`` drifts by the rounding of its updates, far beyond ``tol`` when
             # ``th`` is large (near-one-hot rows): confirm convergence on a fresh one.
             rows_times(basis, th, u)
-            norm = scaled_gradient_norm(basis, metric, u, target, gradient, scaled_gradient)
+            norm = scaled_gradient_norm(basis, metric_inverse, u, target, gradient, scaled_gradient)
         if norm <= tol:
             return step_count, True
         if step_count == max_iter:
@@ -540,12 +554,13 @@ def inverse_frobenius(factor, inverse):  # pragma: no cover - compiled
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def value_geometry(
-    values, key_mask, max_inverse_norm, matrix, gram, metric, scratch, keys, signs
+    values, key_mask, max_inverse_norm, matrix, gram, metric, metric_inverse, keys, signs
 ):  # pragma: no cover - compiled
-    """Unit columns ``W = [1, V]`` into ``matrix``, their Gram matrix (full) into ``gram`` and its
-    Cholesky factor into ``metric``; False when ``W`` is not comfortably of full column rank
-    (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it. ``scratch``
-    ``(r, r)``, ``keys`` and ``signs`` ``(n,)`` are scratch space."""
+    """Unit columns ``W = [1, V]`` into ``matrix``, their Gram matrix (full) into ``gram``, its
+    Cholesky factor ``L`` into ``metric`` and ``L^{-1}`` into the lower triangle of
+    ``metric_inverse``; False when ``W`` is not comfortably of full column rank
+    (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it. ``keys`` and
+    ``signs`` ``(n,)`` are scratch space."""
     if not unit_columns(values, key_mask, matrix):
         return False
     r = matrix.shape[1]
@@ -562,7 +577,7 @@ def value_geometry(
             gram[q, p] = gram[p, q]
     if not cholesky_factor(gram, metric):
         return False
-    return inverse_frobenius(metric, scratch) <= max_inverse_norm
+    return inverse_frobenius(metric, metric_inverse) <= max_inverse_norm
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -604,6 +619,7 @@ def value_newton_rows(
     matrix = np.empty((n, r))
     gram = np.empty((r, r))
     metric = np.zeros((r, r))
+    metric_inverse = np.zeros((r, r))
     target = np.empty(r)
     th = np.empty(r)
     current = -1
@@ -612,10 +628,17 @@ def value_newton_rows(
         g = group[row]
         if g != current:
             current = g
-            # The Hessian buffer is free until the row's first step.
-            scratch, keys, signs = buffers[2][4], buffers[2][6], buffers[2][7]
+            keys, signs = buffers[2][6], buffers[2][7]
             usable = value_geometry(
-                values[g], key_mask[g], max_inverse_norm, matrix, gram, metric, scratch, keys, signs
+                values[g],
+                key_mask[g],
+                max_inverse_norm,
+                matrix,
+                gram,
+                metric,
+                metric_inverse,
+                keys,
+                signs,
             )
         converged[row] = False
         iterations[row] = 0
@@ -624,7 +647,7 @@ def value_newton_rows(
         columns_times(matrix, rows[row], target)
         # Start where the orthonormal route starts: W th = the projection of a onto span(W).
         factored_solve(metric, target, th)
-        geometry = (matrix, key_mask[g], gram, gram, metric)
+        geometry = (matrix, key_mask[g], gram, gram, metric_inverse)
         iterations[row], converged[row] = newton_row(geometry, target, th, settings, buffers)
         if converged[row]:
             rows_times(matrix, th, x[row])
