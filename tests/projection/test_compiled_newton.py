@@ -138,6 +138,30 @@ def test_compiled_cholesky_solves_like_torch(r):
     assert not cholesky_solve(indefinite.numpy(), rhs.numpy(), factor, out)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 11, 128])
+@pytest.mark.parametrize("positive_share", [0.0, 0.3, 1.0])
+def test_compiled_products_with_the_keys(n, positive_share):
+    """``B @ v`` four rows at a time, and the dual gradient over the positive keys four at a
+    time, agree with NumPy whatever ``n`` and however many keys are positive."""
+    import numpy as np
+
+    from captum_effattn.projection.solvers.newton_kernels import dual_gradient, rows_times
+
+    rng = np.random.default_rng(n)
+    r = 7
+    basis, vector = rng.standard_normal((n, r)), rng.standard_normal(r)
+    out = np.empty(n)
+    rows_times(basis, vector, out)
+    np.testing.assert_allclose(out, basis @ vector, rtol=1e-12, atol=1e-12)
+    u = rng.standard_normal(n)
+    u = np.where(rng.random(n) < positive_share, np.abs(u), -np.abs(u))
+    target, gradient, scratch = rng.standard_normal(r), np.empty(r), np.empty(n, dtype=np.int64)
+    dual_gradient(basis, u, target, gradient, scratch)
+    np.testing.assert_allclose(
+        gradient, target - basis.T @ np.maximum(u, 0), rtol=1e-12, atol=1e-12
+    )
+
+
 def test_converges_where_the_optimum_is_degenerate():
     """n much larger than d: most keys leave the support; the gradient tolerance is met."""
     ops, c = dual_problem(3, 8, 200, 6, 10, seed=5)

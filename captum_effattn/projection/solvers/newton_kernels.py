@@ -215,23 +215,56 @@ def add_keys_to_gram(gram, basis, keys, signs, count):  # pragma: no cover - com
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def rows_times(basis, vector, out):  # pragma: no cover - compiled
-    """``out = basis @ vector``: ``(n, r) @ (r,) -> (n,)``."""
+    """``out = basis @ vector``: ``(n, r) @ (r,) -> (n,)``, four rows at a time (they share the
+    loads of ``vector``: 0.44 against 0.52 us at ``n = 128``, ``r = 33``)."""
     n, r = basis.shape
-    for i in range(n):
+    i = 0
+    while i + 4 <= n:
+        row0, row1, row2, row3 = basis[i], basis[i + 1], basis[i + 2], basis[i + 3]
+        total0, total1, total2, total3 = 0.0, 0.0, 0.0, 0.0
+        for k in range(r):
+            entry = vector[k]
+            total0 += row0[k] * entry
+            total1 += row1[k] * entry
+            total2 += row2[k] * entry
+            total3 += row3[k] * entry
+        out[i], out[i + 1], out[i + 2], out[i + 3] = total0, total1, total2, total3
+        i += 4
+    while i < n:
         total = 0.0
         for k in range(r):
             total += basis[i, k] * vector[k]
         out[i] = total
+        i += 1
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def dual_gradient(basis, u, target, gradient):  # pragma: no cover - compiled
-    """``gradient = target - M^T relu(u)``."""
-    gradient[:] = target
+def dual_gradient(basis, u, target, gradient, positive):  # pragma: no cover - compiled
+    """``gradient = target - M^T relu(u)``; ``positive`` ``(n,)`` is scratch for the keys with
+    ``u > 0``.
+
+    The positive keys are listed first, without branches (their pattern defeats the branch
+    predictor), then taken four per pass over ``gradient`` (0.27 against 0.45 us at ``n = 128``,
+    ``r = 33``, with about a third of the keys positive)."""
+    count = 0
     for i in range(u.shape[0]):
-        if u[i] > 0.0:
-            for k in range(basis.shape[1]):
-                gradient[k] -= basis[i, k] * u[i]
+        positive[count] = i
+        count += u[i] > 0.0
+    gradient[:] = target
+    r = basis.shape[1]
+    j = 0
+    while j + 4 <= count:
+        key0, key1, key2, key3 = positive[j], positive[j + 1], positive[j + 2], positive[j + 3]
+        row0, row1, row2, row3 = basis[key0], basis[key1], basis[key2], basis[key3]
+        u0, u1, u2, u3 = u[key0], u[key1], u[key2], u[key3]
+        for k in range(r):
+            gradient[k] -= row0[k] * u0 + row1[k] * u1 + row2[k] * u2 + row3[k] * u3
+        j += 4
+    while j < count:
+        row, weight = basis[positive[j]], u[positive[j]]
+        for k in range(r):
+            gradient[k] -= row[k] * weight
+        j += 1
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -247,13 +280,14 @@ def lower_times(factor, vector, out):  # pragma: no cover - compiled
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def scaled_gradient_norm(
-    basis, metric_inverse, u, target, gradient, scaled_gradient
+    basis, metric_inverse, u, target, gradient, scaled_gradient, positive
 ):  # pragma: no cover - compiled
     """``||L^{-1} (target - M^T relu(u))||`` for the metric's lower-triangular inverse ``L^{-1}``
     (``metric_inverse``); leaves the gradient in ``gradient`` and its scaled version in
-    ``scaled_gradient``. A product with ``L^{-1}``, whose rows are independent dot products, is
-    cheaper than a solve with ``L`` (0.11 against 0.27 us at ``r = 33``)."""
-    dual_gradient(basis, u, target, gradient)
+    ``scaled_gradient`` (``positive``: scratch, see :func:`dual_gradient`). A product with
+    ``L^{-1}``, whose rows are independent dot products, is cheaper than a solve with ``L`` (0.11
+    against 0.27 us at ``r = 33``)."""
+    dual_gradient(basis, u, target, gradient, positive)
     lower_times(metric_inverse, gradient, scaled_gradient)
     return math.sqrt(np.sum(scaled_gradient * scaled_gradient))
 
@@ -356,12 +390,17 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
     while True:
         if step_count % REFRESH_STEPS == 0:
             rows_times(basis, th, u)
-        norm = scaled_gradient_norm(basis, metric_inverse, u, target, gradient, scaled_gradient)
+        # ``moved`` is scratch here: the support's update below fills it afresh.
+        norm = scaled_gradient_norm(
+            basis, metric_inverse, u, target, gradient, scaled_gradient, moved
+        )
         if norm <= tol and step_count % REFRESH_STEPS != 0:
             # The carried ``u`` drifts by the rounding of its updates, far beyond ``tol`` when
             # ``th`` is large (near-one-hot rows): confirm convergence on a fresh one.
             rows_times(basis, th, u)
-            norm = scaled_gradient_norm(basis, metric_inverse, u, target, gradient, scaled_gradient)
+            norm = scaled_gradient_norm(
+                basis, metric_inverse, u, target, gradient, scaled_gradient, moved
+            )
         if norm <= tol:
             return step_count, True
         if step_count == max_iter:
