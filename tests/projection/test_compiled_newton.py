@@ -98,22 +98,27 @@ def test_line_search_past_many_breakpoints(crossed):
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 8, 33, 65])
 def test_compiled_cholesky_solves_like_torch(r):
-    """The compiled factorization (four rows at a time below the diagonal), the row-wise back
-    substitution and the inverse's norm agree with torch, at every size modulo four."""
+    """The compiled factorization of a shifted matrix (four rows at a time below the diagonal, the
+    shift added as entries are read), the row-wise back substitution and the inverse's norm
+    agree with torch, at every size modulo four."""
     import numpy as np
 
     from captum_effattn.projection.solvers.newton_kernels import (
-        cholesky_solve,
+        factored_solve,
         inverse_frobenius,
         lower_times,
+        shifted_cholesky,
     )
 
     gen = torch.Generator().manual_seed(r)
     a = torch.randn(3 * r, r, generator=gen, dtype=torch.float64)
-    matrix = a.T @ a + 0.1 * torch.eye(r, dtype=torch.float64)
+    gram = a.T @ a
+    regularizer = torch.eye(r, dtype=torch.float64) + 0.5  # any SPD matrix
+    matrix = gram + 0.1 * regularizer
     rhs = torch.randn(r, generator=gen, dtype=torch.float64)
     factor, out = np.zeros((r, r)), np.empty(r)
-    assert cholesky_solve(matrix.numpy(), rhs.numpy(), factor, out)
+    assert shifted_cholesky(gram.numpy(), 0.1, regularizer.numpy(), factor)
+    factored_solve(factor, rhs.numpy(), out)
     expected = torch.linalg.cholesky(matrix)
     torch.testing.assert_close(torch.from_numpy(np.tril(factor)), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
@@ -135,7 +140,7 @@ def test_compiled_cholesky_solves_like_torch(r):
     )
     indefinite = matrix.clone()
     indefinite[r - 1, r - 1] = -1.0
-    assert not cholesky_solve(indefinite.numpy(), rhs.numpy(), factor, out)
+    assert not shifted_cholesky(indefinite.numpy(), 0.0, regularizer.numpy(), factor)
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 11, 128])
