@@ -167,6 +167,25 @@ def test_compiled_products_with_the_keys(n, positive_share):
     )
 
 
+def test_a_hessian_no_damping_repairs_gives_a_zero_direction():
+    """A NaN in the support's Gram matrix (which validated inputs never produce) stops the
+    damping loop with a zero direction instead of damping forever."""
+    import numpy as np
+
+    from captum_effattn.projection.solvers.newton_kernels import regularized_direction
+
+    r = 4
+    gram, regularizer = np.eye(r), np.eye(r)
+    gram[2, 1] = np.nan
+    factor, direction = np.zeros((r, r)), np.ones(r)
+    regularized_direction(gram, regularizer, np.ones(r), 1e-3, factor, direction)
+    assert (direction == 0).all()
+    gram[2, 1] = 0.5  # damped into a solvable system: the direction solves it
+    regularized_direction(gram, regularizer, np.ones(r), 1e-3, factor, direction)
+    hessian = np.tril(gram) + np.tril(gram, -1).T + 1e-3 * regularizer
+    np.testing.assert_allclose(hessian @ direction, np.ones(r), rtol=1e-12, atol=1e-12)
+
+
 def test_converges_where_the_optimum_is_degenerate():
     """n much larger than d: most keys leave the support; the gradient tolerance is met."""
     ops, c = dual_problem(3, 8, 200, 6, 10, seed=5)

@@ -345,9 +345,17 @@ def regularized_direction(
     gram, regularizer, gradient, mu, factor, direction
 ):  # pragma: no cover - compiled
     """Solve ``(gram + mu * regularizer) direction = gradient``, damping more (``mu * 10``)
-    while rounding leaves the regularized matrix indefinite."""
+    while rounding leaves the regularized matrix indefinite.
+
+    A matrix no damping makes positive definite (a NaN in it) gives a zero direction, hence a
+    zero step: the row runs out of steps and goes to the basis route, instead of the loop
+    damping forever in compiled code that nothing can interrupt.
+    """
     while not shifted_cholesky(gram, mu, regularizer, factor):
         mu *= 10.0
+        if not mu < 1e300:
+            direction[:] = 0.0
+            return
     factored_solve(factor, gradient, direction)
 
 
