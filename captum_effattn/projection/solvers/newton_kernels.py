@@ -269,6 +269,16 @@ def dual_gradient(basis, u, target, gradient, positive):  # pragma: no cover - c
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def dot(first, second):  # pragma: no cover - compiled
+    """``first @ second`` for two vectors, as a loop: ``np.sum(first * second)`` allocates the
+    product on the heap, twice per Newton step."""
+    total = 0.0
+    for k in range(first.shape[0]):
+        total += first[k] * second[k]
+    return total
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def lower_times(factor, vector, out):  # pragma: no cover - compiled
     """``out = L @ vector`` for the lower triangle ``L`` of ``factor``."""
     for i in range(factor.shape[0]):
@@ -290,7 +300,7 @@ def scaled_gradient_norm(
     against 0.27 us at ``r = 33``)."""
     dual_gradient(basis, u, target, gradient, positive)
     lower_times(metric_inverse, gradient, scaled_gradient)
-    return math.sqrt(np.sum(scaled_gradient * scaled_gradient))
+    return math.sqrt(dot(scaled_gradient, scaled_gradient))
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -413,7 +423,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
         mu = regularization * norm + floor
         regularized_direction(gram, regularizer, gradient, mu, factor, direction)
         rows_times(basis, direction, w)
-        step = exact_step(u, w, np.sum(direction * target), breaks, order_buffer)
+        step = exact_step(u, w, dot(direction, target), breaks, order_buffer)
         for k in range(th.shape[0]):
             th[k] += step * direction[k]
         for i in range(u.shape[0]):
