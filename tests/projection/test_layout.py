@@ -1,0 +1,87 @@
+"""Chunks of the row layout: every row once, its own group's values, and views where they can be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_effattn import effective_attention, efficient_attention
+from captum_effattn.projection.engine import layout as layout_module
+from captum_effattn.projection.engine.layout import build_layout
+from captum_effattn.projection.engine.validation import check_inputs
+from tests.projection.problems import attention_rows, value_vectors
+
+BATCH, HEADS, QUERIES, KEYS, WIDTH = 4, 3, 2, 14, 3
+
+
+def problem(padded: bool, seed: int = 0, causal: bool = False):
+    """``(attn (B, H, Q, n), values (B, H, n, d), key_mask (B, n))``; with ``padded``, each example
+    has its own number of real keys (so groups differ in their last real key); ``causal``: every
+    row (``Q = n``), row ``i`` on keys ``<= i``."""
+    gen = torch.Generator().manual_seed(seed)
+    key_mask = torch.ones(BATCH, KEYS, dtype=torch.bool)
+    if padded:
+        for b in range(BATCH):
+            key_mask[b, KEYS - 2 * b :] = False
+    queries = KEYS if causal else QUERIES
+    attn = attention_rows(BATCH, HEADS, queries, KEYS, sharpness=3.0, generator=gen)
+    visible = key_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(KEYS, KEYS, dtype=torch.bool).tril()
+    attn = attn * visible
+    attn = attn / attn.sum(-1, keepdim=True)
+    return attn, value_vectors(BATCH, HEADS, KEYS, WIDTH, generator=gen), key_mask
+
+
+def chunks_of(attn, values, key_mask, causal=False):
+    checked = check_inputs(attn, values, key_mask[:, None], causal)
+    layout = build_layout(checked, causal)
+    return layout, list(layout.chunks(WIDTH + 1))
+
+
+@pytest.fixture
+def two_groups_a_chunk(monkeypatch):
+    """A chunk budget of about two groups of this problem (whatever their trimmed width)."""
+    r = WIDTH + 1
+    per_group = 8 * KEYS * (r * r + 3 * r) + 8 * QUERIES * KEYS * 16
+    monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunks_hold_every_row_once_with_its_groups_values(two_groups_a_chunk, padded, causal):
+    attn, values, key_mask = problem(padded, causal=causal)
+    layout, chunks = chunks_of(attn, values, key_mask, causal)
+    assert len(chunks) > 1
+    seen = torch.cat([chunk.row_ids for chunk in chunks])
+    assert torch.equal(seen.sort().values, torch.arange(len(layout.rows)))
+    for chunk in chunks:
+        n_c = chunk.rows.shape[-1]
+        assert torch.equal(chunk.rows, layout.rows[chunk.row_ids, :n_c])
+        group_of_row = layout.row_group[chunk.row_ids]
+        source = layout.group_source[group_of_row]
+        assert torch.equal(chunk.values[chunk.group], layout.source_values[source, :n_c])
+        assert torch.equal(chunk.key_mask[chunk.group], layout.row_masks()[chunk.row_ids, :n_c])
+
+
+def test_consecutive_groups_come_as_views_of_the_layout(two_groups_a_chunk):
+    """Unpadded, non-causal rows (one group per head, rows in group order): no copies."""
+    layout, chunks = chunks_of(*problem(padded=False))
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.values.untyped_storage().data_ptr() == (
+            layout.source_values.untyped_storage().data_ptr()
+        )
+        assert chunk.rows.untyped_storage().data_ptr() == layout.rows.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("projection", [efficient_attention, effective_attention])
+@pytest.mark.parametrize("padded", [False, True])
+def test_projections_do_not_depend_on_the_chunking(monkeypatch, projection, padded):
+    attn, values, key_mask = problem(padded, seed=1)
+    whole = projection(attn, values, key_mask[:, None])
+    r = WIDTH + 1
+    per_group = 8 * KEYS * (r * r + 3 * r) + 8 * QUERIES * KEYS * 16
+    monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
+    chunked = projection(attn, values, key_mask[:, None])
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
