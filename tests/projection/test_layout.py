@@ -85,3 +85,13 @@ def test_projections_do_not_depend_on_the_chunking(monkeypatch, projection, padd
     monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
     chunked = projection(attn, values, key_mask[:, None])
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("projection", [efficient_attention, effective_attention])
+def test_chunked_views_leave_float64_inputs_untouched(two_groups_a_chunk, projection):
+    """float64 inputs reach the chunks as views of themselves: nothing may write through them."""
+    attn, values, key_mask = problem(padded=False, seed=2)
+    before = attn.clone(), values.clone()
+    projection(attn, values, key_mask[:, None])
+    assert torch.equal(attn, before[0])
+    assert torch.equal(values, before[1])
