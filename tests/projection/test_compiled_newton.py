@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -49,8 +50,6 @@ def test_same_steps_as_the_batched_newton_phase(shape):
 @given(n=st.integers(1, 80), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
 def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
     """Sorting only the breakpoints below the bracket gives the full sort's step."""
-    import numpy as np
-
     from captum_effattn.projection.solvers.newton_kernels import exact_step as compiled_step
 
     gen = torch.Generator().manual_seed(seed)
@@ -73,8 +72,6 @@ def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
 def test_line_search_past_many_breakpoints(crossed):
     """A step that crosses ``crossed`` breakpoints before the maximizer: the first few taken by
     selection, the rest from the in-place heap, as the full sort of the reference finds."""
-    import numpy as np
-
     from captum_effattn.projection.solvers.newton_kernels import exact_step as compiled_step
 
     n = 120
@@ -101,8 +98,6 @@ def test_compiled_cholesky_solves_like_torch(r):
     """The compiled factorization of a shifted matrix (four rows at a time below the diagonal, the
     shift added as entries are read), the row-wise back substitution and the inverse's norm
     agree with torch, at every size modulo four."""
-    import numpy as np
-
     from captum_effattn.projection.solvers.newton_kernels import (
         factored_solve,
         inverse_frobenius,
@@ -148,8 +143,6 @@ def test_compiled_cholesky_solves_like_torch(r):
 def test_compiled_products_with_the_keys(n, positive_share):
     """``B @ v`` four rows at a time, and the dual gradient over the positive keys four at a
     time, agree with NumPy whatever ``n`` and however many keys are positive."""
-    import numpy as np
-
     from captum_effattn.projection.solvers.newton_kernels import dual_gradient, rows_times
 
     rng = np.random.default_rng(n)
@@ -170,8 +163,6 @@ def test_compiled_products_with_the_keys(n, positive_share):
 def test_a_hessian_no_damping_repairs_gives_a_zero_direction():
     """A NaN in the support's Gram matrix (which validated inputs never produce) stops the
     damping loop with a zero direction instead of damping forever."""
-    import numpy as np
-
     from captum_effattn.projection.solvers.newton_kernels import regularized_direction
 
     r = 4

@@ -39,12 +39,15 @@ def chunks_of(attn, values, key_mask, causal=False):
     return layout, list(layout.chunks(WIDTH + 1))
 
 
+def budget_of_two_groups(monkeypatch) -> None:
+    """A chunk budget of about two groups of this problem (whatever their trimmed width)."""
+    per_group = layout_module.group_bytes(KEYS, QUERIES, WIDTH + 1)
+    monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
+
+
 @pytest.fixture
 def two_groups_a_chunk(monkeypatch):
-    """A chunk budget of about two groups of this problem (whatever their trimmed width)."""
-    r = WIDTH + 1
-    per_group = 8 * KEYS * (r * r + 3 * r) + 8 * QUERIES * KEYS * 16
-    monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
+    budget_of_two_groups(monkeypatch)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -80,9 +83,7 @@ def test_consecutive_groups_come_as_views_of_the_layout(two_groups_a_chunk):
 def test_projections_do_not_depend_on_the_chunking(monkeypatch, projection, padded):
     attn, values, key_mask = problem(padded, seed=1)
     whole = projection(attn, values, key_mask[:, None])
-    r = WIDTH + 1
-    per_group = 8 * KEYS * (r * r + 3 * r) + 8 * QUERIES * KEYS * 16
-    monkeypatch.setattr(layout_module, "CHUNK_BYTES", 2 * per_group)
+    budget_of_two_groups(monkeypatch)
     chunked = projection(attn, values, key_mask[:, None])
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
 

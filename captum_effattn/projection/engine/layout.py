@@ -21,6 +21,12 @@ from captum_effattn.projection.engine.validation import CheckedInputs
 CHUNK_BYTES = 256 * 2**20
 
 
+def group_bytes(keys: int, rows: int, rank_width: int) -> int:
+    """The working set a group of ``rows`` rows over ``keys`` keys counts against
+    :data:`CHUNK_BYTES`, for bases of ``rank_width`` columns."""
+    return 8 * keys * (rank_width * rank_width + 3 * rank_width) + 8 * rows * keys * 16
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A set of groups solved together, trimmed to the keys any of them can see."""
@@ -89,20 +95,23 @@ class RowLayout:
         rows_per_group = torch.bincount(self.row_group, minlength=len(self.group_source)).cpu()
         by_group = torch.argsort(self.row_group, stable=True)
         row_start = torch.cumsum(rows_per_group, 0) - rows_per_group
-        r = rank_width
         # Python integers for the per-group loop (indexing a tensor per group is a tensor op).
         order_list, last_list = order.tolist(), last_key.tolist()
         count_list, start_list = rows_per_group.tolist(), row_start.tolist()
         # Rows already sorted by group, one group per source (no causal prefixes): a chunk of
         # consecutive groups is then a slice of the rows and of the values, taken as views (the
         # copies cost more than the rest of the layout on MiniLM's [CLS] rows, batch 8).
-        sliceable = self._rows_in_group_order() and self._one_group_per_source()
+        in_order = bool((self.row_group[1:] >= self.row_group[:-1]).all())
+        groups_total = len(self.group_source)
+        one_per_source = groups_total == len(self.source_values) and bool(
+            (self.group_source == torch.arange(groups_total, device=device)).all()
+        )
         start = 0
         while start < len(order_list):
             stop, bytes_used = start, 0
             while stop < len(order_list):
                 g = order_list[stop]
-                cost = 8 * last_list[g] * (r * r + 3 * r) + 8 * count_list[g] * last_list[g] * 16
+                cost = group_bytes(last_list[g], count_list[g], rank_width)
                 if stop > start and bytes_used + cost > CHUNK_BYTES:
                     break
                 bytes_used += cost
@@ -111,10 +120,11 @@ class RowLayout:
             groups = order[start:stop]
             n_c = max(last_list[g] for g in chosen)
             if n_c == self.n and chosen == list(range(len(order_list))):
-                yield self._whole(group_mask, by_group)  # everything, in order: no copies
+                # everything, in order: no copies
+                yield self._whole(group_mask, by_group, in_order, one_per_source)
                 return
             first, last = chosen[0], chosen[-1]
-            if sliceable and chosen == list(range(first, last + 1)):
+            if in_order and one_per_source and chosen == list(range(first, last + 1)):
                 yield self._slice(group_mask, first, last + 1, start_list, count_list, n_c)
                 start = stop
                 continue
@@ -131,15 +141,6 @@ class RowLayout:
                 key_mask=group_mask[groups, :n_c],
             )
             start = stop
-
-    def _rows_in_group_order(self) -> bool:
-        return bool((self.row_group[1:] >= self.row_group[:-1]).all())
-
-    def _one_group_per_source(self) -> bool:
-        groups = len(self.group_source)
-        return groups == len(self.source_values) and bool(
-            (self.group_source == torch.arange(groups, device=self.group_source.device)).all()
-        )
 
     def _slice(
         self,
@@ -162,12 +163,12 @@ class RowLayout:
             key_mask=group_mask[first:stop, :n_c],
         )
 
-    def _whole(self, group_mask: torch.Tensor, row_ids: torch.Tensor) -> Chunk:
+    def _whole(
+        self, group_mask: torch.Tensor, row_ids: torch.Tensor, in_order: bool, one_per_source: bool
+    ) -> Chunk:
         """Every group as one chunk (``row_ids``: the rows sorted by group); the rows and values
         as they are when already in order (the common case of one group per head: [CLS] rows,
         full matrices)."""
-        in_order = self._rows_in_group_order()
-        one_per_source = self._one_group_per_source()
         return Chunk(
             row_ids=row_ids,
             rows=self.rows if in_order else self.rows[row_ids],
