@@ -116,9 +116,11 @@ class CapturedHeads:
     @property
     def masking(self) -> RowMasking:
         """What each query row of this layer may see (padding, causal, window, additive mask)."""
-        return row_masking(self, self._query_count())
+        return row_masking(self, self.query_count)
 
-    def _query_count(self) -> int:
+    @property
+    def query_count(self) -> int:
+        """``S_q``: the layer's query rows."""
         for recorded in (self.probabilities, self.query):
             if recorded is not None:
                 return recorded.shape[-2]
@@ -130,7 +132,7 @@ class CapturedHeads:
         valid attention rows may use."""
         batch, k_len = self.key_mask.shape
         rows = positions.reshape(-1 if positions.dim() == 2 else 1, positions.shape[-1])
-        visible = visible_keys(self.masking, rows, self._query_count(), k_len)
+        visible = visible_keys(self.masking, rows, self.query_count, k_len)
         return visible.expand(batch, -1, -1)
 
     @property

@@ -60,6 +60,36 @@ def test_pipelined_rows_equal_rows_projected_after_the_forward(name, query, view
         assert (errors <= 1e-9).all()
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("query", ["auto", "all"])
+def test_layers_projected_in_runs_equal_layers_projected_together(monkeypatch, name, query):
+    """Past :data:`TOGETHER_BYTES`, layers go in runs of equal numbers: same rows, same order."""
+    import captum_effattn.attr._views as views
+
+    model, forward, ids, mask = text_setup(name)
+    with capture_attention(model, materialize=False) as rec, torch.no_grad():
+        forward(ids, mask)
+    captured = rec.layers
+    queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+    view = get_view("efficient")
+    together = views.project_layers(captured, queries, view)
+    one_layer = views._concatenated_bytes(captured[0], queries)
+    runs = []
+    real_together = views._project_together
+    monkeypatch.setattr(
+        views,
+        "_project_together",
+        lambda layers, *args: runs.append(len(layers)) or real_together(layers, *args),
+    )
+    monkeypatch.setattr(views, "TOGETHER_BYTES", 2 * one_layer)
+    in_runs = views.project_layers(captured, queries, view)
+    assert runs == [2] * (NUM_LAYERS // 2) + [NUM_LAYERS % 2] * (NUM_LAYERS % 2)
+    assert len(in_runs) == len(together) == NUM_LAYERS
+    for (rows, error), (rows_together, error_together) in zip(in_runs, together, strict=True):
+        torch.testing.assert_close(rows, rows_together, rtol=0, atol=1e-12)
+        torch.testing.assert_close(error, error_together, rtol=0, atol=1e-9)
+
+
 def test_each_layer_is_handed_over_before_the_next_one_runs():
     model, forward, ids, mask = text_setup("bert")
     events = []

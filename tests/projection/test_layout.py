@@ -63,19 +63,23 @@ def test_chunks_hold_every_row_once_with_its_groups_values(two_groups_a_chunk, p
         assert torch.equal(chunk.rows, layout.rows[chunk.row_ids, :n_c])
         group_of_row = layout.row_group[chunk.row_ids]
         source = layout.group_source[group_of_row]
-        assert torch.equal(chunk.values[chunk.group], layout.source_values[source, :n_c])
+        assert torch.equal(chunk.values[chunk.group], layout.unit_values(source, n_c))
         assert torch.equal(chunk.key_mask[chunk.group], layout.row_masks()[chunk.row_ids, :n_c])
 
 
 def test_consecutive_groups_come_as_views_of_the_layout(two_groups_a_chunk):
-    """Unpadded, non-causal rows (one group per head, rows in group order): no copies."""
-    layout, chunks = chunks_of(*problem(padded=False))
+    """Unpadded, non-causal rows (one group per head, rows in group order): the rows are views;
+    the values are converted to float64 chunk by chunk, each chunk only its own groups'."""
+    attn, values, key_mask = problem(padded=False)
+    values = values.float()
+    layout, chunks = chunks_of(attn, values, key_mask)
     assert len(chunks) > 1
+    assert layout.source_values.untyped_storage().data_ptr() == values.untyped_storage().data_ptr()
     for chunk in chunks:
-        assert chunk.values.untyped_storage().data_ptr() == (
-            layout.source_values.untyped_storage().data_ptr()
-        )
         assert chunk.rows.untyped_storage().data_ptr() == layout.rows.untyped_storage().data_ptr()
+        assert chunk.values.dtype == torch.float64
+        assert chunk.values.untyped_storage().nbytes() == chunk.values.numel() * 8
+        assert len(chunk.values) == int(chunk.group.max()) + 1
 
 
 @pytest.mark.parametrize("projection", [efficient_attention, effective_attention])

@@ -58,7 +58,10 @@ class RowLayout:
     n: int
     rows: FlatRows  # (R, n) float64, R = prod(batch_shape) * q
     row_group: torch.Tensor  # (R,)
-    source_values: torch.Tensor  # (S, n, d) float64: one per distinct (values, key_mask) pair
+    # (S, n, d) as given (any dtype): one per distinct (values, key_mask) pair. Chunks get them
+    # in float64 divided by ``source_scale`` (:meth:`unit_values`), each chunk its own copy.
+    source_values: torch.Tensor
+    source_scale: torch.Tensor  # (S,) float64: each source's largest magnitude on real keys
     source_mask: torch.Tensor  # (S, n) bool
     group_source: torch.Tensor  # (G,)
     group_prefix: torch.Tensor  # (G,) a group may use keys j < prefix (n when not causal)
@@ -71,6 +74,22 @@ class RowLayout:
         """The index in the (broadcast) attention tensor of flat row ``flat``."""
         return tuple(
             int(i) for i in torch.unravel_index(torch.tensor(flat), (*self.batch_shape, self.q))
+        )
+
+    def unit_values(self, sources: torch.Tensor | slice, keys: int) -> ValueVectors:
+        """``(S_c, keys, d)`` float64: the values of ``sources`` (indices or a slice) on their
+        first ``keys`` keys, divided by their scale (a fresh copy: never the caller's tensor).
+
+        Converted chunk by chunk, not all at once when the layout is built: a float64 copy of
+        every value vector (75 MB for MiniLM's 72 heads at 8 x 512 tokens) is above glibc's
+        32 MB mmap threshold, so every call paid its page faults afresh (27 of 167 ms); a
+        chunk's copy (7 MB there) is served from the heap and its pages reused.
+        """
+        scale = self.source_scale[sources]
+        return (
+            self.source_values[sources, :keys]
+            .to(torch.float64, copy=True)
+            .div_(scale[:, None, None])
         )
 
     def row_masks(self) -> torch.Tensor:
@@ -137,7 +156,7 @@ class RowLayout:
                 row_ids=row_ids,
                 rows=self.rows[row_ids, :n_c],
                 group=local.to(device),
-                values=self.source_values[self.group_source[groups], :n_c],
+                values=self.unit_values(self.group_source[groups], n_c),
                 key_mask=group_mask[groups, :n_c],
             )
             start = stop
@@ -159,7 +178,7 @@ class RowLayout:
             row_ids=torch.arange(begin, end, device=device),
             rows=self.rows[begin:end, :n_c],
             group=self.row_group[begin:end] - first,
-            values=self.source_values[first:stop, :n_c],
+            values=self.unit_values(slice(first, stop), n_c),
             key_mask=group_mask[first:stop, :n_c],
         )
 
@@ -173,30 +192,29 @@ class RowLayout:
             row_ids=row_ids,
             rows=self.rows if in_order else self.rows[row_ids],
             group=self.row_group if in_order else self.row_group[row_ids],
-            values=self.source_values if one_per_source else self.source_values[self.group_source],
+            values=self.unit_values(slice(None) if one_per_source else self.group_source, self.n),
             key_mask=group_mask,
         )
 
 
-def _unit_scale(values: ValueVectors, key_mask: KeyMask) -> ValueVectors:
-    """``values`` ``(S, n, d)`` in float64, divided by their largest magnitude on real keys, per
-    source.
+def _scale(values: ValueVectors, key_mask: KeyMask) -> torch.Tensor:
+    """``(S,)`` float64: the largest magnitude of ``values`` ``(S, n, d)`` on real keys, per source
+    (1 where they are all zero).
 
     Every result is invariant to the scale of ``V``; the tolerances, rank decisions and norms that
     lead to it are not (squared norms underflow below 1e-154 and overflow above 1e154 in float64),
-    so they all see values of magnitude one.
+    so the solvers see values divided by it (:meth:`RowLayout.unit_values`): of magnitude one.
     """
     # Largest magnitude per key from its max and min: no temporary of the values' size (such a
-    # temporary cost ten times the rest on MiniLM's [CLS] rows). The division goes in place into
-    # the float64 copy: a second fresh buffer of the values' size costs more in page faults than
-    # the arithmetic (MiniLM, 8 x 512 tokens, 72 heads: 47 -> 27 ms).
+    # temporary cost ten times the rest on MiniLM's [CLS] rows).
     per_key = torch.maximum(values.amax(-1), values.amin(-1).neg()).to(torch.float64)
-    largest = torch.where(key_mask, per_key, 0).amax(-1)[:, None, None]
-    return values.to(torch.float64, copy=True).div_(torch.where(largest > 0, largest, 1))
+    largest = torch.where(key_mask, per_key, 0).amax(-1)
+    return torch.where(largest > 0, largest, 1)
 
 
 def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
-    """Flatten ``inputs`` into rows and value-space groups (float64 copies; inputs untouched)."""
+    """Flatten ``inputs`` into rows (a float64 copy) and value-space groups (values as given,
+    converted chunk by chunk); the inputs are untouched."""
     attn, values, key_mask = inputs.attn, inputs.values, inputs.key_mask
     batch_shape = inputs.batch_shape
     q, n = attn.shape[-2:]
@@ -208,8 +226,8 @@ def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
     source_shape = torch.broadcast_shapes(values.shape[:-2], key_mask.shape[:-1])
     source_shape = torch.Size((1,) * (len(batch_shape) - len(source_shape)) + tuple(source_shape))
     n_sources = math.prod(source_shape)
-    source_values = values.expand(*source_shape, n, values.shape[-1])  # float64 in _unit_scale
-    source_mask = key_mask.expand(*source_shape, n)
+    flat_values = values.expand(*source_shape, n, values.shape[-1]).reshape(n_sources, n, -1)
+    flat_mask = key_mask.expand(*source_shape, n).reshape(n_sources, n)
     source_of_batch = (
         torch.arange(n_sources, device=device).reshape(source_shape).expand(batch_shape).reshape(-1)
     )
@@ -228,10 +246,9 @@ def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
         n=n,
         rows=rows,
         row_group=row_group,
-        source_values=_unit_scale(
-            source_values.reshape(n_sources, n, -1), source_mask.reshape(n_sources, n)
-        ),
-        source_mask=source_mask.reshape(n_sources, n),
+        source_values=flat_values,
+        source_scale=_scale(flat_values, flat_mask),
+        source_mask=flat_mask,
         group_source=group_source,
         group_prefix=group_prefix,
     )
