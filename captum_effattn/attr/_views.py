@@ -319,8 +319,8 @@ def project_layers(
         # together: each layer is projected on its own, with the keys its rows see.
         return [_project_layer_alone(c, queries, view) for c in captured]
     total = sum(_concatenated_bytes(c, queries) for c in captured)
-    runs = min(len(captured), -(-total // TOGETHER_BYTES))
-    per_run = -(-len(captured) // max(runs, 1))
+    runs = max(1, min(len(captured), -(-total // TOGETHER_BYTES)))
+    per_run = max(1, -(-len(captured) // runs))
     return [
         result
         for start in range(0, len(captured), per_run)
