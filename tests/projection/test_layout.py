@@ -94,7 +94,8 @@ def test_projections_do_not_depend_on_the_chunking(monkeypatch, projection, padd
 
 @pytest.mark.parametrize("projection", [efficient_attention, effective_attention])
 def test_chunked_views_leave_float64_inputs_untouched(two_groups_a_chunk, projection):
-    """float64 inputs reach the chunks as views of themselves: nothing may write through them."""
+    """float64 rows reach the chunks as views of the input (values as copies): nothing may write
+    through them."""
     attn, values, key_mask = problem(padded=False, seed=2)
     before = attn.clone(), values.clone()
     projection(attn, values, key_mask[:, None])

@@ -119,8 +119,8 @@ class RowLayout:
         order_list, last_list = order.tolist(), last_key.tolist()
         count_list, start_list = rows_per_group.tolist(), row_start.tolist()
         # Rows already sorted by group, one group per source (no causal prefixes): a chunk of
-        # consecutive groups is then a slice of the rows and of the values, taken as views (the
-        # copies cost more than the rest of the layout on MiniLM's [CLS] rows, batch 8).
+        # consecutive groups is then a view of the rows and a slice of the sources (a gathered
+        # copy of the rows cost more than the rest of the layout on MiniLM's [CLS] rows, batch 8).
         in_order = bool((self.row_group[1:] >= self.row_group[:-1]).all())
         groups_total = len(self.group_source)
         one_per_source = groups_total == len(self.source_values) and bool(
@@ -140,7 +140,7 @@ class RowLayout:
             groups = order[start:stop]
             n_c = max(last_list[g] for g in chosen)
             if n_c == self.n and chosen == list(range(len(order_list))):
-                # everything, in order: no copies
+                # everything, in order: the rows as they are
                 yield self._whole(group_mask, by_group, in_order, one_per_source)
                 return
             first, last = chosen[0], chosen[-1]
@@ -171,8 +171,8 @@ class RowLayout:
         count_list: list[int],
         n_c: int,
     ) -> Chunk:
-        """Groups ``first`` to ``stop - 1`` as views, for rows in group order and one group per
-        source (see :meth:`chunks`)."""
+        """Groups ``first`` to ``stop - 1``, their rows as a view, for rows in group order and one
+        group per source (see :meth:`chunks`)."""
         begin, end = start_list[first], start_list[stop - 1] + count_list[stop - 1]
         device = self.rows.device
         return Chunk(
@@ -186,9 +186,9 @@ class RowLayout:
     def _whole(
         self, group_mask: torch.Tensor, row_ids: torch.Tensor, in_order: bool, one_per_source: bool
     ) -> Chunk:
-        """Every group as one chunk (``row_ids``: the rows sorted by group); the rows and values
-        as they are when already in order (the common case of one group per head: [CLS] rows,
-        full matrices)."""
+        """Every group as one chunk (``row_ids``: the rows sorted by group); the rows as they are
+        when already in order (the common case of one group per head: [CLS] rows, full
+        matrices)."""
         return Chunk(
             row_ids=row_ids,
             rows=self.rows if in_order else self.rows[row_ids],
