@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -47,9 +48,15 @@ def test_same_steps_as_the_batched_newton_phase(shape):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 80), scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
-def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
-    """Sorting only the breakpoints below the bracket gives the full sort's step."""
+@given(
+    n=st.integers(1, 80),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    max_step=st.sampled_from([math.inf, 1.0, 0.05]),
+    seed=st.integers(0, 2**16),
+)
+def test_bracketed_line_search_finds_the_same_step(n, scale, max_step, seed):
+    """Sorting only the breakpoints below the bracket (and below ``max_step``) gives the full
+    sort's step."""
     from captum_effattn.projection.solvers.newton_kernels import exact_step as compiled_step
 
     gen = torch.Generator().manual_seed(seed)
@@ -61,10 +68,11 @@ def test_bracketed_line_search_finds_the_same_step(n, scale, seed):
     # is bounded because P(a) is not empty).
     w[:, -1] = w[:, -1].abs() + 0.1
     s = scale * torch.randn(8, generator=gen, dtype=torch.float64).abs()
-    expected = exact_step(u, w, s)
+    expected = exact_step(u, w, s, max_step=max_step)
     breaks, order = np.empty(n), np.empty(n, dtype=np.int64)
     for row in range(8):
-        step = compiled_step(u[row].numpy(), w[row].numpy(), float(s[row]), breaks, order)
+        row_u, row_w = u[row].numpy(), w[row].numpy()
+        step = compiled_step(row_u, row_w, float(s[row]), breaks, order, max_step)
         assert step == pytest.approx(float(expected[row]), rel=1e-12, abs=1e-300)
 
 
@@ -89,8 +97,12 @@ def test_line_search_past_many_breakpoints(crossed):
     expected = exact_step(u, w, s)
     assert float(expected[0]) == pytest.approx(t_root if crossed else 0.0, rel=1e-12, abs=1e-12)
     breaks, keys = np.empty(n), np.empty(n, dtype=np.int64)
-    step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys)
+    step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys, math.inf)
     assert step == pytest.approx(float(expected[0]), rel=1e-12, abs=1e-12)
+    # Cut short before the root: the sweep stops at the bound (heap or not) and returns it.
+    bound = 0.5 * float(expected[0])
+    step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys, bound)
+    assert step == bound
 
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 7, 8, 33, 65])

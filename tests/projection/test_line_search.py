@@ -46,3 +46,31 @@ def test_the_step_maximizes_phi(candidates):
     grid = torch.linspace(0, 1, 401, dtype=torch.float64)[None, :] * (2 * t[:, None] + 1)
     best_on_grid = phi(grid, u, w, s).amax(-1)
     assert (phi(t[:, None], u, w, s)[:, 0] >= best_on_grid - 1e-9).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    n=st.integers(1, 80),
+    candidates=st.sampled_from([None, 1, 4, 32]),
+    max_step=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_a_bounded_step_is_the_unbounded_one_cut_at_the_bound(rows, n, candidates, max_step, seed):
+    """phi is concave: its maximizer on ``[0, m]`` is ``min(t*, m)``, with or without a partial
+    sort (a row whose candidates reach the bound needs no full sort)."""
+    u, w, s = _problem(rows, n, seed)
+    w[:, -1] = w[:, -1].abs() + 0.1  # phi bounded above, so t* is finite
+    unbounded = exact_step(u, w, s, candidates)
+    bounded = exact_step(u, w, s, candidates, max_step)
+    torch.testing.assert_close(bounded, unbounded.clamp_max(max_step), rtol=1e-12, atol=0)
+    assert bool((bounded <= max_step).all())
+
+
+def test_the_bounded_step_maximizes_phi_on_its_interval():
+    u, w, s = _problem(30, 50, 5)
+    t = exact_step(u, w, s, 4, max_step=1.0)
+    assert ((t >= 0) & (t <= 1)).all()
+    grid = torch.linspace(0, 1, 401, dtype=torch.float64)[None, :].expand(30, -1)
+    best_on_grid = phi(grid, u, w, s).amax(-1)
+    assert (phi(t[:, None], u, w, s)[:, 0] >= best_on_grid - 1e-9).all()

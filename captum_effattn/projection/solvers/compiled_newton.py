@@ -37,6 +37,7 @@ import torch
 from captum_effattn.projection.basis import MAX_INVERSE_NORM
 from captum_effattn.projection.engine.threads import allowed_threads
 from captum_effattn.projection.solvers.newton import (
+    MAX_STEP,
     REGULARIZATION,
     REGULARIZATION_FLOOR,
     NewtonResult,
@@ -100,7 +101,7 @@ def _numba_pool_usable() -> bool:
                 np.zeros((1, 1), dtype=np.bool_),
                 np.zeros(0, dtype=np.int64),
                 no_rows,
-                (1, 1e-13, 0.0, 0.0),
+                (1, 1e-13, 0.0, 0.0, 1.0),
                 MAX_INVERSE_NORM,
                 no_rows.copy(),
                 np.zeros(0, dtype=np.int64),
@@ -193,7 +194,7 @@ def compiled_newton_phase(
     iterations = np.zeros(len(c_np), dtype=np.int64)
     converged = np.zeros(len(c_np), dtype=np.bool_)
 
-    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR)
+    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR, MAX_STEP)
 
     def solve(rows: slice) -> None:
         newton_rows(
@@ -252,7 +253,7 @@ def compiled_value_newton(
     iterations = np.zeros(len(rows_np), dtype=np.int64)
     solved = np.zeros(len(rows_np), dtype=np.bool_)
 
-    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR)
+    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR, MAX_STEP)
 
     def solve(block: slice) -> None:
         kernel(

@@ -142,16 +142,17 @@ def sift_down(breaks, keys, base, node, end):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compiled
-    """``t >= 0`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see
+def exact_step(u, w, slope0, breaks, order_buffer, max_step):  # pragma: no cover - compiled
+    """``0 <= t <= max_step`` maximizing ``t s - 1/2 ||relu(u + t w)||^2`` (see
     :func:`captum_effattn.projection.solvers.newton.exact_step`).
 
     ``phi'`` is non-increasing and piecewise linear: the breakpoints are swept nearest first until
     ``phi'`` turns non-positive, and the maximizer lies on that segment. Most steps cross a few:
     the nearest is selected by a scan; after :data:`SELECTED_CROSSINGS` crossings the rest become
     a min-heap (in place: sorting them allocated, and cost more than the scans it saved) and are
-    taken from it one by one. ``phi`` must be bounded above, as it is along every Newton direction
-    (the dual is bounded: P(a) is not empty).
+    taken from it one by one; the sweep stops at ``max_step`` (no breakpoint beyond it matters).
+    ``phi`` must be bounded above on the interval, as it is along every Newton direction (the dual
+    is bounded: P(a) is not empty).
     """
     alpha, beta, moving = slope_terms_and_breaks(u, w, breaks, order_buffer)
     m = 0
@@ -168,7 +169,7 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
             for node in range(m + (end - m - 2) // 2, m - 1, -1):
                 sift_down(breaks, order_buffer, m, node, end)
         t = breaks[m]
-        if slope0 - alpha - beta * t <= 0.0:
+        if t >= max_step or slope0 - alpha - beta * t <= 0.0:
             break
         i = order_buffer[m]
         sign = 1.0 if w[i] > 0.0 else -1.0
@@ -181,7 +182,7 @@ def exact_step(u, w, slope0, breaks, order_buffer):  # pragma: no cover - compil
             breaks[m], order_buffer[m] = breaks[end], order_buffer[end]
             sift_down(breaks, order_buffer, m, m, end)
     step = (slope0 - alpha) / max(beta, 2.2250738585072014e-308)
-    return max(step, 0.0)
+    return min(max(step, 0.0), max_step)
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -380,14 +381,14 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
             (its lower triangle).
         target: ``(r,)`` the row's coordinates.
         th: ``(r,)`` starting point, updated in place.
-        settings: ``(max_iter, tol, regularization, floor)``.
+        settings: ``(max_iter, tol, regularization, floor, max_step)``.
         buffers: from :func:`_buffers`.
 
     Returns:
         ``(steps, converged)``.
     """
     basis, key_used, full_gram, regularizer, metric_inverse = geometry
-    max_iter, tol, regularization, floor = settings
+    max_iter, tol, regularization, floor, max_step = settings
     work, keys, (breaks, order_buffer, support, gram, factor, moved, signs) = buffers
     gradient, direction, scaled_gradient = work[0], work[1], work[2]
     u, w = keys[0], keys[1]
@@ -416,7 +417,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
         mu = regularization * norm + floor
         regularized_direction(gram, regularizer, gradient, mu, factor, direction)
         rows_times(basis, direction, w)
-        step = exact_step(u, w, dot(direction, target), breaks, order_buffer)
+        step = exact_step(u, w, dot(direction, target), breaks, order_buffer, max_step)
         for k in range(th.shape[0]):
             th[k] += step * direction[k]
         for i in range(u.shape[0]):
@@ -463,9 +464,9 @@ def newton_rows(bases, group, c, theta, settings, iterations, converged):  # pra
         group: ``(R,)`` basis of each row.
         c: ``(R, r)`` the rows' coordinates ``B^T a``.
         theta: ``(R, r)`` starting dual points, updated in place.
-        settings: ``(max_iter, tol, regularization, floor)``: steps at most per row, the gradient
-            norm at which a row is done, and the Levenberg-Marquardt term
-            ``regularization * ||g|| + floor``.
+        settings: ``(max_iter, tol, regularization, floor, max_step)``: steps at most per row,
+            the gradient norm at which a row is done, the Levenberg-Marquardt term
+            ``regularization * ||g|| + floor``, and the longest step along a direction.
         iterations: ``(R,)`` int64, filled with each row's steps.
         converged: ``(R,)`` bool, filled.
     """
@@ -652,7 +653,7 @@ def value_newton_rows(
         values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
         group: ``(R,)`` group of each row (consecutive rows of a group share its factorization).
         rows: ``(R, n)`` attention distributions ``a``.
-        settings: ``(max_iter, tol, regularization, floor)`` as in :func:`newton_rows`.
+        settings: ``(max_iter, tol, regularization, floor, max_step)`` as in :func:`newton_rows`.
         max_inverse_norm: the conditioning limit above.
         x: ``(R, n)`` filled with ``relu(W th)`` (not normalized) for converged rows.
         iterations: ``(R,)`` steps taken; converged: ``(R,)`` True for rows solved here (False:

@@ -26,6 +26,7 @@ import torch
 
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.solvers.newton import (
+    MAX_STEP,
     NewtonResult,
     dual_gradient,
     exact_step,
@@ -85,7 +86,8 @@ class NewtonBlock:
         done = self.converged | (norm <= self.tol)
         moving = ~done & (self.budget > 0)
         direction = newton_direction(self.ops.gram((u > 0).to(u.dtype)), gradient, norm)
-        step = exact_step(u, self.ops.left(direction), (direction * self.c).sum(-1))
+        slope0 = (direction * self.c).sum(-1)
+        step = exact_step(u, self.ops.left(direction), slope0, max_step=MAX_STEP)
         moved = self.theta + step[:, None] * direction
         self.theta.copy_(torch.where(moving[:, None], moved, self.theta))
         self.iterations.add_(moving.to(torch.long))
