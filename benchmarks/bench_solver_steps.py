@@ -7,7 +7,8 @@ truncated to ``n`` word pieces, and splits them two ways:
 
 - by the size of the efficient row's support (its non-zero keys) against ``r = d + 1`` (33 for
   MiniLM), the number of constraints: a row with exactly ``r`` keys is a vertex of its valid set,
-  where the dual Newton method adds the support back one key per step after each long step;
+  where the dual Newton method adds keys back about one per step after a Newton step that drops
+  part of the support;
 - by the row's largest attention weight: near-one-hot rows are nearly linear programs, and their
   dual optimum lies far out.
 
