@@ -64,6 +64,12 @@ ValueNewton = Callable[
 """The signature of :func:`compiled_value_newton`."""
 
 
+def _settings(max_iter: int, tol: float) -> tuple[int, float, float, float, float]:
+    """The kernels' ``settings`` tuple (see ``newton_kernels.newton_rows``), from the PyTorch
+    phase's constants: the one place its order and types are written."""
+    return (int(max_iter), float(tol), REGULARIZATION, REGULARIZATION_FLOOR, MAX_STEP)
+
+
 @cache
 def numba_available() -> bool:
     """Whether ``numba`` can be imported (checked once, without importing it)."""
@@ -101,7 +107,7 @@ def _numba_pool_usable() -> bool:
                 np.zeros((1, 1), dtype=np.bool_),
                 np.zeros(0, dtype=np.int64),
                 no_rows,
-                (1, 1e-13, 0.0, 0.0, 1.0),
+                _settings(1, 1e-13),
                 MAX_INVERSE_NORM,
                 no_rows.copy(),
                 np.zeros(0, dtype=np.int64),
@@ -194,7 +200,7 @@ def compiled_newton_phase(
     iterations = np.zeros(len(c_np), dtype=np.int64)
     converged = np.zeros(len(c_np), dtype=np.bool_)
 
-    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR, MAX_STEP)
+    settings = _settings(max_iter, tol)
 
     def solve(rows: slice) -> None:
         newton_rows(
@@ -253,7 +259,7 @@ def compiled_value_newton(
     iterations = np.zeros(len(rows_np), dtype=np.int64)
     solved = np.zeros(len(rows_np), dtype=np.bool_)
 
-    settings = (max_iter, tol, REGULARIZATION, REGULARIZATION_FLOOR, MAX_STEP)
+    settings = _settings(max_iter, tol)
 
     def solve(block: slice) -> None:
         kernel(

@@ -232,7 +232,7 @@ def newton_phase(
         direction = newton_direction(gram, gradient, norm)
         candidates = CANDIDATE_BREAKS if step_count >= FULL_SORT_STEPS else None
         slope0 = (direction * c_active).sum(-1)
-        step = exact_step(u, ops.left(direction), slope0, candidates, MAX_STEP)
+        step = exact_step(u, ops.left(direction), slope0, candidates, max_step=MAX_STEP)
         theta_active += step[:, None] * direction
     theta[active], iterations[active] = theta_active, step_count
     return theta, iterations, converged
