@@ -98,8 +98,9 @@ def exact_step(
         w: ``(R, n)`` direction ``B d``.
         slope0: ``(R,)`` the constant ``s = d^T c``.
         candidates: sweep only this many nearest breakpoints first; rows whose sign change lies
-            beyond them (and below ``max_step``) then sort all of theirs. ``None``: sort all at
-            once.
+            beyond them, below ``max_step``, then sort all of theirs (unless ``phi'`` is still
+            not negative at a finite ``max_step``: their step is ``max_step``). ``None``: sort
+            all at once.
         max_step: the longest step (the maximizer beyond it is cut to it).
     """
     breaks, terms = _breakpoints(u, w, slope0)
@@ -110,7 +111,14 @@ def exact_step(
     step, found = _step_on_segments(nearest, order, *terms, complete=complete, max_step=max_step)
     if not bool(found.all()):
         rest = (~found).nonzero()[:, 0]
-        step[rest] = sorted_step(breaks[rest], tuple(term[rest] for term in terms), max_step)
+        if math.isfinite(max_step):
+            # phi' still not negative at max_step: phi rises all the way, no sort needed.
+            at_bound = (w[rest] * (u[rest] + max_step * w[rest]).clamp_min(0)).sum(-1)
+            full = slope0[rest] - at_bound >= 0
+            step[rest[full]] = max_step
+            rest = rest[~full]
+        if len(rest):
+            step[rest] = sorted_step(breaks[rest], tuple(term[rest] for term in terms), max_step)
     return step
 
 

@@ -100,14 +100,16 @@ def factored_solve(factor, rhs, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
-def slope_terms_and_breaks(u, w, breaks, order_buffer):  # pragma: no cover - compiled
-    """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, and every breakpoint ``t > 0``.
+def slope_terms_and_breaks(u, w, max_step, breaks, order_buffer):  # pragma: no cover - compiled
+    """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, every breakpoint ``t > 0``, and
+    ``sum_i w_i relu(u_i + max_step w_i)`` (``phi'(max_step) = s`` minus it).
 
-    Returns ``(alpha, beta, moving)``: ``breaks[:moving]`` are the steps where a key crosses 0,
-    ``order_buffer[:moving]`` those keys.
+    Returns ``(alpha, beta, moving, slope_at_bound)``: ``breaks[:moving]`` are the steps where a
+    key crosses 0, ``order_buffer[:moving]`` those keys.
     """
     alpha = 0.0
     beta = 0.0
+    at_bound = 0.0
     moving = 0
     # Without branches: which keys are positive and which cross 0 follow no pattern the branch
     # predictor can learn (half the loop's time went to its misses). Every key's crossing is
@@ -118,10 +120,13 @@ def slope_terms_and_breaks(u, w, breaks, order_buffer):  # pragma: no cover - co
         weight = wi if positive else 0.0
         alpha += weight * ui
         beta += weight * wi
+        # (At an unbounded max_step a key with w = 0 gives 0 * inf = NaN: counted as not positive.)
+        end = ui + max_step * wi
+        at_bound += wi * end if end > 0.0 else 0.0
         breaks[moving] = -ui / (wi if wi != 0.0 else 1.0)
         order_buffer[moving] = i
         moving += ((wi > 0.0) & (ui < 0.0)) | ((wi < 0.0) & (ui > 0.0))
-    return alpha, beta, moving
+    return alpha, beta, moving, at_bound
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
@@ -153,8 +158,16 @@ def exact_step(u, w, slope0, breaks, order_buffer, max_step):  # pragma: no cove
     taken from it one by one; the sweep stops at ``max_step`` (no breakpoint beyond it matters).
     ``phi`` must be bounded above on the interval, as it is along every Newton direction (the dual
     is bounded: P(a) is not empty).
+
+    First of all, ``phi'(max_step)`` (a finite bound), from the same pass over the keys: where
+    it is not negative, ``phi`` rises all the way and the step is ``max_step`` without a sweep.
+    Newton's first steps from the projected start are mostly full steps that cross dozens of
+    breakpoints (MiniLM, every row at n = 256: 43 and 22 crossings on the first two steps, 98% or
+    more of them full), and sweeping those took a tenth of the solver's time.
     """
-    alpha, beta, moving = slope_terms_and_breaks(u, w, breaks, order_buffer)
+    alpha, beta, moving, at_bound = slope_terms_and_breaks(u, w, max_step, breaks, order_buffer)
+    if max_step < math.inf and slope0 - at_bound >= 0.0:
+        return max_step
     m = 0
     end = moving
     while m < end:
