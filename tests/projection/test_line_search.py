@@ -74,3 +74,29 @@ def test_the_bounded_step_maximizes_phi_on_its_interval():
     grid = torch.linspace(0, 1, 401, dtype=torch.float64)[None, :].expand(30, -1)
     best_on_grid = phi(grid, u, w, s).amax(-1)
     assert (phi(t[:, None], u, w, s)[:, 0] >= best_on_grid - 1e-9).all()
+
+
+def test_rows_still_rising_at_the_bound_take_it_without_a_full_sort(monkeypatch):
+    """Rows whose sign change lies past both their nearest candidates and ``max_step`` have
+    ``phi'(max_step) >= 0``: their step is ``max_step``, and only the others are sorted."""
+    import captum_effattn.projection.solvers.newton as newton
+
+    n = 40
+    # Every key enters (u < 0 < w) at breakpoint t_i = i / n for i = 1..n: slopes phi'(t) = s -
+    # sum over entered keys of w_i (u_i + t w_i); with s large phi still rises past t = 1.
+    w = torch.ones(2, n, dtype=torch.float64)
+    u = -torch.arange(1, n + 1, dtype=torch.float64).expand(2, -1) / n
+    s = torch.tensor([1e6, 4.0], dtype=torch.float64)  # row 1: root near t = 0.47, key 18
+    sorted_rows = []
+    real_sorted_step = newton.sorted_step
+
+    def counting(breaks, terms, max_step):
+        sorted_rows.append(breaks.shape[0])
+        return real_sorted_step(breaks, terms, max_step)
+
+    monkeypatch.setattr(newton, "sorted_step", counting)
+    step = exact_step(u, w, s, 4, max_step=1.0)
+    assert float(step[0]) == 1.0
+    assert 0 < float(step[1]) < 1.0
+    assert sorted_rows == [1]  # row 1 only: its root lies past its 4 nearest breakpoints
+    torch.testing.assert_close(step, exact_step(u, w, s).clamp_max(1.0), rtol=1e-12, atol=0)
