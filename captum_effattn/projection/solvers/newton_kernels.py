@@ -104,7 +104,7 @@ def slope_terms_and_breaks(u, w, max_step, breaks, order_buffer):  # pragma: no 
     """``phi'(t) = s - alpha - beta t`` at ``t = 0+``, every breakpoint ``t > 0``, and
     ``sum_i w_i relu(u_i + max_step w_i)`` (``phi'(max_step) = s`` minus it).
 
-    Returns ``(alpha, beta, moving, slope_at_bound)``: ``breaks[:moving]`` are the steps where a
+    Returns ``(alpha, beta, moving, at_bound)``: ``breaks[:moving]`` are the steps where a
     key crosses 0, ``order_buffer[:moving]`` those keys.
     """
     alpha = 0.0
