@@ -48,13 +48,7 @@ def _pipelined_and_after(name, query, view, padding="right"):
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("query", ["auto", "all", 3])
 @pytest.mark.parametrize("view", ["efficient", "effective", "raw"])
-@pytest.mark.parametrize("portion_rows", [512, 20])  # 20: every layer in pieces of one head
-def test_pipelined_rows_equal_rows_projected_after_the_forward(
-    monkeypatch, name, query, view, portion_rows
-):
-    import captum_effattn.attr._pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "PORTION_ROWS", portion_rows)
+def test_pipelined_rows_equal_rows_projected_after_the_forward(name, query, view):
     pipelined, after = _pipelined_and_after(name, query, view)
     sizes = [NUM_HEADS, 2, NUM_HEADS]  # layer 1: heads 1 and 3 only
     assert [rows.shape[1] for rows, _ in pipelined] == sizes
