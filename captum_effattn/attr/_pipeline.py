@@ -11,13 +11,10 @@ forward, on all the caller's threads. On CUDA the projection always overlaps the
 
 Each projection call has a fixed cost (checks, layout, a few batched LAPACK calls), so layers are
 taken in portions of at least :data:`PORTION_ROWS` rows (all the [CLS] rows of a small batch at
-once). A layer with more rows than that is queued in pieces of whole heads, about
-:data:`PORTION_ROWS` rows each (``query="all"``: two of MiniLM's heads at 256 tokens). The worker
-takes the portions waiting when it becomes free; when the forward returns, the caller and the
-worker take the remaining portions one by one until none is left, so that long projections
-(every row of every layer) are shared between the two, and neither waits long for the other's
-last portion (whole layers of every row kept one of two cores idle for about half a layer's
-projection at the end).
+once; one layer at a time of ``query="all"``). The worker takes the portions waiting when it
+becomes free; when the forward returns, the caller and the worker take the remaining portions
+one by one until none is left, so that long projections (every row of every layer) are shared
+between the two.
 
 The caller never waits for the worker to *start*: a portion the worker has not taken when the
 caller looks for work (the worker is busy with another thread's call, or the scheduler has not run
@@ -25,8 +22,8 @@ it) is done by the caller, and only a portion the worker is already projecting i
 worker runs at the caller's priority, so the scheduler does not starve the portion the caller may
 wait for.
 
-Rows are solved one by one and bases per head, so how the layers happen to be split into pieces
-and grouped into portions does not change the result beyond rounding in the batched products.
+Rows are solved one by one and bases per head, so how the layers happen to be grouped into
+portions does not change the result beyond rounding in the batched products.
 """
 
 from __future__ import annotations
@@ -44,9 +41,9 @@ from captum_effattn.attr._queries import QueryRows, QuerySpec, select_query_rows
 from captum_effattn.attr._views import LayerResult, View, project_layers
 from captum_effattn.models import CapturedHeads
 
-# Rows (examples x heads x query rows) a portion of layers reaches before it is projected, and
-# about the most a piece of a layer holds: small enough that a projection of every row of every
-# layer is shared evenly, large enough that the [CLS] rows of a small batch go in one call.
+# Rows (examples x heads x query rows) a portion of layers reaches before it is projected: small
+# enough that a projection of every row of every layer is shared layer by layer, large enough
+# that the [CLS] rows of a small batch go in one call.
 PORTION_ROWS = 512
 
 
@@ -99,8 +96,7 @@ class LayerPipeline:
         self._overlapping: bool | None = None  # decided on the first layer
         self._lock = threading.Lock()
         self._submitted: list[CapturedHeads] = []
-        self._pieces: dict[int, list[CapturedHeads]] = {}  # id of a layer -> its pieces
-        self._waiting: list[CapturedHeads] = []  # pieces not taken yet
+        self._waiting: list[CapturedHeads] = []
         self._drain_queued = False
         self._closed = False
         self._jobs: list[Future] = []
@@ -113,11 +109,9 @@ class LayerPipeline:
             self._overlapping = self._worth_overlapping(captured)
         if not self._overlapping:
             return
-        pieces = self._split(captured)
         with self._lock:
             self._submitted.append(captured)
-            self._pieces[id(captured)] = pieces
-            self._waiting.extend(pieces)
+            self._waiting.append(captured)
             if self._drain_queued:
                 return  # a job not started yet will take this layer too
             self._drain_queued = True
@@ -133,26 +127,16 @@ class LayerPipeline:
             return False
         return captured.key_mask.device.type != "cpu" or spare_core()
 
-    def _rows_per_head(self, captured: CapturedHeads) -> int:
-        assert self._queries is not None  # resolved before the first layer was queued
-        return captured.values.shape[0] * self._queries.positions.shape[-1]
-
-    def _split(self, captured: CapturedHeads) -> list[CapturedHeads]:
-        """``captured`` in pieces of whole heads of about :data:`PORTION_ROWS` rows each."""
-        heads = len(captured.heads)
-        per_piece = -(-PORTION_ROWS // self._rows_per_head(captured))
-        if per_piece >= heads:
-            return [captured]
-        return [captured.head_slice(slice(h, h + per_piece)) for h in range(0, heads, per_piece)]
-
     def _portion(self) -> list[CapturedHeads]:
-        """Take waiting pieces, oldest first, until they hold :data:`PORTION_ROWS` rows (call
+        """Take waiting layers, oldest first, until they hold :data:`PORTION_ROWS` rows (call
         with the lock held)."""
+        assert self._queries is not None  # resolved before the first layer was queued
+        queries = self._queries.positions.shape[-1]
         taken, rows = [], 0
         while self._waiting and rows < PORTION_ROWS:
-            piece = self._waiting.pop(0)
-            taken.append(piece)
-            rows += len(piece.heads) * self._rows_per_head(piece)
+            layer = self._waiting.pop(0)
+            taken.append(layer)
+            rows += layer.values.shape[0] * layer.values.shape[1] * queries
         return taken
 
     def _drain(self) -> None:
@@ -211,15 +195,7 @@ class LayerPipeline:
             batch.done.wait()  # a portion the worker is projecting: it runs at normal priority
             if batch.error is not None:
                 raise batch.error
-        return [self._joined(c) for c in captured]
-
-    def _joined(self, captured: CapturedHeads) -> LayerResult:
-        """A layer's result from those of its pieces (along the heads axis)."""
-        parts = [self._results[id(piece)] for piece in self._pieces[id(captured)]]
-        if len(parts) == 1:
-            return parts[0]
-        rows, errors = zip(*parts, strict=True)
-        return torch.cat(rows, dim=1), torch.cat(errors, dim=1)
+        return [self._results[id(c)] for c in captured]
 
     def _started_batches(self) -> list[_Batch]:
         """Close the pipeline to the worker: jobs not started are cancelled, and one that starts

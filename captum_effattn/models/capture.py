@@ -179,31 +179,6 @@ class CapturedHeads:
             )
         return tensor
 
-    def head_slice(self, part: slice) -> CapturedHeads:
-        """The same record for the selected heads ``heads[part]`` only: axis 1 of every tensor
-        sliced (a per-head additive term too; one that broadcasts over heads is kept), and the
-        probabilities, where already computed, sliced rather than computed again."""
-
-        def cut(tensor):
-            return None if tensor is None else tensor[:, part]
-
-        additive = self.additive_mask
-        if additive is not None and additive.shape[1] == len(self.heads):
-            additive = additive[:, part]
-        sliced = replace(
-            self,
-            heads=self.heads[part],
-            kv_heads=self.kv_heads[part],
-            values=self.values[:, part],
-            query=cut(self.query),
-            key=cut(self.key),
-            additive_mask=additive,
-            probabilities=cut(self.probabilities),
-        )
-        if "_attn" in self.__dict__:
-            sliced.__dict__["_attn"] = self.__dict__["_attn"][:, part]
-        return sliced
-
     def detach(self) -> CapturedHeads:
         """The same record with tensors cut from the autograd graph."""
 

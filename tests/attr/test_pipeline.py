@@ -244,50 +244,19 @@ def test_rows_read_off_the_capture_are_never_handed_to_the_worker():
 def test_the_rest_of_the_layers_is_shared_in_portions_between_caller_and_worker(monkeypatch):
     import captum_effattn.attr._pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)  # one head of one layer per portion
+    monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)  # one layer per portion
     project = pipeline.project_layers
     portions = []
 
     def recording(layers, queries, view):
-        heads = [(c.layer, c.heads) for c in layers]
-        portions.append((threading.current_thread() is threading.main_thread(), heads))
+        portions.append((threading.current_thread() is threading.main_thread(), len(layers)))
         return project(layers, queries, view)
 
     monkeypatch.setattr(pipeline, "project_layers", recording)
     pipelined, after = _pipelined_and_after("gpt2", "all", "efficient")
-    # Every layer went in pieces of one head each, one piece per portion, each head once.
-    assert all(len(heads) == 1 and len(heads[0][1]) == 1 for _, heads in portions)
-    taken = sorted(heads[0] for _, heads in portions)
-    selected = [(0, (h,)) for h in range(NUM_HEADS)] + [(1, (1,)), (1, (3,))]
-    assert taken == selected + [(2, (h,)) for h in range(NUM_HEADS)]
-    assert [rows.shape[1] for rows, _ in pipelined] == [NUM_HEADS, 2, NUM_HEADS]
+    assert [size for _, size in portions] == [1] * NUM_LAYERS
     rows = torch.cat([rows for rows, _ in pipelined], dim=1)
-    errors = torch.cat([error for _, error in pipelined], dim=1)
     torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
-    torch.testing.assert_close(errors, after.output_error, rtol=0, atol=1e-9)
-
-
-def test_a_layer_with_more_rows_than_a_portion_is_queued_in_pieces_of_whole_heads(monkeypatch):
-    import captum_effattn.attr._pipeline as pipeline
-
-    model, forward, ids, mask = text_setup("bert")  # 2 examples, NUM_HEADS heads
-    layer_pipeline = LayerPipeline("all", get_view("efficient"))
-    layer_pipeline._queries = select_query_rows("all", mask.bool(), False)
-    with capture_attention(model, materialize=False) as rec, torch.no_grad():
-        forward(ids, mask)
-    layer = rec.layers[0]
-    rows_per_head = ids.shape[0] * ids.shape[1]
-    monkeypatch.setattr(pipeline, "PORTION_ROWS", 2 * rows_per_head)
-    pieces = layer_pipeline._split(layer)
-    assert [piece.heads for piece in pieces] == [
-        tuple(range(h, min(h + 2, NUM_HEADS))) for h in range(0, NUM_HEADS, 2)
-    ]
-    for piece in pieces:
-        part = slice(piece.heads[0], piece.heads[-1] + 1)
-        torch.testing.assert_close(piece.values, layer.values[:, part], rtol=0, atol=0)
-        torch.testing.assert_close(piece.attn, layer.attn[:, part], rtol=0, atol=0)
-    monkeypatch.setattr(pipeline, "PORTION_ROWS", NUM_HEADS * rows_per_head)
-    assert layer_pipeline._split(layer) == [layer]  # fits in one portion: not split
 
 
 def test_a_portion_holds_the_cls_rows_of_every_waiting_layer():

@@ -81,26 +81,3 @@ def test_a_transform_needs_materialized_probabilities():
         capture_attention(model, transform=lambda c: c.attn, materialize=False),
     ):
         pass
-
-
-@pytest.mark.parametrize("name", ["bert", "llama", "qwen2", "t5"])
-@pytest.mark.parametrize("materialize", [True, False])
-def test_a_head_slice_is_the_capture_of_those_heads(name, materialize):
-    """``head_slice`` gives what selecting those heads captures: the same heads, key/value heads,
-    values and probabilities (a per-head additive term, T5's position bias, sliced with them)."""
-    model = tiny_model(name)
-    inputs = tiny_inputs(name)
-    part = select_heads(model, layers=[0], heads={0: [1, 2]})
-    with torch.no_grad():
-        with capture_attention(model, materialize=materialize) as every_head:
-            model(**inputs)
-        with capture_attention(model, part, materialize=materialize) as two_heads:
-            model(**inputs)
-    whole = every_head.layers[0]
-    before = whole.head_slice(slice(1, 3))  # lazy: computes its rows from its queries and keys
-    assert whole.attn.shape[1] == len(whole.heads)  # once computed, a slice reads it
-    expected = two_heads.layers[0]
-    for sliced in (before, whole.head_slice(slice(1, 3))):
-        assert (sliced.layer, sliced.heads, sliced.kv_heads) == (0, (1, 2), expected.kv_heads)
-        torch.testing.assert_close(sliced.values, expected.values, rtol=0, atol=1e-6)
-        torch.testing.assert_close(sliced.attn, expected.attn, rtol=0, atol=1e-6)
