@@ -281,3 +281,89 @@ def test_spare_core_compares_torch_threads_with_the_cores_of_this_process(monkey
         assert not spare_core()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads_no_spare_core(monkeypatch):
+    """Two torch threads on as many cores: nothing overlaps the forward pass."""
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "spare_core", lambda: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recording_portions(monkeypatch, fail_on_caller=False):
+    """Record ``(on the caller, torch threads, layers)`` of every projection call."""
+    import captum_effattn.attr._pipeline as pipeline
+
+    project = pipeline.project_layers
+    calls = []
+
+    def recording(layers, queries, view):
+        on_caller = threading.current_thread() is threading.main_thread()
+        calls.append((on_caller, torch.get_num_threads(), [c.layer for c in layers]))
+        if fail_on_caller and on_caller:
+            raise RuntimeError("a portion failed on the caller")
+        return project(layers, queries, view)
+
+    monkeypatch.setattr(pipeline, "project_layers", recording)
+    return calls
+
+
+@pytest.mark.usefixtures("two_threads_no_spare_core")
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_every_row_on_two_threads_is_shared_after_the_forward_a_thread_each(monkeypatch, name):
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)  # one layer per portion
+    calls = _recording_portions(monkeypatch)
+    pipelined, after = _pipelined_and_after(name, "all", "efficient")
+    assert sorted(layer for _, _, layers in calls for layer in layers) == list(range(NUM_LAYERS))
+    assert all(layers == [layers[0]] for _, _, layers in calls)  # whole layers, one at a time
+    assert all(threads == 1 for _, threads, _ in calls)  # a thread each, caller and worker
+    assert torch.get_num_threads() == 2  # the caller's setting is back
+    for (rows, error), (rows_after, error_after) in zip(
+        pipelined, _split_by_layer(after), strict=True
+    ):
+        torch.testing.assert_close(rows, rows_after, rtol=0, atol=1e-12)
+        torch.testing.assert_close(error, error_after, rtol=0, atol=1e-9)
+
+
+def _split_by_layer(after):
+    sizes = [NUM_HEADS, 2, NUM_HEADS]  # the selection of _pipelined_and_after
+    return list(zip(after.rows.split(sizes, 1), after.output_error.split(sizes, 1), strict=True))
+
+
+@pytest.mark.usefixtures("two_threads_no_spare_core")
+def test_a_failing_shared_portion_raises_with_the_callers_threads_restored(monkeypatch):
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)
+    _recording_portions(monkeypatch, fail_on_caller=True)
+    model, forward, ids, mask = text_setup("gpt2")
+    explainer = EfficientAttentionAttribution(forward, model=model)
+    with pytest.raises(RuntimeError, match="a portion failed on the caller"):
+        explainer.attribute(ids, additional_forward_args=(mask,), query="all")
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    ("threads", "query"), [(1, "auto"), (1, "all"), (2, "auto"), (3, "auto"), (3, "all")]
+)
+def test_other_thread_counts_and_cls_rows_keep_the_solvers_own_threads(monkeypatch, threads, query):
+    """Sharing after the forward is for every row on two threads only: otherwise one call
+    projects every layer on all the caller's threads."""
+    import captum_effattn.attr._pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "spare_core", lambda: False)
+    calls = _recording_portions(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _pipelined_and_after("bert", query, "efficient")
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [(True, threads, [0, 1, 2])]

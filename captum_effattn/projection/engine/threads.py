@@ -36,16 +36,28 @@ def allowed_threads() -> int:
 
 
 @contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block on one PyTorch thread of the calling thread (and so one solver thread); the
+    setting from before is restored on exit, also when the block raises."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def threads_for(work: int, device: torch.device) -> Iterator[None]:
-    """Run the block on one thread if it is CPU work below ``SINGLE_THREAD_WORK`` entries."""
+    """Run the block on one thread if it is CPU work below ``SINGLE_THREAD_WORK`` entries (the
+    compiled phase still reads the caller's setting from :func:`allowed_threads`)."""
     before = torch.get_num_threads()
     if device.type != "cpu" or work >= SINGLE_THREAD_WORK or before == 1:
         yield
         return
-    torch.set_num_threads(1)
     token = _CALLER_THREADS.set(before)
     try:
-        yield
+        with single_thread():
+            yield
     finally:
         _CALLER_THREADS.reset(token)
-        torch.set_num_threads(before)
