@@ -99,10 +99,13 @@ def test_line_search_past_many_breakpoints(crossed):
     breaks, keys = np.empty(n), np.empty(n, dtype=np.int64)
     step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys, math.inf)
     assert step == pytest.approx(float(expected[0]), rel=1e-12, abs=1e-12)
-    # Cut short before the root: phi' is still positive at the bound, which is the step.
+    # Cut short before the root: phi' is still positive at the bound, which is the step, found
+    # from the slope's sums alone (no breakpoint is computed: the buffer is not written).
     bound = 0.5 * float(expected[0])
+    breaks[:] = np.nan
     step = compiled_step(u[0].numpy(), w[0].numpy(), float(s[0]), breaks, keys, bound)
     assert step == bound
+    assert np.isnan(breaks).all()
     # A bound past the root: phi' is negative there, and the sweep finds the root.
     if crossed:
         bound = 1.5 * float(expected[0])
