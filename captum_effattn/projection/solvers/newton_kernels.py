@@ -411,7 +411,8 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
         buffers: from :func:`_buffers`.
 
     Returns:
-        ``(steps, converged)``.
+        ``(steps, converged)``; when converged, ``u`` (``buffers[1][0]``) is ``M th`` computed
+        afresh from the final ``th``.
     """
     basis, key_used, full_gram, regularizer, metric_inverse = geometry
     max_iter, tol, regularization, floor, max_step = settings
@@ -436,7 +437,7 @@ def newton_row(geometry, target, th, settings, buffers):  # pragma: no cover - c
                 basis, metric_inverse, u, target, gradient, scaled_gradient, moved
             )
         if norm <= tol:
-            return step_count, True
+            return step_count, True  # with ``u`` fresh: callers read the row off it
         if step_count == max_iter:
             return step_count, False
         update_support_gram(basis, key_used, full_gram, u, support, gram, moved, signs)
@@ -722,9 +723,11 @@ def value_newton_rows(
         geometry = (matrix, key_mask[g], gram, gram, metric_inverse)
         iterations[row], converged[row] = newton_row(geometry, target, th, settings, buffers)
         if converged[row]:
-            rows_times(matrix, th, x[row])
+            # newton_row decides convergence on ``u = W th`` computed afresh from the final
+            # ``th`` (:func:`rows_times`, as here before): its relu is the row, bit for bit.
+            u = buffers[1][0]
             for i in range(n):
-                x[row, i] = max(x[row, i], 0.0)
+                x[row, i] = max(u[i], 0.0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
