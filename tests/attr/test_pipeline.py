@@ -27,10 +27,15 @@ def _spare_core(monkeypatch):
     monkeypatch.setattr(pipeline, "spare_core", lambda: True)
 
 
+# The heads _pipelined_and_after selects, and how many that is per layer.
+SELECTION = {0: "all", 1: [1, 3], 2: "all"}
+SELECTED_PER_LAYER = [NUM_HEADS, 2, NUM_HEADS]
+
+
 def _pipelined_and_after(name, query, view, padding="right"):
     model, forward, ids, mask = text_setup(name, padding)
     pipeline = LayerPipeline(query, get_view(view))
-    selection = select_heads(model, heads={0: "all", 1: [1, 3], 2: "all"})
+    selection = select_heads(model, heads=SELECTION)
     try:
         with (
             capture_attention(model, selection, materialize=False, on_layer=pipeline.submit) as rec,
@@ -50,8 +55,7 @@ def _pipelined_and_after(name, query, view, padding="right"):
 @pytest.mark.parametrize("view", ["efficient", "effective", "raw"])
 def test_pipelined_rows_equal_rows_projected_after_the_forward(name, query, view):
     pipelined, after = _pipelined_and_after(name, query, view)
-    sizes = [NUM_HEADS, 2, NUM_HEADS]  # layer 1: heads 1 and 3 only
-    assert [rows.shape[1] for rows, _ in pipelined] == sizes
+    assert [rows.shape[1] for rows, _ in pipelined] == SELECTED_PER_LAYER
     rows = torch.cat([rows for rows, _ in pipelined], dim=1)
     errors = torch.cat([error for _, error in pipelined], dim=1)
     torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
@@ -333,7 +337,7 @@ def test_every_row_on_two_threads_is_shared_after_the_forward_a_thread_each(monk
 
 
 def _split_by_layer(after):
-    sizes = [NUM_HEADS, 2, NUM_HEADS]  # the selection of _pipelined_and_after
+    sizes = SELECTED_PER_LAYER
     return list(zip(after.rows.split(sizes, 1), after.output_error.split(sizes, 1), strict=True))
 
 
