@@ -8,6 +8,11 @@ the median of those per-round ratios and their interquartile range; nothing is a
 Methods (all layers and heads of MiniLM):
 
 - ``forward``: one plain forward pass under ``torch.no_grad()`` (the unit);
+- ``capture alone``: the same forward pass under ``capture_attention`` (queries, keys and values
+  recorded; no rows, no projection): what reading attention costs before any view;
+- ``projection alone``: projecting the captured [CLS] rows of a forward pass run beforehand, on the
+  round's torch threads (no forward pass, nothing overlapped): the CPU work the efficient view
+  adds; ``projection alone, every row`` likewise for every row (at ``--all-rows-sizes``);
 - ``efficient`` / ``effective`` / ``raw``: ``attribute(view=...)``, default query ([CLS] rows);
 - ``efficient+gradient``: ``attribute(weighting="gradient")``, class-specific (one backward pass);
 - ``efficient, query="all"``: every real row (at ``--all-rows-sizes`` only; it is the slow one);
@@ -32,6 +37,9 @@ from captum.attr import IntegratedGradients, Saliency
 
 from benchmarks.timing import RatioSummary, interleaved, machine_line
 from captum_effattn import EfficientAttentionAttribution
+from captum_effattn.attr._queries import select_query_rows
+from captum_effattn.attr._views import get_view, project_layers
+from captum_effattn.models import capture_attention
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,7 +100,22 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         with torch.no_grad():
             forward(embeddings, mask)
 
-    methods: dict[str, Callable[[], object]] = {"forward": plain}
+    def capture_alone():
+        with torch.no_grad(), capture_attention(model, materialize=False):
+            forward(embeddings, mask)
+
+    # The projection as `attribute` runs it (internal API), on layers captured once beforehand.
+    with torch.no_grad(), capture_attention(model, materialize=False) as record:
+        forward(embeddings, mask)
+    captured, efficient = record.layers, get_view("efficient")
+
+    def projection_alone(query):
+        rows = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+        with torch.no_grad():
+            project_layers(captured, rows, efficient)
+
+    methods: dict[str, Callable[[], object]] = {"forward": plain, "capture alone": capture_alone}
+    methods["projection alone"] = lambda: projection_alone("auto")
     for view in ("efficient", "effective", "raw"):
         methods[view] = lambda view=view: attention.attribute(embeddings, view=view, **kwargs)
     methods["efficient+gradient"] = lambda: attention.attribute(
@@ -102,6 +125,7 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         methods['efficient, query="all"'] = lambda: attention.attribute(
             embeddings, query="all", **kwargs
         )
+        methods["projection alone, every row"] = lambda: projection_alone("all")
     saliency = Saliency(forward)
     methods["Saliency"] = lambda: saliency.attribute(embeddings, **kwargs)
     if n in args.ig_sizes and batch == 1:
