@@ -288,15 +288,12 @@ def test_spare_core_compares_torch_threads_with_the_cores_of_this_process(monkey
 
 
 @pytest.fixture
-def two_threads_no_spare_core(monkeypatch):
-    """Two torch threads on as many cores: nothing overlaps the forward pass."""
+def two_threads_no_spare_core(monkeypatch, two_threads):
+    """Two torch threads (the shared ``two_threads`` fixture) on as many cores: nothing overlaps
+    the forward pass."""
     import captum_effattn.attr._pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "spare_core", lambda: False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def _recording_portions(monkeypatch, fail_on_caller=False):
