@@ -34,6 +34,8 @@ from transformers import AttentionInterface, PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from captum_effattn.models._modules import every_module
+
 IMPLEMENTATION = "captum_effattn_capture"
 """The private ``attn_implementation`` name a model runs under while it is being captured."""
 
@@ -132,7 +134,7 @@ def _configs_of(model: nn.Module) -> list[PreTrainedConfig]:
     """Every distinct config a module of ``model`` holds, with their sub-configs."""
     found: dict[int, PreTrainedConfig] = {}
     stack: list[PreTrainedConfig] = []
-    for module in model.modules():
+    for module in every_module(model):
         # A plain attribute, read without ``Module.__getattr__`` (whose miss raises and catches
         # an AttributeError in every module without a config: most of this loop's time).
         config = module.__dict__.get("config")

@@ -41,6 +41,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from captum_effattn.models import _interface
+from captum_effattn.models._modules import every_module
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
 from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
@@ -633,7 +634,7 @@ def _taps_by_module(
 
 
 def _require_eval_mode(model: nn.Module) -> None:
-    if not any(module.training for module in model.modules()):
+    if not any(module.training for module in every_module(model)):
         return
     training = [name for name, module in model.named_modules() if module.training]
     if training:

@@ -14,7 +14,7 @@ from typing import Literal, SupportsIndex
 
 from torch import nn
 
-from captum_effattn.models.architectures import describe_model
+from captum_effattn.models.architectures import ModelArchitecture, describe_model
 
 IndexSpec = int | slice | Sequence[int] | Literal["all"] | None
 """One axis of a selection: an index (negative counts from the end), a slice, a sequence of
@@ -219,7 +219,15 @@ def select_heads(
         >>> select_heads(model, layers=-1, heads=[0, 3])          # doctest: +SKIP
         >>> select_heads(model, heads={0: "all", -1: slice(0, 4)})  # doctest: +SKIP
     """
-    architecture = describe_model(model)
+    return select_architecture_heads(describe_model(model), layers, heads)
+
+
+def select_architecture_heads(
+    architecture: ModelArchitecture, layers: IndexSpec = None, heads: HeadSpec = None
+) -> HeadSelection:
+    """:func:`select_heads` for a model already described (:func:`describe_model`), without
+    walking its modules again: what an attribution method that described its model once calls
+    on every ``attribute``."""
     return HeadSelection.parse(
         layers, heads, num_layers=architecture.num_layers, num_heads=architecture.num_heads
     )

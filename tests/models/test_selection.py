@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captum_effattn.models import HeadSelection, select_heads
+from captum_effattn.models import HeadSelection, describe_model, select_heads
+from captum_effattn.models.selection import select_architecture_heads
 from tests.models.tiny import NUM_HEADS, NUM_LAYERS, tiny_model
 
 
@@ -219,3 +220,17 @@ def test_an_index_out_of_range_is_both_an_index_and_a_value_error():
             select_heads(model, **kwargs)
         with pytest.raises(IndexError, match="out of range"):
             select_heads(model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("layers", "heads"),
+    [(None, None), (-1, [0, -1]), ([0, 1], {1: 0}), ("all", slice(1, None))],
+)
+def test_selection_from_a_described_model_is_select_heads(layers, heads):
+    model = tiny_model("bert")
+    architecture = describe_model(model)
+    assert select_architecture_heads(architecture, layers, heads) == select_heads(
+        model, layers, heads
+    )
+    with pytest.raises(IndexError, match=rf"layer {NUM_LAYERS} is out of range"):
+        select_architecture_heads(architecture, layers=NUM_LAYERS)

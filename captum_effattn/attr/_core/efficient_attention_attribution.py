@@ -49,9 +49,8 @@ from captum_effattn.models import (
     HeadSelection,
     capture_attention,
     describe_model,
-    select_heads,
 )
-from captum_effattn.models.selection import HeadSpec, IndexSpec
+from captum_effattn.models.selection import HeadSpec, IndexSpec, select_architecture_heads
 
 
 class EfficientAttentionAttribution(Attribution):
@@ -231,7 +230,7 @@ class EfficientAttentionAttribution(Attribution):
         del baselines  # attention needs no reference input
         attention_view, weighter = get_view(view), get_weighting(weighting)
         reduction = None if reduce is None else get_reduction(reduce)
-        selection = select_heads(self.model, layers, heads)
+        selection = select_architecture_heads(self.architecture, layers, heads)
         inputs_tuple = format_tensor_into_tuples(inputs)
         check_inputs(inputs_tuple, additional_forward_args, self.model)
         if reduction is None:
@@ -368,7 +367,7 @@ class EfficientAttentionAttribution(Attribution):
             are returned as the model computed them (weighted, with a weighting).
         """
         attention_view, weighter = get_view(view), get_weighting(weighting)
-        selection = select_heads(self.model, layers, heads)
+        selection = select_architecture_heads(self.architecture, layers, heads)
         _require_rectangular(selection, "attention_matrices")
         call = _Call(format_tensor_into_tuples(inputs), additional_forward_args, target, selection)
         if weighter is not None and weighter.needs_gradient:

@@ -36,8 +36,8 @@ from captum_effattn.attr._weightings import (
     output_offsets,
     weight_matrices,
 )
-from captum_effattn.models import CapturedHeads, capture_attention, describe_model, select_heads
-from captum_effattn.models.selection import HeadSpec, IndexSpec
+from captum_effattn.models import CapturedHeads, capture_attention, describe_model
+from captum_effattn.models.selection import HeadSpec, IndexSpec, select_architecture_heads
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {
     "max_new_tokens": 25,
@@ -186,7 +186,7 @@ class LLMEfficientAttentionAttribution(Attribution):
             )
         reduction = REDUCTIONS[reduce]
         weighter = get_weighting(weighting)
-        selection = select_heads(self.model, layers, heads)
+        selection = select_architecture_heads(self.architecture, layers, heads)
         reduction.check_selection(selection)
         prompt_ids, feature_of_token = self._prompt(inp)
         target_ids = self._target_ids(prompt_ids, target, gen_args)
