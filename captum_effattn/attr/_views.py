@@ -21,6 +21,7 @@ import torch
 
 from captum_effattn.attr._queries import QueryRows
 from captum_effattn.models import CapturedHeads
+from captum_effattn.models.capture import rows_of_layers
 from captum_effattn.projection import (
     effective_attention,
     efficient_attention,
@@ -348,7 +349,7 @@ def _project_together(
         rows, error = project_matrices(attn, values, key_mask, causal, view)
     else:
         # Only the explaining rows are ever computed (from the recorded queries and keys).
-        rows = torch.cat([c.rows(queries.positions) for c in captured], dim=1)
+        rows = rows_of_layers(captured, queries.positions)
         # One row per example: causality folds into the key mask (keys up to the query).
         visible = key_mask
         if causal:

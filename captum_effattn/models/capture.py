@@ -31,7 +31,7 @@ two captures of one model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Annotated
@@ -47,10 +47,10 @@ from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
     KeyRanges,
     RowMasking,
-    attention_rows_of,
     attention_rows_torch,
     causal_offset,
     padding_of,
+    stacked_attention_rows_of,
     visible_keys,
 )
 
@@ -161,17 +161,8 @@ class CapturedHeads:
         return self._computed_rows(positions)
 
     def _computed_rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys.
-
-        PyTorch, which differentiates (``backend="auto"`` without gradients to track: the same
-        PyTorch path today, since it is faster than the Triton kernel where measured).
-        """
-        query, key = self._recorded(self.query), self._recorded(self.key)
-        tracked = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-        probabilities = attention_rows_of(
-            query, key, positions, self.masking, self.scaling, "torch" if tracked else "auto"
-        )
-        return probabilities.to(query.dtype)
+        """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys."""
+        return _computed_rows_of((self,), positions)
 
     def _recorded(self, tensor: torch.Tensor | None) -> torch.Tensor:
         if tensor is None:
@@ -193,6 +184,56 @@ class CapturedHeads:
             key=cut(self.key),
             probabilities=cut(self.probabilities),
         )
+
+
+def rows_of_layers(captured: Sequence[CapturedHeads], positions: torch.Tensor) -> torch.Tensor:
+    """:meth:`CapturedHeads.rows` of several layers, their heads stacked:
+    ``(B, sum of H_sel, Q, S_k)``, as ``torch.cat([c.rows(positions) for c in captured], 1)``.
+
+    Layers recorded lazily with the same masking and scale (an encoder's or a decoder's layers
+    of one forward, without windows or additive masks) share one masked softmax: MiniLM's six
+    [CLS] rows took 0.15 instead of 0.63 ms (each a handful of small operations, six times).
+    """
+    if len(captured) > 1 and _share_masking(captured):
+        return _computed_rows_of(captured, positions)
+    rows = [c.rows(positions) for c in captured]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+def _share_masking(captured: Sequence[CapturedHeads]) -> bool:
+    """Whether the layers' rows are still to be computed, all with one masking and scale."""
+    first = captured[0]
+    return all(
+        c.probabilities is None
+        and "_attn" not in c.__dict__
+        and c.query is not None
+        and c.key is not None
+        and c.additive_mask is None
+        and c.window is None
+        and c.key_mask is first.key_mask
+        and c.causal == first.causal
+        and c.scaling == first.scaling
+        and c.query.dtype == first.query.dtype  # type: ignore[union-attr]
+        and c.query.shape[-2] == first.query.shape[-2]  # type: ignore[union-attr]
+        for c in captured
+    )
+
+
+def _computed_rows_of(captured: Sequence[CapturedHeads], positions: torch.Tensor) -> torch.Tensor:
+    """Rows ``positions`` of layers that share masking and scale (one layer, or
+    :func:`_share_masking`), from their recorded queries and keys, heads stacked.
+
+    PyTorch, which differentiates (``backend="auto"`` without gradients to track: the same
+    PyTorch path today, since it is faster than the Triton kernel where measured).
+    """
+    queries = [c._recorded(c.query) for c in captured]
+    keys = [c._recorded(c.key) for c in captured]
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (*queries, *keys))
+    first = captured[0]
+    probabilities = stacked_attention_rows_of(
+        queries, keys, positions, first.masking, first.scaling, "torch" if tracked else "auto"
+    )
+    return probabilities.to(queries[0].dtype)
 
 
 def window_ranges(window: int, q_len: int, k_len: int) -> KeyRanges:

@@ -25,6 +25,7 @@ the kernels' limits) instead of falling back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
@@ -43,7 +44,11 @@ from captum_effattn.projection.engine.grouped import (
     GroupedProducts,
     TritonGroupedMatrices,
 )
-from captum_effattn.projection.engine.rows import RowMasking, attention_rows_torch
+from captum_effattn.projection.engine.rows import (
+    RowMasking,
+    attention_rows_torch,
+    stacked_attention_rows,
+)
 from captum_effattn.projection.solvers.compiled_newton import (
     ValueNewton,
     compiled_newton_phase,
@@ -105,6 +110,18 @@ class Backend(Protocol):
         """Attention rows, as :func:`.rows.attention_rows_torch` computes them."""
         ...
 
+    def stacked_attention_rows(
+        self,
+        queries: Sequence[torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention rows of several layers, heads stacked, as
+        :func:`.rows.stacked_attention_rows` computes them."""
+        ...
+
     def newton(
         self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
     ) -> NewtonResult:
@@ -153,6 +170,17 @@ class TorchBackend:
     ) -> torch.Tensor:
         """:func:`~captum_effattn.projection.engine.rows.attention_rows_torch`."""
         return attention_rows_torch(query, key, rows, masking, scale)
+
+    def stacked_attention_rows(
+        self,
+        queries: Sequence[torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """:func:`~captum_effattn.projection.engine.rows.stacked_attention_rows`."""
+        return stacked_attention_rows(queries, keys, rows, masking, scale)
 
     def newton(
         self, ops: GroupedProducts, c: torch.Tensor, theta: torch.Tensor, max_iter: int, tol: float
@@ -257,6 +285,21 @@ class TritonBackend(TorchBackend):
         from captum_effattn.kernels.attention import attention_rows_triton
 
         return attention_rows_triton(query, key, masking.key_mask, rows, masking.causal, scale)
+
+    def stacked_attention_rows(
+        self,
+        queries: Sequence[torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        rows: torch.Tensor,
+        masking: RowMasking,
+        scale: float,
+    ) -> torch.Tensor:
+        """The streamed kernel layer by layer (it takes one layer's heads at a time)."""
+        per_layer = [
+            self.attention_rows(query, key, rows, masking, scale)
+            for query, key in zip(queries, keys, strict=True)
+        ]
+        return torch.cat(per_layer, dim=1)
 
     def _takes(self, masking: RowMasking) -> bool:
         if masking.additive is None and masking.key_ranges is None:

@@ -28,7 +28,7 @@ Memory: rows are computed in chunks whose scores, probabilities and masks stay b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,41 +136,75 @@ def attention_rows_torch(
         ``(B, H_q, r, n)`` probabilities in float32 (float64 for float64 inputs); differentiable
         with respect to ``query``, ``key`` and the additive mask.
     """
-    batch, heads, q_len, d_k = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    group = heads // kv_heads
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return stacked_attention_rows((query,), (key,), rows, masking, scale)
+
+
+def stacked_attention_rows(
+    queries: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    masking: RowMasking,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`attention_rows_torch` of several layers that share masking and scale, their heads
+    stacked: one masked softmax over all of them instead of one per layer (each layer's scores
+    still come from its own product, so no layer's keys are copied).
+
+    Args:
+        queries: per layer, ``(B, H_q^l, n_q, d_k)`` queries (same ``B``, ``n_q``, ``d_k`` and
+            dtype in every layer).
+        keys: per layer, ``(B, H_kv^l, n, d_k)`` keys; ``H_q^l`` a multiple of ``H_kv^l``.
+        rows, masking, scale: as in :func:`attention_rows_torch`, for every layer (an additive
+            mask with a head axis must match the stacked heads, ``sum_l H_q^l``).
+
+    Returns:
+        ``(B, sum_l H_q^l, r, n)``: the rows of layer 0's heads, then layer 1's, and so on.
+    """
+    batch, _, q_len, _ = queries[0].shape
+    heads = sum(query.shape[1] for query in queries)
+    k_len = keys[0].shape[2]
+    work = torch.float64 if queries[0].dtype == torch.float64 else torch.float32
     positions = rows.long().reshape(-1 if rows.dim() == 2 else 1, rows.shape[-1])
     count = positions.shape[-1]
-    keys = key.to(work)[:, :, None]  # (B, H_kv, 1, n, d_k): shared by the group's query heads
+    # (B, H_kv, 1, n, d_k): shared by each group's query heads, which are never repeated.
+    stacked_keys = [key.to(work)[:, :, None] for key in keys]
     step = _chunk_rows(batch, heads, k_len, torch.finfo(work).bits // 8)
     every_row = _is_every_row(positions, q_len)
 
-    def chunk_rows(start: int) -> torch.Tensor:
-        chunk = positions[:, start : start + step]
-        width = chunk.shape[-1]
+    def layer_scores(
+        query: torch.Tensor, key: torch.Tensor, chunk: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        width, layer_heads, d_k, kv_heads = (
+            chunk.shape[-1],
+            query.shape[1],
+            query.shape[3],
+            key.shape[1],
+        )
         # Every row in order: a chunk is a slice (a view), not a gathered copy.
         q = query[:, :, start : start + width] if every_row else _gather_rows(query, chunk)
-        q = q.to(work).view(batch, kv_heads, group, width, d_k)
-        scores = (q @ keys.mT) * scale
+        q = q.to(work).view(batch, kv_heads, layer_heads // kv_heads, width, d_k)
+        return (q @ key.mT).view(batch, layer_heads, width, k_len)
+
+    def chunk_rows(start: int) -> torch.Tensor:
+        chunk = positions[:, start : start + step]
+        pairs = zip(queries, stacked_keys, strict=True)
+        per_layer = [layer_scores(query, key, chunk, start) for query, key in pairs]
+        scores = (per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=1)) * scale
         if masking.additive is not None:
-            added = _gather_rows(masking.additive, chunk).to(work)
-            per_head = (kv_heads, group) if added.shape[1] == heads else (1, 1)
-            scores = scores + added.view(added.shape[0], *per_head, width, k_len)
-        visible = visible_keys(masking, chunk, q_len, k_len)[:, None, None]
+            scores = scores + _gather_rows(masking.additive, chunk).to(work)
+        visible = visible_keys(masking, chunk, q_len, k_len)[:, None]
         return _softmax_rows(scores, visible)
 
     if count <= step:  # one chunk: no output buffer to copy into (nor to differentiate through)
-        return chunk_rows(0).view(batch, heads, count, k_len)
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return chunk_rows(0)
+    tracked = any(query.requires_grad for query in queries) or any(k.requires_grad for k in keys)
+    if torch.is_grad_enabled() and tracked:
         # Concatenated, not written into a buffer: the backward pass then slices the gradient
         # instead of copying the whole buffer once per chunk.
-        chunks = [chunk_rows(start) for start in range(0, count, step)]
-        return torch.cat(chunks, dim=-2).view(batch, heads, count, k_len)
-    out = torch.empty(batch, heads, count, k_len, dtype=work, device=query.device)
-    grouped = out.view(batch, kv_heads, group, count, k_len)
+        return torch.cat([chunk_rows(start) for start in range(0, count, step)], dim=-2)
+    out = torch.empty(batch, heads, count, k_len, dtype=work, device=queries[0].device)
     for start in range(0, count, step):
-        grouped[..., start : start + step, :] = chunk_rows(start)
+        out[:, :, start : start + step] = chunk_rows(start)
     return out
 
 
@@ -205,6 +239,22 @@ def attention_rows_of(
 
     chosen = resolve_backend(backend, query.device)
     return chosen.attention_rows(query, key, rows, masking, scale)
+
+
+def stacked_attention_rows_of(
+    queries: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    masking: RowMasking,
+    scale: float,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """:func:`stacked_attention_rows` by the implementation ``backend`` selects (as in
+    :func:`attention_rows_of`)."""
+    from captum_effattn.projection.engine.backends import resolve_backend
+
+    chosen = resolve_backend(backend, queries[0].device)
+    return chosen.stacked_attention_rows(queries, keys, rows, masking, scale)
 
 
 def padding_of(
