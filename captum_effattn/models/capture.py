@@ -210,7 +210,7 @@ def _share_masking(captured: Sequence[CapturedHeads]) -> bool:
         and c.key is not None
         and c.additive_mask is None
         and c.window is None
-        and c.key_mask is first.key_mask
+        and (c.key_mask is first.key_mask or torch.equal(c.key_mask, first.key_mask))
         and c.causal == first.causal
         and c.scaling == first.scaling
         and c.query.dtype == first.query.dtype  # type: ignore[union-attr]
