@@ -153,8 +153,16 @@ def print_table(columns: dict[int, dict[str, RatioSummary]]) -> None:
             else:
                 cells.append(summary.cell())
         print(f"| {name} | " + " | ".join(cells) + " |")
+    faulted = ("forward", "raw", "efficient")
+    cells = [" / ".join(_faults(columns[n][name]) for name in faulted) for n in sizes]
+    print(f"| page faults a call ({' / '.join(faulted)}) | " + " | ".join(cells) + " |")
     rounds = next(iter(columns.values()))["forward"].rounds
-    print(f"\n(medians of {rounds} per-round ratios to the same round's forward pass, [IQR])")
+    print(f"\n(medians of {rounds} per-round ratios to the same round's forward pass, [IQR];")
+    print("page faults: median minor faults a call on the calling thread, memory touched anew)")
+
+
+def _faults(summary: RatioSummary) -> str:
+    return "?" if summary.median_faults is None else f"{summary.median_faults:.0f}"
 
 
 if __name__ == "__main__":

@@ -71,3 +71,18 @@ def test_machine_line_names_threads_and_load():
     line = timing.machine_line()
     assert "torch threads" in line
     assert "load average" in line
+
+
+@pytest.mark.skipif(timing.thread_page_faults() is None, reason="no per-thread fault counts here")
+def test_page_faults_count_memory_touched_anew():
+    def fresh_pages():
+        # 40 MB: above glibc's largest mmap threshold (32 MB), so mapped afresh every call.
+        buffer = bytearray(40 * 2**20)
+        buffer[::4096] = b"\1" * len(buffer[::4096])
+
+    summaries = timing.interleaved(
+        {"nothing": lambda: None, "fresh": fresh_pages}, unit="nothing", rounds=3
+    )
+    assert summaries["nothing"].median_faults == 0
+    assert summaries["fresh"].median_faults is not None
+    assert summaries["fresh"].median_faults >= 5000  # 10,240 pages of 4 KB
