@@ -54,6 +54,8 @@ class AttentionReading:
             (``None`` when the reduction reads full matrices).
         weighting: the weighting of the rows (``None``: rows as they are).
         factors: with a weighting, its factors for each captured layer.
+        factors_per_query: the factors cover the query rows only (``(B, H_sel, Q, S)``, in the
+            order of ``queries``), not every row.
     """
 
     captured: Sequence[CapturedHeads]
@@ -61,10 +63,13 @@ class AttentionReading:
     projected: ProjectedRows | None = None
     weighting: Weighting | None = None
     factors: Sequence[WeightFactors] = ()
+    factors_per_query: bool = False
 
     def weighted(self, projected: ProjectedRows) -> ProjectedRows:
         """``projected`` (rows of this reading) with the weighting applied."""
-        return projected if self.weighting is None else weight_rows(projected, self.factors)
+        if self.weighting is None:
+            return projected
+        return weight_rows(projected, self.factors, self.factors_per_query)
 
     @property
     def key_mask(self) -> torch.Tensor:

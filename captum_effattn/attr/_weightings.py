@@ -33,7 +33,8 @@ from captum_effattn.models.capture import HeadOutputHook
 
 WeightFactors = torch.Tensor
 """``(B, H_sel, S_q, S_k)`` or ``(B, H_sel, 1, S_k)`` (the same for every query row): the
-non-negative factor of each entry of one layer's selected heads."""
+non-negative factor of each entry of one layer's selected heads; or ``(B, H_sel, Q, S_k)`` for
+the ``Q`` query rows an explanation reads only (see :func:`factors_of_rows`)."""
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,11 @@ def output_offsets() -> tuple[list[torch.Tensor], HeadOutputHook]:
     return offsets, add_offset
 
 
-def attention_gradient(captured: CapturedHeads, output_gradient: torch.Tensor) -> torch.Tensor:
-    """``(B, H_sel, S_q, S_k)`` gradient with respect to the selected heads' attention.
+def attention_gradient(
+    captured: CapturedHeads, output_gradient: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(B, H_sel, S_q, S_k)`` gradient with respect to the selected heads' attention, or
+    ``(B, H_sel, Q, S_k)`` for the query rows ``positions`` only.
 
     The head output is ``o_i = sum_j A_ij v_j``, so ``d y / d A_ij = (d y / d o_i) . v_j``
     for every entry, masked or not (masked entries multiply rows that are zero there).
@@ -209,9 +213,15 @@ def attention_gradient(captured: CapturedHeads, output_gradient: torch.Tensor) -
     Args:
         captured: the layer's selected heads (their values, one per selected head).
         output_gradient: ``(B, H, S_q, d)`` gradient with respect to every head's output.
+        positions: ``(B, Q)`` query rows to compute (default: every row). The rows an
+            explanation reads are all it needs: every row of MiniLM's six layers at 8 x 512
+            tokens is 1.2 GB of gradients and factors, freshly paged in on every call.
     """
     heads = torch.tensor(captured.heads, device=output_gradient.device)
     selected = output_gradient.index_select(1, heads)
+    if positions is not None:
+        index = positions[:, None, :, None].expand(-1, selected.shape[1], -1, selected.shape[-1])
+        selected = selected.gather(2, index)
     return selected @ captured.values.to(selected.dtype).mT
 
 
@@ -229,12 +239,15 @@ def value_norms(values: torch.Tensor, output_slices: torch.Tensor) -> torch.Tens
     return through.norm(dim=-1)
 
 
-def factors_of_rows(factors: Sequence[WeightFactors], queries: QueryRows) -> torch.Tensor:
+def factors_of_rows(
+    factors: Sequence[WeightFactors], queries: QueryRows, per_query: bool = False
+) -> torch.Tensor:
     """``(B, P, Q, S)``: the factors of the query rows ``queries``, layers stacked along the heads
-    axis (as :class:`~captum_effattn.attr._views.ProjectedRows`)."""
+    axis (as :class:`~captum_effattn.attr._views.ProjectedRows`); with ``per_query`` the
+    factors were computed for those rows only (``(B, H_sel, Q, S)``, in their order)."""
     rows = []
     for layer in factors:
-        if layer.shape[2] == 1:
+        if layer.shape[2] == 1 or per_query:
             rows.append(layer.expand(-1, -1, queries.positions.shape[1], -1))
         else:
             index = queries.positions[:, None, :, None]
@@ -243,10 +256,12 @@ def factors_of_rows(factors: Sequence[WeightFactors], queries: QueryRows) -> tor
     return torch.cat(rows, dim=1)
 
 
-def weight_rows(projected: ProjectedRows, factors: Sequence[WeightFactors]) -> ProjectedRows:
+def weight_rows(
+    projected: ProjectedRows, factors: Sequence[WeightFactors], per_query: bool = False
+) -> ProjectedRows:
     """``projected`` with every row multiplied by its factors (one entry of ``factors`` per
-    layer, in the order of ``projected.pairs``)."""
-    weights = factors_of_rows(factors, projected.queries).to(projected.rows.dtype)
+    layer, in the order of ``projected.pairs``; ``per_query``: as in :func:`factors_of_rows`)."""
+    weights = factors_of_rows(factors, projected.queries, per_query).to(projected.rows.dtype)
     return replace(projected, rows=projected.rows * weights)
 
 

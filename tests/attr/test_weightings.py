@@ -7,6 +7,8 @@ import torch
 
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr import REDUCTIONS, VIEWS, WEIGHTINGS
+from captum_effattn.attr._queries import select_query_rows
+from captum_effattn.attr._reductions import mean_over_queries
 from captum_effattn.attr._views import get_view, project_matrices
 from captum_effattn.models import capture_attention, select_heads
 from tests.attr.helpers import logits_of_last_real_token, positions, text_setup
@@ -413,3 +415,55 @@ def test_check_sufficiency_validates_its_target():
     assert report.holds(1e-5)
     with pytest.raises(ValueError, match=f"the output has {NUM_LABELS} classes"):
         check_sufficiency(model, ids, (mask,), forward_func=forward, target=99)
+
+
+@pytest.mark.parametrize(
+    ("name", "padding", "query"),
+    [
+        ("bert", "right", 3),
+        ("bert", "right", "all"),
+        ("gpt2", "right", "auto"),
+        ("gpt2", "left", 9),
+    ],
+)
+def test_gradient_weighting_of_any_query_rows_equals_the_autograd_of_eager_attention(
+    name, padding, query
+):
+    # Only the explained rows' gradients are computed: per example (a right-padded decoder's last
+    # real tokens differ), at a position, or every row.
+    model = tiny_model(name, "eager").double()
+    inputs = tiny_inputs(name, padding=padding)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    last = mask.sum(-1) - 1 if padding == "right" else torch.full((2,), ids.shape[1] - 1)
+
+    def forward(ids, mask, output_attentions=False):
+        if name == "bert":
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=output_attentions)
+            return out.logits, out.attentions
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            output_attentions=output_attentions,
+        )
+        return out.logits[torch.arange(2), last], out.attentions
+
+    target = torch.tensor([2, 1])
+    explainer = EfficientAttentionAttribution(lambda i, m: forward(i, m)[0], model=model)
+    got = explainer.attribute(
+        ids, target=target, additional_forward_args=(mask,), view="raw", reduce=None,
+        query=query, weighting="gradient",
+    )  # fmt: skip
+    logits, attentions = forward(ids, mask, output_attentions=True)
+    grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), attentions)
+    rows = select_query_rows(query, mask.bool(), causal=name == "gpt2")
+    index = rows.positions[:, None, :, None].expand(-1, attentions[0].shape[1], -1, ids.shape[1])
+    expected = torch.stack(
+        [
+            mean_over_queries((g.clamp_min(0) * a).gather(2, index), rows.real)
+            for a, g in zip(attentions, grads, strict=True)
+        ],
+        1,
+    )  # (B, L, H, S)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-9)

@@ -309,10 +309,18 @@ class EfficientAttentionAttribution(Attribution):
         """Run the forward pass once, capturing the selected heads (with ``project_queries``,
         their explaining rows in ``view``), and weigh the rows with ``weighting``."""
         if weighting is not None and weighting.needs_gradient:
-            captured, gradients = self._capture_gradients(call)
+            captured, output_gradients = self._capture_gradients(call)
             queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+            # Rows read alone need their own gradients only; full matrices need every row's.
+            positions = queries.positions if project_queries else None
+            gradients: Sequence[Tensor | None] = [
+                attention_gradient(c, g, positions)
+                for c, g in zip(captured, output_gradients, strict=True)
+            ]
             projected = project_rows(captured, queries, view) if project_queries else None
-            reading = AttentionReading(captured, queries, projected)
+            reading = AttentionReading(
+                captured, queries, projected, factors_per_query=project_queries
+            )
         else:
             reading = self._read_projecting(call, query, view, project_queries)
             gradients = (None,) * len(reading.captured)
@@ -371,7 +379,10 @@ class EfficientAttentionAttribution(Attribution):
         _require_rectangular(selection, "attention_matrices")
         call = _Call(format_tensor_into_tuples(inputs), additional_forward_args, target, selection)
         if weighter is not None and weighter.needs_gradient:
-            captured, gradients = self._capture_gradients(call)
+            captured, output_gradients = self._capture_gradients(call)
+            gradients: Sequence[Tensor | None] = [
+                attention_gradient(c, g) for c, g in zip(captured, output_gradients, strict=True)
+            ]
         else:
             captured, gradients = self._capture(call), (None,) * len(selection.layers)
         matrices, errors = project_captured_matrices(captured, attention_view)
@@ -400,18 +411,17 @@ class EfficientAttentionAttribution(Attribution):
             validate_target(call.target, as_output_tensor(output))
         return record.layers
 
-    def _capture_gradients(
-        self, call: _Call
-    ) -> tuple[tuple[CapturedHeads, ...], Sequence[Tensor | None]]:
+    def _capture_gradients(self, call: _Call) -> tuple[tuple[CapturedHeads, ...], list[Tensor]]:
         """One forward with gradients and one backward pass from the target logit.
 
         The head outputs are made differentiable by
         :func:`~captum_effattn.attr._weightings.output_offsets` (the layers keep their fast
         attention); :func:`~captum_effattn.attr._weightings.attention_gradient` turns their
-        gradients into gradients with respect to the attention.
+        gradients into gradients with respect to the attention, of the rows the caller needs.
 
         Returns:
-            The captured layers (detached) and, per layer, ``(B, H_sel, S, S)`` gradients.
+            The captured layers (detached) and, per layer, the ``(B, H, S, d)`` gradients with
+            respect to every head's output (zeros where the target does not depend on it).
         """
         offsets, add_offset = output_offsets()
         with (
@@ -437,8 +447,8 @@ class EfficientAttentionAttribution(Attribution):
                 "forward pass, with gradients enabled"
             )
         return record.layers, [
-            attention_gradient(c, torch.zeros_like(o) if g is None else g.detach())
-            for c, o, g in zip(record.layers, offsets, gradients, strict=True)
+            torch.zeros_like(o) if g is None else g.detach()
+            for o, g in zip(offsets, gradients, strict=True)
         ]
 
     def _forward(self, call: _Call) -> Any:
