@@ -193,7 +193,12 @@ class LLMEfficientAttentionAttribution(Attribution):
         self._require_positions(len(prompt_ids) + len(target_ids))
         positions = torch.arange(len(target_ids), device=prompt_ids.device) + len(prompt_ids) - 1
         captured, probs, factors = self._weighted_forward(
-            prompt_ids, target_ids, selection, weighter, positions
+            prompt_ids,
+            target_ids,
+            selection,
+            weighter,
+            positions,
+            rows_only=not isinstance(reduction, RolloutReduction),
         )
         token_scores = _explaining_rows(  # (T, N)
             captured, positions, attention_view, reduction, weighter, factors
@@ -309,14 +314,16 @@ class LLMEfficientAttentionAttribution(Attribution):
         selection: Any,
         weighting: Weighting | None,
         positions: Tensor,
+        rows_only: bool,
     ) -> tuple[tuple[CapturedHeads, ...], Tensor, Sequence[Sequence[WeightFactors]] | None]:
-        """The one forward, and with a weighting each target token's factors per layer."""
+        """The one forward, and with a weighting each target token's factors per layer (with
+        ``rows_only``, gradient factors of the row that predicts the token only)."""
         if weighting is None or not weighting.needs_gradient:
             captured, probs = self._forward(prompt_ids, target_ids, selection)
             gradients: Sequence[Sequence[Tensor | None]] = [(None,) * len(captured)]
         else:
             captured, probs, gradients = self._forward_with_gradients(
-                prompt_ids, target_ids, selection, positions
+                prompt_ids, target_ids, selection, positions, rows_only
             )
         if weighting is None:
             return captured, probs, None
@@ -343,11 +350,17 @@ class LLMEfficientAttentionAttribution(Attribution):
         return record.layers, _target_probs(logits, len(prompt_ids), target_ids)
 
     def _forward_with_gradients(
-        self, prompt_ids: Tensor, target_ids: Tensor, selection: Any, positions: Tensor
+        self,
+        prompt_ids: Tensor,
+        target_ids: Tensor,
+        selection: Any,
+        positions: Tensor,
+        rows_only: bool,
     ) -> tuple[tuple[CapturedHeads, ...], Tensor, Sequence[Sequence[Tensor]]]:
         """One teacher-forced forward with gradients, then one backward pass per target token:
-        ``(H_sel, N, N)``-per-layer gradients of the logit of target token ``t`` at the row that
-        predicts it, with respect to the attention."""
+        ``(1, H_sel, N, N)``-per-layer gradients of the logit of target token ``t`` at the row
+        that predicts it, with respect to the attention; with ``rows_only``, ``(1, H_sel, 1, N)``
+        for that row ``positions[t]`` alone (all a row reduction reads)."""
         ids = torch.cat([prompt_ids, target_ids])[None]
         offsets, add_offset = output_offsets()
         with (
@@ -360,8 +373,11 @@ class LLMEfficientAttentionAttribution(Attribution):
             explained = logits[0, positions, target_ids]  # (T,)
             output_gradients = [_gradients(explained[t], offsets) for t in range(len(target_ids))]
         gradients = [
-            [attention_gradient(c, g) for c, g in zip(record.layers, per_layer, strict=True)]
-            for per_layer in output_gradients
+            [
+                attention_gradient(c, g, positions[None, t : t + 1] if rows_only else None)
+                for c, g in zip(record.layers, per_layer, strict=True)
+            ]
+            for t, per_layer in enumerate(output_gradients)
         ]
         return record.layers, _target_probs(logits.detach(), len(prompt_ids), target_ids), gradients
 
@@ -423,13 +439,15 @@ def _explaining_rows(
 def _weighted_rows(
     projected: Tensor, positions: Tensor, factors: Sequence[Sequence[WeightFactors]]
 ) -> Tensor:
-    """``(1, H, T, N)`` rows, row ``t`` times target token ``t``'s factors at its position."""
+    """``(1, H, T, N)`` rows, row ``t`` times target token ``t``'s factors at its position
+    (factors of that row only, or the same for every row)."""
     weights = [
         factors_of_rows(
             layer_factors,
             QueryRows(
                 positions[None, t : t + 1], torch.ones_like(positions[None, :1]).bool(), False
             ),
+            per_query=True,
         )
         for t, layer_factors in enumerate(factors)
     ]  # each (1, H, 1, N)
