@@ -146,7 +146,8 @@ def check_whole_sequence(captured: Sequence[CapturedHeads]) -> None:
         ValueError: the queries do not cover every key.
     """
     first = captured[0]
-    queries, keys = first.query_count, first.key_mask.shape[-1]
+    query = first.query if first.query is not None else first.attn
+    queries, keys = query.shape[-2], first.key_mask.shape[-1]
     if queries != keys:
         raise ValueError(
             f"forward_func ran the model on {queries} new tokens attending to {keys} keys, the "

@@ -180,8 +180,6 @@ class LayerPipeline:
             projected = project_layers(taken, self._queries, self._view)
         for captured, result in zip(taken, projected, strict=True):
             self._results[id(captured)] = result
-            # The rows are read: the queries' and keys' memory goes back to the later layers.
-            captured.release_queries_and_keys()
 
     def results(self, captured: Sequence[CapturedHeads], queries: QueryRows) -> list[LayerResult]:
         """Each layer's projection, in layer order.

@@ -99,8 +99,6 @@ class CapturedHeads:
             ``sliding_window`` says (Mistral, Qwen2, Phi-3, ModernBERT's local layers); ``None``
             for global attention. Each row's valid set is the window it sees: see
             :meth:`visible_keys`.
-        query_len: ``S_q``, the number of query rows the layer computed (kept when the queries
-            are released: :meth:`release_queries_and_keys`); ``None`` reads it off the tensors.
     """
 
     layer: int
@@ -115,7 +113,6 @@ class CapturedHeads:
     additive_mask: torch.Tensor | None = None
     probabilities: HeadAttention | None = None
     window: int | None = None
-    query_len: int | None = None
 
     @property
     def masking(self) -> RowMasking:
@@ -125,8 +122,6 @@ class CapturedHeads:
     @property
     def query_count(self) -> int:
         """``S_q``: the layer's query rows."""
-        if self.query_len is not None:
-            return self.query_len
         for recorded in (self.probabilities, self.query):
             if recorded is not None:
                 return recorded.shape[-2]
@@ -169,31 +164,10 @@ class CapturedHeads:
         """Rows ``positions`` (``(Q,)`` or ``(B, Q)``) from the recorded queries and keys."""
         return _computed_rows_of((self,), positions)
 
-    def release_queries_and_keys(self) -> None:
-        """Let go of the recorded queries and keys once what is needed of them was read.
-
-        The attribution pipeline calls this when a layer's rows are projected, while the forward
-        pass runs the later layers: their memory goes back to those layers, as in a plain forward
-        pass. Held to the end of the call instead, it grew the heap by every layer's queries and
-        keys, which glibc then handed back to the system and the next call faulted in again, page
-        by page (MiniLM, one thread, 128 tokens: 700-1,100 page faults a call, 2% to 4% of a
-        forward pass, in the processes where glibc trims its heap). The probabilities computed
-        from them (:attr:`attn`'s cache) go too; recorded ones (``materialize=True``) stay.
-        Afterwards :meth:`rows` and :attr:`attn` raise on a lazily recorded layer.
-        """
-        if self.query is None and self.key is None:
-            return
-        # Frozen to its users; this is the one change a record allows, and it only removes.
-        object.__setattr__(self, "query_len", self.query_count)
-        object.__setattr__(self, "query", None)
-        object.__setattr__(self, "key", None)
-        self.__dict__.pop("_attn", None)
-
     def _recorded(self, tensor: torch.Tensor | None) -> torch.Tensor:
         if tensor is None:
             raise RuntimeError(
-                f"layer {self.layer} holds no queries and keys (probabilities were recorded "
-                "instead, read `attn`; or they were released once its rows were projected)"
+                f"layer {self.layer} recorded probabilities, not queries and keys: read `attn`"
             )
         return tensor
 

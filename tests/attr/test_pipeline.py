@@ -47,26 +47,14 @@ def _pipelined_and_after(name, query, view, padding="right"):
         pipelined = pipeline.results(captured, queries)
     finally:
         pipeline.close()
-    # Layers the pipeline projected (on the worker, or shared after the forward) let go of their
-    # queries and keys, their memory going back to the forward pass, and keep their query count;
-    # rows read afterwards raise. The reference comes from a second, plain capture.
-    released = captured[0].query is None
-    assert all((c.query is None and c.key is None) is released for c in captured)
-    assert {c.query_count for c in captured} == {ids.shape[1]}
-    if released:
-        with pytest.raises(RuntimeError, match="released once its rows were projected"):
-            captured[0].rows(queries.positions)
-    with capture_attention(model, selection, materialize=False) as again, torch.no_grad():
-        forward(ids, mask)
-    return pipelined, project_rows(again.layers, queries, get_view(view)), released
+    return pipelined, project_rows(captured, queries, get_view(view))
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("query", ["auto", "all", 3])
 @pytest.mark.parametrize("view", ["efficient", "effective", "raw"])
 def test_pipelined_rows_equal_rows_projected_after_the_forward(name, query, view):
-    pipelined, after, released = _pipelined_and_after(name, query, view)
-    assert released is get_view(view).solves  # the worker's layers (a spare core here)
+    pipelined, after = _pipelined_and_after(name, query, view)
     assert [rows.shape[1] for rows, _ in pipelined] == SELECTED_PER_LAYER
     rows = torch.cat([rows for rows, _ in pipelined], dim=1)
     errors = torch.cat([error for _, error in pipelined], dim=1)
@@ -238,7 +226,7 @@ def test_without_a_spare_core_every_layer_is_projected_after_the_forward(monkeyp
     import captum_effattn.attr._pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "spare_core", lambda: False)
-    pipelined, after, _ = _pipelined_and_after("bert", "auto", "efficient")
+    pipelined, after = _pipelined_and_after("bert", "auto", "efficient")
     rows = torch.cat([rows for rows, _ in pipelined], dim=1)
     torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
     model, forward, ids, mask = text_setup("bert")
@@ -269,7 +257,7 @@ def test_the_rest_of_the_layers_is_shared_in_portions_between_caller_and_worker(
         return project(layers, queries, view)
 
     monkeypatch.setattr(pipeline, "project_layers", recording)
-    pipelined, after, _ = _pipelined_and_after("gpt2", "all", "efficient")
+    pipelined, after = _pipelined_and_after("gpt2", "all", "efficient")
     assert [size for _, size in portions] == [1] * NUM_LAYERS
     rows = torch.cat([rows for rows, _ in pipelined], dim=1)
     torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
@@ -333,8 +321,7 @@ def test_every_row_on_two_threads_is_shared_after_the_forward_a_thread_each(monk
 
     monkeypatch.setattr(pipeline, "PORTION_ROWS", 1)  # one layer per portion
     calls = _recording_portions(monkeypatch)
-    pipelined, after, released = _pipelined_and_after(name, "all", "efficient")
-    assert released  # shared after the forward: projected by the pipeline all the same
+    pipelined, after = _pipelined_and_after(name, "all", "efficient")
     assert sorted(layer for _, _, layers in calls for layer in layers) == list(range(NUM_LAYERS))
     assert all(layers == [layers[0]] for _, _, layers in calls)  # whole layers, one at a time
     assert all(threads == 1 for _, threads, _ in calls)  # a thread each, caller and worker

@@ -81,31 +81,3 @@ def test_a_transform_needs_materialized_probabilities():
         capture_attention(model, transform=lambda c: c.attn, materialize=False),
     ):
         pass
-
-
-def test_released_queries_and_keys_keep_the_query_count_and_refuse_rows():
-    model = tiny_model("llama")
-    inputs = tiny_inputs("llama")
-    with torch.no_grad():
-        with capture_attention(model, materialize=False) as lazy:
-            model(**inputs)
-        with capture_attention(model) as materialized:
-            model(**inputs)
-    layer, recorded = lazy.layers[0], materialized.layers[0]
-    positions = torch.tensor([[15], [10]])
-    before = layer.rows(positions)
-    masking = layer.masking
-    _ = layer.attn  # a computed matrix: released too
-    layer.release_queries_and_keys()
-    assert layer.query is None
-    assert layer.key is None
-    assert layer.query_count == inputs["input_ids"].shape[1]
-    assert layer.masking.causal == masking.causal
-    assert torch.equal(layer.masking.key_mask, masking.key_mask)
-    for read in (lambda: layer.rows(positions), lambda: layer.attn):
-        with pytest.raises(RuntimeError, match=r"layer 0 .* released once its rows were projected"):
-            read()
-    layer.release_queries_and_keys()  # nothing left to release: no error
-    # Recorded probabilities are the record itself: they stay.
-    recorded.release_queries_and_keys()
-    torch.testing.assert_close(recorded.rows(positions), before, rtol=0, atol=1e-5)
