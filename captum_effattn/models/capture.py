@@ -201,13 +201,17 @@ def rows_of_layers(captured: Sequence[CapturedHeads], positions: torch.Tensor) -
 
 
 def _share_masking(captured: Sequence[CapturedHeads]) -> bool:
-    """Whether the layers' rows are still to be computed, all with one masking and scale."""
+    """Whether the layers' rows are still to be computed, all with one masking and scale, from
+    queries and keys in the working dtype (half-precision keys would be converted for every
+    layer at once: one layer at a time, as :meth:`CapturedHeads.rows` does, holds one copy)."""
     first = captured[0]
     return all(
         c.probabilities is None
-        and "_attn" not in c.__dict__
         and c.query is not None
+        and c.query.dtype in (torch.float32, torch.float64)
         and c.key is not None
+        and c.key.dtype == c.query.dtype
+        and "_attn" not in c.__dict__
         and c.additive_mask is None
         and c.window is None
         and (c.key_mask is first.key_mask or torch.equal(c.key_mask, first.key_mask))

@@ -107,3 +107,16 @@ def test_stacked_rows_differentiate_like_each_layers_rows():
     for got, expected in zip(stacked, one_by_one, strict=True):
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+
+
+def test_half_precision_layers_are_read_one_by_one():
+    # Stacking would convert every layer's keys to float32 at once; one by one holds one copy.
+    model = tiny_model("bert").to(torch.bfloat16)
+    with torch.no_grad(), capture_attention(model, materialize=False) as record:
+        model(**tiny_inputs("bert"))
+    layers = record.layers
+    assert not _share_masking(layers)
+    positions = torch.tensor([[0, 4], [0, 9]])
+    stacked = rows_of_layers(layers, positions)
+    assert stacked.dtype == torch.bfloat16
+    assert torch.equal(stacked, torch.cat([c.rows(positions) for c in layers], dim=1))

@@ -159,6 +159,9 @@ def stacked_attention_rows(
 
     Returns:
         ``(B, sum_l H_q^l, r, n)``: the rows of layer 0's heads, then layer 1's, and so on.
+
+    Every layer's keys are converted to the working dtype up front: in float32 or float64 that
+    is no copy; half-precision keys are copied for all layers at once.
     """
     batch, _, q_len, _ = queries[0].shape
     heads = sum(query.shape[1] for query in queries)
