@@ -124,8 +124,8 @@ def thread_page_faults() -> int | None:
     A call that reuses memory its process already touched takes none; memory the allocator
     returned to the system between calls (glibc trims its heap when enough at its top is free)
     is faulted in again, a few microseconds a page. On two cores this decided whether one
-    thread's attribution cost 1.08x or 1.14x a forward pass at batch 1, n = 128, process by
-    process (700-1,100 faults a call on the main thread against a handful).
+    thread's attribution cost 1.08x-1.09x or 1.10x-1.16x a forward pass at batch 1, n = 128,
+    process by process (a handful of faults a call on the main thread, or 740-1,100).
     """
     if resource is None or not hasattr(resource, "RUSAGE_THREAD"):
         return None
