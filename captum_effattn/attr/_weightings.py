@@ -30,6 +30,7 @@ from captum_effattn.attr._rollout import attention_rollout, relevance_rollout
 from captum_effattn.attr._views import ProjectedRows
 from captum_effattn.models import CapturedHeads, ModelArchitecture
 from captum_effattn.models.capture import HeadOutputHook
+from captum_effattn.projection.engine.rows import gather_rows
 
 WeightFactors = torch.Tensor
 """``(B, H_sel, S_q, S_k)`` or ``(B, H_sel, 1, S_k)`` (the same for every query row): the
@@ -220,8 +221,7 @@ def attention_gradient(
     heads = torch.tensor(captured.heads, device=output_gradient.device)
     selected = output_gradient.index_select(1, heads)
     if positions is not None:
-        index = positions[:, None, :, None].expand(-1, selected.shape[1], -1, selected.shape[-1])
-        selected = selected.gather(2, index)
+        selected = gather_rows(selected, positions)
     return selected @ captured.values.to(selected.dtype).mT
 
 
@@ -250,9 +250,7 @@ def factors_of_rows(
         if layer.shape[2] == 1 or per_query:
             rows.append(layer.expand(-1, -1, queries.positions.shape[1], -1))
         else:
-            index = queries.positions[:, None, :, None]
-            index = index.expand(layer.shape[0], layer.shape[1], -1, layer.shape[-1])
-            rows.append(layer.gather(2, index))
+            rows.append(gather_rows(layer, queries.positions))
     return torch.cat(rows, dim=1)
 
 

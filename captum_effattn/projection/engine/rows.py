@@ -91,7 +91,7 @@ def visible_keys(
     return visible.expand(-1, positions.shape[-1], -1)
 
 
-def _gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``states (B, H, S, w)`` at ``positions (B or 1, c)`` -> ``(B, H, c, w)``."""
     if positions.shape[0] == 1:
         return states.index_select(2, positions[0])
@@ -184,7 +184,7 @@ def stacked_attention_rows(
             key.shape[1],
         )
         # Every row in order: a chunk is a slice (a view), not a gathered copy.
-        q = query[:, :, start : start + width] if every_row else _gather_rows(query, chunk)
+        q = query[:, :, start : start + width] if every_row else gather_rows(query, chunk)
         q = q.to(work).view(batch, kv_heads, layer_heads // kv_heads, width, d_k)
         return (q @ key.mT).view(batch, layer_heads, width, k_len)
 
@@ -194,7 +194,7 @@ def stacked_attention_rows(
         per_layer = [layer_scores(query, key, chunk, start) for query, key in pairs]
         scores = (per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=1)) * scale
         if masking.additive is not None:
-            scores = scores + _gather_rows(masking.additive, chunk).to(work)
+            scores = scores + gather_rows(masking.additive, chunk).to(work)
         visible = visible_keys(masking, chunk, q_len, k_len)[:, None]
         return _softmax_rows(scores, visible)
 
