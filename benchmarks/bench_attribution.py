@@ -14,6 +14,9 @@ Methods (all layers and heads of MiniLM):
   round's torch threads (no forward pass, nothing overlapped): the CPU work the efficient view
   adds; ``projection alone, every row`` likewise for every row (at ``--all-rows-sizes``);
 - ``efficient`` / ``effective`` / ``raw``: ``attribute(view=...)``, default query ([CLS] rows);
+- ``efficient, stop_early=True``: the same, its forward pass ended once the last layer's queries,
+  keys and values are recorded (that layer's attention output, its feed-forward block and the
+  classifier never run);
 - ``efficient+gradient``: ``attribute(weighting="gradient")``, class-specific (one backward pass);
 - ``efficient, query="all"``: every real row (at ``--all-rows-sizes`` only; it is the slow one);
 - Captum's Saliency and IntegratedGradients (``n_steps=50``, at ``--ig-sizes`` and batch 1 only:
@@ -118,6 +121,9 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
     methods["projection alone"] = lambda: projection_alone("auto")
     for view in ("efficient", "effective", "raw"):
         methods[view] = lambda view=view: attention.attribute(embeddings, view=view, **kwargs)
+    methods["efficient, stop_early=True"] = lambda: attention.attribute(
+        embeddings, stop_early=True, **kwargs
+    )
     methods["efficient+gradient"] = lambda: attention.attribute(
         embeddings, weighting="gradient", **kwargs
     )

@@ -308,12 +308,24 @@ of ``captured.layer`` (before the heads are merged) and returns what the layer g
 same shape (for example ``outputs + offset``, whose gradient is that of the head outputs)."""
 
 
+class _PassStopped(BaseException):
+    """Ends a forward pass under ``capture_attention(stop_early=True)`` once its last selected
+    layer is recorded. A ``BaseException``, like ``KeyboardInterrupt``: a ``forward_func`` that
+    catches ``Exception`` around the model call does not swallow it."""
+
+    def __init__(self, record: AttentionRecord) -> None:
+        super().__init__(f"forward pass stopped after layer {record.selection.layers[-1]}")
+        self.record = record
+
+
 class AttentionRecord:
     """The layers a :func:`capture_attention` block captured, grouped by forward pass.
 
     Attributes:
         architecture: the model's :class:`ModelArchitecture`.
         selection: the :class:`HeadSelection` that was captured.
+        stopped: whether the pass was ended early (``stop_early=True``), so the model's output
+            was never computed.
     """
 
     def __init__(
@@ -321,10 +333,13 @@ class AttentionRecord:
         architecture: ModelArchitecture,
         selection: HeadSelection,
         on_layer: Callable[[CapturedHeads], None] | None = None,
+        stop_early: bool = False,
     ) -> None:
         self.architecture = architecture
         self.selection = selection
+        self.stopped = False
         self._on_layer = on_layer
+        self._stop_early = stop_early
         self._calls: list[list[CapturedHeads]] = []
 
     @property
@@ -369,6 +384,9 @@ class AttentionRecord:
         self._calls[-1].append(captured)
         if self._on_layer is not None:
             self._on_layer(captured)
+        if self._stop_early and captured.layer == self.selection.layers[-1]:
+            self.stopped = True
+            raise _PassStopped(self)
 
     def check_complete(self) -> None:
         """Raise ``RuntimeError`` if a forward pass skipped selected layers."""
@@ -701,6 +719,7 @@ def capture_attention(
     materialize: bool = True,
     on_layer: Callable[[CapturedHeads], None] | None = None,
     on_output: HeadOutputHook | None = None,
+    stop_early: bool = False,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -745,8 +764,9 @@ def capture_attention(
     Raises:
         UnsupportedModelError: the model's architecture is not registered.
         ValueError: ``selection`` was made for a model of another size; ``transform`` with
-            ``materialize=False``; on forward, a mask that is not a padding (+ causal) mask, or a
-            malformed transform result.
+            ``materialize=False``; ``stop_early`` with ``transform`` or ``on_output``; on
+            forward, a mask that is not a padding (+ causal) mask, or a malformed transform
+            result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
             under capture on this thread; after the body, a forward pass that skipped selected
             layers.
@@ -754,6 +774,11 @@ def capture_attention(
     if transform is not None and not materialize:
         raise ValueError(
             "a transform replaces probabilities during the forward: it needs materialize=True"
+        )
+    if stop_early and (transform is not None or on_output is not None):
+        raise ValueError(
+            "stop_early=True ends the forward pass before the outputs a transform or an "
+            "on_output hook change are used: pass one or the other"
         )
     architecture = describe_model(model)
     if selection is None:
@@ -776,7 +801,7 @@ def capture_attention(
             f"this {architecture.model_class} is already under capture_attention on this "
             "thread; captures of one model cannot be nested (other threads may capture it)"
         )
-    record = AttentionRecord(architecture, selection, on_layer)
+    record = AttentionRecord(architecture, selection, on_layer, stop_early)
     key_masks = _KeyMaskMemo()
     layer_taps = {
         layer: _LayerTap(
@@ -798,6 +823,9 @@ def capture_attention(
     try:
         with _interface.attention_implementation(model, _interface.IMPLEMENTATION):
             yield record
+    except _PassStopped as stop:
+        if stop.record is not record:  # another capture's (of another model): not ours to end
+            raise
     finally:
         for module in taps:
             active.pop(module, None)
