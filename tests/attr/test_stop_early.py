@@ -27,7 +27,7 @@ def _setup(name):
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(map(str, o.items())) or "default")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(map(str, o.items())) or "-")
 def test_same_attributions_and_delta_as_a_whole_pass(name, options):
     model, forward, ids, mask = _setup(name)
     method = EfficientAttentionAttribution(forward, model=model)
@@ -67,7 +67,7 @@ def test_the_classifier_and_later_layers_never_run():
 def test_gradient_weighting_needs_the_output():
     model, forward, ids, mask = _setup("bert")
     method = EfficientAttentionAttribution(forward, model=model)
-    with pytest.raises(ValueError, match="stop_early=True.*'gradient'"):
+    with pytest.raises(ValueError, match=r"stop_early=True.*'gradient'"):
         method.attribute(
             ids, target=0, additional_forward_args=(mask,), weighting="gradient", stop_early=True
         )
@@ -87,5 +87,7 @@ def test_layer_attribution_passes_it_on():
     model, forward, ids, mask = _setup("bert")
     layer_method = LayerEfficientAttentionAttribution(forward, model.bert.embeddings, model=model)
     whole = layer_method.attribute(ids, additional_forward_args=(mask,), layers=[0])
-    early = layer_method.attribute(ids, additional_forward_args=(mask,), layers=[0], stop_early=True)
+    early = layer_method.attribute(
+        ids, additional_forward_args=(mask,), layers=[0], stop_early=True
+    )
     torch.testing.assert_close(early, whole, rtol=0, atol=1e-12)

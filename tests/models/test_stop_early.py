@@ -32,7 +32,8 @@ def test_stopped_pass_records_what_a_whole_pass_records(name, layers):
         capture_attention(model, selection, materialize=False, stop_early=True) as stopped,
     ):
         model(**inputs)
-    assert stopped.stopped and not whole.stopped
+    assert stopped.stopped
+    assert not whole.stopped
     assert [c.layer for c in stopped.layers] == list(selection.layers)
     for early, full in zip(stopped.layers, whole.layers, strict=True):
         assert torch.equal(early.attn, full.attn)
@@ -66,11 +67,15 @@ def test_nothing_after_the_last_selected_layer_runs(name):
     assert after_block == []
 
 
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_the_model_is_left_as_it_came():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", padding="right")
     implementation = model.config._attn_implementation
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    hooks = _hook_count(model)
     with torch.no_grad():
         expected = model(**inputs).logits
         with capture_attention(model, stop_early=True) as record:
@@ -78,12 +83,13 @@ def test_the_model_is_left_as_it_came():
         assert record.stopped
         assert model.config._attn_implementation == implementation
         assert not _interface.active_taps()
-        assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        assert _hook_count(model) == hooks
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
         # and it can be captured again, whole
         with capture_attention(model) as again:
             model(**inputs)
-    assert not again.stopped and len(again.layers) == len(record.layers)
+    assert not again.stopped
+    assert len(again.layers) == len(record.layers)
 
 
 def test_an_except_exception_in_the_forward_does_not_swallow_the_stop():
@@ -100,7 +106,8 @@ def test_an_except_exception_in_the_forward_does_not_swallow_the_stop():
 
     with torch.no_grad(), capture_attention(model, stop_early=True) as record:
         careful_forward()
-    assert record.stopped and caught == []
+    assert record.stopped
+    assert caught == []
 
 
 def test_errors_raised_in_the_stopped_pass_still_propagate():

@@ -216,10 +216,11 @@ class EfficientAttentionAttribution(Attribution):
                 attention is recorded (see :func:`~captum_effattn.models.capture_attention`): the
                 layers after it, the last one's attention output and the model's output are
                 never computed, so the call costs the selected prefix of the model plus the
-                projection (with every layer of MiniLM selected, about 0.9x of a forward pass;
-                with its first two, about a quarter). The output is then not there to check
-                ``target`` against, so ``target`` is accepted unchecked (it is unused), and
-                ``forward_func`` must reach the model's selected layers in its first model call.
+                projection (with every layer of MiniLM selected, the pass is about a tenth
+                shorter; selecting early layers also saves the later ones). The output is then
+                not there to check ``target`` against, so ``target`` is accepted unchecked (it
+                is unused), and ``forward_func`` must reach the model's selected layers in its
+                first model call.
                 Not with ``weighting="gradient"``, which differentiates the output. Default:
                 ``False``.
 
