@@ -91,3 +91,17 @@ def test_layer_attribution_passes_it_on():
         ids, additional_forward_args=(mask,), layers=[0], stop_early=True
     )
     torch.testing.assert_close(early, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_attention_matrices_too(name):
+    model, forward, ids, mask = _setup(name)
+    method = EfficientAttentionAttribution(forward, model=model)
+    kwargs = {"additional_forward_args": (mask,), "layers": [0, 1], "weighting": "norm"}
+    whole = method.attention_matrices(ids, **kwargs)
+    early = method.attention_matrices(ids, stop_early=True, **kwargs)
+    torch.testing.assert_close(early, whole, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"stop_early=True.*'gradient'"):
+        method.attention_matrices(
+            ids, additional_forward_args=(mask,), weighting="gradient", stop_early=True
+        )

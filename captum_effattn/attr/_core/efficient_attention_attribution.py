@@ -252,11 +252,7 @@ class EfficientAttentionAttribution(Attribution):
             _require_rectangular(selection, "reduce=None")
         else:
             reduction.check_selection(selection)
-        if stop_early and weighter is not None and weighter.needs_gradient:
-            raise ValueError(
-                f"stop_early=True ends the forward pass before the output that "
-                f"weighting={weighting!r} differentiates: pass one or the other"
-            )
+        _check_stop_early(stop_early, weighter, weighting)
         reading = self._read(
             _Call(inputs_tuple, additional_forward_args, target, selection, stop_early),
             query,
@@ -379,6 +375,7 @@ class EfficientAttentionAttribution(Attribution):
         return_convergence_delta: bool = False,
         weighting: str | None = None,
         target: TargetType = None,
+        stop_early: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         r"""The full selected attention matrices in one view, for analysis.
 
@@ -389,6 +386,8 @@ class EfficientAttentionAttribution(Attribution):
                 head-output error over all real rows.
             weighting, target: as in :meth:`attribute`: every entry of the matrices is weighted
                 (not renormalized).
+            stop_early (bool, optional): as in :meth:`attribute`: the forward pass ends after the
+                last selected layer (not with ``weighting="gradient"``).
 
         Returns:
             ``(B, L, H, S, S)`` matrices (rows: queries, columns: keys); rows of padding queries
@@ -397,7 +396,14 @@ class EfficientAttentionAttribution(Attribution):
         attention_view, weighter = get_view(view), get_weighting(weighting)
         selection = select_architecture_heads(self.architecture, layers, heads)
         _require_rectangular(selection, "attention_matrices")
-        call = _Call(format_tensor_into_tuples(inputs), additional_forward_args, target, selection)
+        _check_stop_early(stop_early, weighter, weighting)
+        call = _Call(
+            format_tensor_into_tuples(inputs),
+            additional_forward_args,
+            target,
+            selection,
+            stop_early,
+        )
         if weighter is not None and weighter.needs_gradient:
             captured, output_gradients = self._capture_gradients(call)
             gradients: Sequence[Tensor | None] = [
@@ -499,6 +505,14 @@ class _Call:
     selection: HeadSelection
     # end the forward pass after the last selected layer (``attribute(stop_early=True)``)
     stop_early: bool = False
+
+
+def _check_stop_early(stop_early: bool, weighter: Weighting | None, weighting: str | None) -> None:
+    if stop_early and weighter is not None and weighter.needs_gradient:
+        raise ValueError(
+            f"stop_early=True ends the forward pass before the output that "
+            f"weighting={weighting!r} differentiates: pass one or the other"
+        )
 
 
 def _with_delta(result: Any, delta: Tensor, return_convergence_delta: bool) -> Any:
