@@ -5,7 +5,8 @@ heads, d = 32; the real MiniLM checkpoint when its offline package is installed,
 weights from the same config, which the output says) and random token ids:
 
 1. ``attribute`` against the plain forward pass at ``--batch`` x ``--tokens`` (default 32 x 512):
-   the default view and ``weighting="gradient"``, and the default view with the Newton phase
+   the default view (also with ``stop_early=True``) and ``weighting="gradient"``, and the
+   default view with the Newton phase
    replayed from CUDA graphs (``"auto"`` pointed at ``backend="cudagraph"`` for the call),
    interleaved rounds (``benchmarks/timing.py``), each call followed by a device
    synchronization; medians of per-round ratios, [IQR].
@@ -130,6 +131,9 @@ def attribution_against_forward(model, device, args, graphs: bool) -> None:
     methods = {
         "forward": synchronized(device, plain),
         "efficient (default)": synchronized(device, lambda: explainer.attribute(ids, **kwargs)),
+        "efficient, stop_early=True": synchronized(
+            device, lambda: explainer.attribute(ids, stop_early=True, **kwargs)
+        ),
         "efficient+gradient": synchronized(
             device, lambda: explainer.attribute(ids, weighting="gradient", **kwargs)
         ),
