@@ -138,3 +138,52 @@ def test_stop_early_refuses_what_acts_on_outputs(option):
         capture_attention(model, stop_early=True, **kwargs),
     ):
         pass
+
+
+@pytest.mark.parametrize(("name", "layers"), [("bart", [0]), ("bart", [1, 2]), ("t5", [3])])
+def test_encoder_decoders_stop_in_the_stack_of_the_last_selected_layer(name, layers):
+    """Layers count the encoder's first: a selection within the encoder never runs the decoder."""
+    model = tiny_model(name)
+    inputs = tiny_inputs(name, padding="right")
+    if name == "t5":
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    decoder = model.get_decoder()
+    runs = {"decoder": 0}
+
+    def count(*_):
+        runs["decoder"] += 1
+
+    selection = select_heads(model, layers=layers)
+    with torch.no_grad(), capture_attention(model, selection, materialize=False) as whole:
+        model(**inputs)
+    handle = decoder.register_forward_pre_hook(count)
+    try:
+        with (
+            torch.no_grad(),
+            capture_attention(model, selection, materialize=False, stop_early=True) as stopped,
+        ):
+            model(**inputs)
+    finally:
+        handle.remove()
+    assert stopped.stopped
+    assert runs["decoder"] == (1 if max(layers) >= 2 else 0)
+    for early, full in zip(stopped.layers, whole.layers, strict=True):
+        assert early.layer == full.layer
+        assert torch.equal(early.attn, full.attn)
+
+
+def test_a_block_shared_by_every_layer_stops_at_the_selected_run():
+    """ALBERT runs one attention module as every layer: the stop comes at the selected run."""
+    model = tiny_model("albert")
+    inputs = tiny_inputs("albert", padding="right")
+    with torch.no_grad(), capture_attention(model, materialize=False) as whole:
+        model(**inputs)
+    first = select_heads(model, layers=[0])
+    with (
+        torch.no_grad(),
+        capture_attention(model, first, materialize=False, stop_early=True) as stopped,
+    ):
+        model(**inputs)
+    assert stopped.stopped
+    assert [c.layer for c in stopped.layers] == [0]
+    assert torch.equal(stopped.layers[0].attn, whole.layers[0].attn)
