@@ -109,3 +109,29 @@ def test_nesting_on_one_thread_is_still_refused():
         capture_attention(model),
     ):
         pass
+
+
+def test_a_stopped_pass_ends_only_its_own_threads_forward():
+    """A thread attributing with ``stop_early=True`` beside one running whole forwards: the stop
+    ends the stopping thread's pass, the other thread's outputs are exactly its outputs alone."""
+    model, forward, ids, mask = text_setup("bert")
+    explainer = EfficientAttentionAttribution(forward, model=model)
+    with torch.no_grad():
+        reference = forward(ids, mask)
+    serial_scores = explainer.attribute(ids, additional_forward_args=(mask,))
+
+    def stopped_attributions():
+        return [
+            explainer.attribute(ids, additional_forward_args=(mask,), stop_early=True)
+            for _ in range(CALLS)
+        ]
+
+    def plain_forwards():
+        with torch.no_grad():
+            return [forward(ids, mask) for _ in range(4 * CALLS)]
+
+    scores, outputs = _in_threads(stopped_attributions, plain_forwards)
+    for attribution in scores:
+        torch.testing.assert_close(attribution, serial_scores, rtol=0, atol=0)
+    for output in outputs:
+        assert torch.equal(output, reference)
