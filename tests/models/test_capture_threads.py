@@ -50,8 +50,9 @@ def test_two_threads_attributing_on_one_model_get_the_serial_results(name, imple
             torch.testing.assert_close(delta, serial_delta, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("name", "implementation"), [("bert", "sdpa"), ("gpt2", "eager")])
-def test_plain_forwards_beside_an_attribution_are_bit_identical(name, implementation):
+def _beside_plain_forwards(name: str, implementation: str, **options) -> torch.nn.Module:
+    """One thread attributing (with ``options``), one running plain forwards on the same model:
+    each gets exactly what it gets alone. Returns the model."""
     model, forward, ids, mask = text_setup(name, implementation=implementation)
     explainer = EfficientAttentionAttribution(forward, model=model)
     with torch.no_grad():
@@ -59,7 +60,10 @@ def test_plain_forwards_beside_an_attribution_are_bit_identical(name, implementa
     serial_scores = explainer.attribute(ids, additional_forward_args=(mask,))
 
     def attributions():
-        return [explainer.attribute(ids, additional_forward_args=(mask,)) for _ in range(CALLS)]
+        return [
+            explainer.attribute(ids, additional_forward_args=(mask,), **options)
+            for _ in range(CALLS)
+        ]
 
     def plain_forwards():
         with torch.no_grad():
@@ -70,6 +74,12 @@ def test_plain_forwards_beside_an_attribution_are_bit_identical(name, implementa
         torch.testing.assert_close(attribution, serial_scores, rtol=0, atol=0)
     for output in outputs:
         assert torch.equal(output, reference)
+    return model
+
+
+@pytest.mark.parametrize(("name", "implementation"), [("bert", "sdpa"), ("gpt2", "eager")])
+def test_plain_forwards_beside_an_attribution_are_bit_identical(name, implementation):
+    model = _beside_plain_forwards(name, implementation)
     assert model.config._attn_implementation == implementation
 
 
@@ -114,24 +124,5 @@ def test_nesting_on_one_thread_is_still_refused():
 def test_a_stopped_pass_ends_only_its_own_threads_forward():
     """A thread attributing with ``stop_early=True`` beside one running whole forwards: the stop
     ends the stopping thread's pass, the other thread's outputs are exactly its outputs alone."""
-    model, forward, ids, mask = text_setup("bert")
-    explainer = EfficientAttentionAttribution(forward, model=model)
-    with torch.no_grad():
-        reference = forward(ids, mask)
-    serial_scores = explainer.attribute(ids, additional_forward_args=(mask,))
-
-    def stopped_attributions():
-        return [
-            explainer.attribute(ids, additional_forward_args=(mask,), stop_early=True)
-            for _ in range(CALLS)
-        ]
-
-    def plain_forwards():
-        with torch.no_grad():
-            return [forward(ids, mask) for _ in range(4 * CALLS)]
-
-    scores, outputs = _in_threads(stopped_attributions, plain_forwards)
-    for attribution in scores:
-        torch.testing.assert_close(attribution, serial_scores, rtol=0, atol=0)
-    for output in outputs:
-        assert torch.equal(output, reference)
+    model = _beside_plain_forwards("bert", "sdpa", stop_early=True)
+    assert model.config._attn_implementation == "sdpa"
