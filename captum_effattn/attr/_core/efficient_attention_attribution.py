@@ -220,9 +220,8 @@ class EfficientAttentionAttribution(Attribution):
                 shorter; selecting early layers also saves the later ones). The output is then
                 not there to check ``target`` against, so ``target`` is accepted unchecked (it
                 is unused), and ``forward_func`` must reach the model's selected layers in its
-                first model call.
-                Not with ``weighting="gradient"``, which differentiates the output. Default:
-                ``False``.
+                first model call. Not with ``weighting="gradient"``, which differentiates the
+                output. Default: ``False``.
 
         Returns:
             **attributions** (*Tensor* or *tuple[Tensor, ...]*): one contiguous tensor per
