@@ -99,17 +99,6 @@ class Backend(Protocol):
         """Per-group products of ``matrices`` ``(G, n, r)`` for rows in groups ``group``."""
         ...
 
-    def attention_rows(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        rows: torch.Tensor,
-        masking: RowMasking,
-        scale: float,
-    ) -> torch.Tensor:
-        """Attention rows, as :func:`.rows.attention_rows_torch` computes them."""
-        ...
-
     def stacked_attention_rows(
         self,
         queries: Sequence[torch.Tensor],
@@ -118,7 +107,7 @@ class Backend(Protocol):
         masking: RowMasking,
         scale: float,
     ) -> torch.Tensor:
-        """Attention rows of several layers, heads stacked, as
+        """Attention rows of one layer or several (heads stacked), as
         :func:`.rows.stacked_attention_rows` computes them."""
         ...
 
@@ -159,17 +148,6 @@ class TorchBackend:
     def grouped(self, matrices: torch.Tensor, group: torch.Tensor) -> GroupedProducts:
         """:class:`GroupedMatrices` of ``matrices`` ``(G, n, r)``."""
         return GroupedMatrices(matrices, group)
-
-    def attention_rows(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        rows: torch.Tensor,
-        masking: RowMasking,
-        scale: float,
-    ) -> torch.Tensor:
-        """:func:`~captum_effattn.projection.engine.rows.attention_rows_torch`."""
-        return attention_rows_torch(query, key, rows, masking, scale)
 
     def stacked_attention_rows(
         self,
@@ -299,7 +277,7 @@ class TritonBackend(TorchBackend):
             self.attention_rows(query, key, rows, masking, scale)
             for query, key in zip(queries, keys, strict=True)
         ]
-        return torch.cat(per_layer, dim=1)
+        return per_layer[0] if len(per_layer) == 1 else torch.cat(per_layer, dim=1)
 
     def _takes(self, masking: RowMasking) -> bool:
         if masking.additive is None and masking.key_ranges is None:

@@ -237,11 +237,7 @@ def attention_rows_of(
         KernelUnavailableError: ``backend="triton"`` where the kernel cannot run or for an
             additive mask or a window, which it does not implement.
     """
-    # Imported here: the backend registry imports this module for its PyTorch implementation.
-    from captum_effattn.projection.engine.backends import resolve_backend
-
-    chosen = resolve_backend(backend, query.device)
-    return chosen.attention_rows(query, key, rows, masking, scale)
+    return stacked_attention_rows_of((query,), (key,), rows, masking, scale, backend)
 
 
 def stacked_attention_rows_of(
@@ -253,7 +249,8 @@ def stacked_attention_rows_of(
     backend: str = "torch",
 ) -> torch.Tensor:
     """:func:`stacked_attention_rows` by the implementation ``backend`` selects (as in
-    :func:`attention_rows_of`)."""
+    :func:`attention_rows_of`, its one-layer case)."""
+    # Imported here: the backend registry imports this module for its PyTorch implementation.
     from captum_effattn.projection.engine.backends import resolve_backend
 
     chosen = resolve_backend(backend, queries[0].device)
