@@ -25,14 +25,9 @@ from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
 from captum_effattn.projection.engine.certify import ACCEPTED_ERROR
-from captum_effattn.projection.engine.driver import (
-    ChunkResult,
-    chunk_error,
-    project_rows,
-    with_fallback,
-)
+from captum_effattn.projection.engine.driver import ChunkResult, LayoutResult, project_rows
 from captum_effattn.projection.engine.grouped import GroupedProducts
-from captum_effattn.projection.engine.layout import Chunk
+from captum_effattn.projection.engine.layout import Chunk, RowLayout
 from captum_effattn.projection.engine.validation import (
     DISTRIBUTION_TOL,
     check_distributions,
@@ -46,48 +41,33 @@ INTERIOR_TOL = 1e-12
 SIMPLEX_TOL = 1e-12
 
 
-def _solve_chunk(
-    chunk: Chunk,
-    row_mask: torch.Tensor,
-    backend: Backend,
-    solver: str,
-    max_newton_iter: int | None,
-    max_interior_iter: int,
-    rank_rtol: float | None,
-) -> ChunkResult:
+def _compiled_route(backend: Backend, solver: str, rank_rtol: float | None) -> bool:
+    """Whether rows go to the compiled Newton on ``[1, V]`` first: a backend that has it, a
+    solver that starts with Newton, and no caller's own rank tolerance (that is for the bases'
+    rank decisions: keep that route then)."""
+    return backend.value_newton is not None and solver != "interior" and rank_rtol is None
+
+
+def _solve_layout(
+    layout: RowLayout, backend: Backend, max_newton_iter: int | None
+) -> LayoutResult:
+    """Every row by compiled Newton in the coordinates of ``[1, V]``: no bases, no chunks, the
+    values read as given; a row it solves is trusted only as far as it is measured (the kernel
+    can report a row of a near-one-hot input solved far from the constraints, seen on MiniLM
+    layer 0 at n = 34), the others go through the chunks to the route with bases."""
+    assert backend.value_newton is not None  # checked by _compiled_route
     steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
-    # A caller's own rank tolerance is for the bases' rank decisions: keep that route then.
-    if backend.value_newton is None or solver == "interior" or rank_rtol is not None:
-        return _solve_with_bases(
-            chunk, row_mask, backend, solver, steps, max_interior_iter, rank_rtol
-        )
-    # Compiled Newton in the coordinates of [1, V]: no bases for the rows it solves.
-    raw = chunk.rows * row_mask
-    a = raw / raw.sum(-1, keepdim=True)
-    x, iterations, solved = backend.value_newton(
-        chunk.values, chunk.key_mask, chunk.group, a, steps, NEWTON_TOL
+    x, iterations, solved, error = backend.value_newton(
+        layout.source_values,
+        layout.source_mask,
+        layout.group_source[layout.row_group],
+        layout.rows,
+        steps,
+        NEWTON_TOL,
+        layout.group_prefix[layout.row_group],
     )
-    x = x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    # Trust a solved row only as far as it is measured: the compiled kernel can report a row of
-    # a near-one-hot input solved far from the constraints (seen on MiniLM layer 0 at n = 34).
-    measured = chunk_error(backend, chunk, x, a)
-    solved &= measured <= ACCEPTED_ERROR
-    result = ChunkResult(
-        rows=x,
-        reference=a,
-        iterations=iterations,
-        unchanged=torch.zeros_like(solved),
-        failed=torch.zeros_like(solved),
-        error=measured,
-    )
-    return with_fallback(
-        result,
-        chunk,
-        solved,
-        backend,
-        lambda left, rest: _solve_with_bases(
-            left, row_mask[rest], backend, solver, steps, max_interior_iter, rank_rtol
-        ),
+    return LayoutResult(
+        rows=x, error=error, iterations=iterations, solved=solved & (error <= ACCEPTED_ERROR)
     )
 
 
@@ -258,12 +238,23 @@ def efficient_attention(
         key_mask,
         causal,
         rank_width=values.shape[-1] + 1 if isinstance(values, torch.Tensor) else 1,
-        solve_chunk=lambda chunk, row_mask, chosen: _solve_chunk(
-            chunk, row_mask, chosen, solver, max_newton_iter, max_interior_iter, rank_rtol
+        solve_chunk=lambda chunk, row_mask, chosen: _solve_with_bases(
+            chunk,
+            row_mask,
+            chosen,
+            solver,
+            chosen.newton_steps if max_newton_iter is None else max_newton_iter,
+            max_interior_iter,
+            rank_rtol,
         ),
         tol=tol,
         simplex_tol=SIMPLEX_TOL,
         validate_rows=validate,
         backend=backend,
+        solve_layout=lambda layout, chosen: (
+            _solve_layout(layout, chosen, max_newton_iter)
+            if _compiled_route(chosen, solver, rank_rtol)
+            else None
+        ),
     )
     return (rows, certificate) if return_certificate else rows

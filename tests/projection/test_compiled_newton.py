@@ -256,7 +256,7 @@ def test_a_few_rows_stay_on_the_calling_thread_without_numbas_pool(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        x, _, solved = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+        x, _, solved, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
     finally:
         torch.set_num_threads(before)
     assert solved.all()
@@ -277,7 +277,7 @@ def test_numba_pool_settings_are_restored_and_not_used_after_a_fork():
     try:
         torch.set_num_threads(2)
         numba.set_num_threads(1)
-        x, _, solved = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+        x, _, solved, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before[0])
@@ -300,7 +300,7 @@ def _solve_in_child(queue, values, key_mask, group, rows) -> None:
     import captum_effattn.projection.solvers.compiled_newton as compiled
 
     torch.set_num_threads(2)
-    x, _, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+    x, _, _, _ = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
     queue.put((compiled._numba_pool_usable(), x.numpy()))  # plain bytes, not a shared tensor
 
 

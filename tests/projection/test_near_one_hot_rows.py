@@ -79,7 +79,7 @@ def test_compiled_newton_reports_solved_only_rows_it_solved(near_one_hot_rows):
     for index, (row, values) in enumerate(near_one_hot_rows):
         a = row.double() / row.double().sum()
         v = values.double()
-        x, _, solved = compiled_value_newton(
+        x, _, solved, _ = compiled_value_newton(
             v[None],
             torch.ones(1, len(v), dtype=torch.bool),
             torch.zeros(1, dtype=torch.long),

@@ -77,7 +77,7 @@ def test_compiled_newton_needs_no_orthonormal_basis_on_the_real_model(minilm_hea
         rows = attn[0].reshape(-1, 256).double()
         group = torch.arange(12).repeat_interleave(256)
         key_mask = torch.ones(12, 256, dtype=torch.bool)
-        x, steps, solved = compiled_value_newton(
+        x, steps, solved, _ = compiled_value_newton(
             values[0].double(), key_mask, group, rows / rows.sum(-1, keepdim=True), 200, 1e-13
         )
         assert (steps[~solved] == 200).all(), f"layer {layer}: a head was refused"

@@ -36,7 +36,9 @@ def _output_error(x, a, values):
 def test_same_steps_and_rows_as_newton_on_an_orthonormal_basis(shape):
     d = shape[3]
     values, key_mask, group, a = grouped_rows_problem(*shape)
-    x, steps, solved = compiled_value_newton(values, key_mask, group, a, 200, 1e-13)
+    x, steps, solved, error = compiled_value_newton(values, key_mask, group, a, 200, 1e-13)
+    assert (error[solved] <= 1e-10).all()
+    assert (error[~solved] == 0).all()
     real = key_mask[group].sum(-1)
     # Rows whose keys do not outnumber [1, V]'s columns are the general path's (maybe unchanged).
     assert not solved[real <= d + 1].any()
@@ -77,7 +79,7 @@ def test_rank_deficient_and_ill_conditioned_heads_go_to_the_general_path():
     attn = attention_rows(4 * 3, n, sharpness=3.0, generator=gen).reshape(4, 3, n)
     key_mask = torch.ones(4, n, dtype=torch.bool)
     rows = attn.reshape(-1, n) / attn.reshape(-1, n).sum(-1, keepdim=True)
-    _, _, solved = compiled_value_newton(
+    _, _, solved, _ = compiled_value_newton(
         values, key_mask, torch.arange(4).repeat_interleave(3), rows, 200, 1e-13
     )
     assert solved.tolist() == [True] * 3 + [False] * 9
@@ -98,3 +100,76 @@ def test_short_and_padded_rows_next_to_long_ones():
     x = _against_torch(attn, values, key_mask)
     torch.testing.assert_close(x[1:], attn[1:], atol=1e-15, rtol=0)
     assert (x[0] - attn[0]).abs().max() > 1e-3
+
+
+def test_the_kernels_output_error_is_the_certificates():
+    """The error the kernel measures for each solved row is ``||x V - a V|| / ||a V||`` over the
+    row's keys, whatever the values' scale: here on rows far from each other (large errors)."""
+    from captum_effattn.projection.solvers import newton_kernels
+
+    gen = torch.Generator().manual_seed(11)
+    n, d = 25, 5
+    values = value_vectors(1, n, d, generator=gen)[0] * 3e7
+    key_mask = torch.ones(n, dtype=torch.bool)
+    key_mask[20:] = False
+    a, x = attention_rows(2, n, sharpness=2.0, generator=gen).double() * key_mask
+    a, x = a / a.sum(), x / x.sum()
+    expected = head_output_error(x[None], a[None], values)[0]
+    for as_given in (values, values.float()):  # float32 values are read in place
+        scale = float(as_given.abs().max())
+        measured = newton_kernels.output_error_of_row(
+            as_given.numpy(),
+            key_mask.numpy(),
+            x.numpy(),
+            a.numpy(),
+            scale,
+            *torch.zeros(2, d).double().numpy(),
+        )
+        assert expected > 0.1
+        assert measured == pytest.approx(
+            float(expected), rel=1e-6 if as_given.dtype == torch.float32 else 1e-12
+        )
+
+
+def test_float32_values_and_key_prefixes_solve_as_their_float64_and_masked_forms():
+    """Float32 values (read as given) take the same steps as their float64 copy, bit for bit;
+    a row limited to the keys before ``prefix`` is the row of the key mask cut there."""
+    values, key_mask, group, rows = grouped_rows_problem(3, 4, 40, 5, 2, seed=8)
+    values = values.float()
+    as_given = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+    widened = compiled_value_newton(values.double(), key_mask, group, rows, 200, 1e-13)
+    assert as_given.solved.all()
+    for one, other in zip(as_given, widened, strict=True):
+        assert torch.equal(one, other)
+    prefix = torch.tensor([40, 30, 20, 12] * 3)
+    cut = key_mask[group] & (torch.arange(40) < prefix[:, None])
+    rows_cut = rows * cut
+    rows_cut = rows_cut / rows_cut.sum(-1, keepdim=True)
+    by_prefix = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13, prefix)
+    by_mask = compiled_value_newton(values[group], cut, torch.arange(12), rows_cut, 200, 1e-13)
+    assert by_prefix.solved.all()
+    assert torch.equal(by_prefix.solved, by_mask.solved)
+    assert (by_prefix.iterations - by_mask.iterations).abs().max() <= 1  # rows normalized apart
+    assert (by_prefix.x[~cut] == 0).all()
+    torch.testing.assert_close(by_prefix.x, by_mask.x, atol=1e-13, rtol=0)
+    torch.testing.assert_close(by_prefix.output_error, by_mask.output_error, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-120, 1e120])
+def test_values_beyond_the_kernels_range_are_solved_by_the_general_path(scale):
+    """Values whose squares would leave float64's range are not read by the kernel as given: the
+    general path (which rescales them) solves those rows, to the rows of the unscaled values."""
+    gen = torch.Generator().manual_seed(9)
+    n, d = 30, 4
+    values = value_vectors(2, n, d, generator=gen)
+    attn = attention_rows(2, 2, n, sharpness=2.0, generator=gen)
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    assert not compiled_value_newton(
+        values * scale, key_mask, torch.tensor([0, 0, 1, 1]), attn.reshape(4, n), 200, 1e-13
+    ).solved.any()
+    unscaled = _against_torch(attn, values)
+    scaled, cert = efficient_attention(
+        attn, values * scale, backend="numba", return_certificate=True
+    )
+    assert cert.all_converged
+    torch.testing.assert_close(scaled, unscaled, atol=1e-10, rtol=0)

@@ -37,6 +37,22 @@ ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
 """Solves one chunk, given the chunk, its rows' key masks ``(R_c, n_c)`` and the backend."""
 
 
+@dataclass(frozen=True)
+class LayoutResult:
+    """What a route over the whole layout solved, before any chunk is built."""
+
+    rows: torch.Tensor  # (R, n) float64 projected rows (read where solved)
+    error: torch.Tensor  # (R,) their output error
+    iterations: torch.Tensor  # (R,) steps taken, solved or not (they add to the chunks' steps)
+    solved: torch.Tensor  # (R,) the rows it solved; the others go through the chunks
+
+
+LayoutSolver = Callable[[RowLayout, Backend], LayoutResult | None]
+"""Solves what it can of a whole layout (or returns ``None`` where it does not apply), given the
+layout and the backend: rows solved from the inputs as they are need no chunk, and so no float64
+copy of their values."""
+
+
 def chunk_error(
     backend: Backend, chunk: Chunk, rows: torch.Tensor, reference: torch.Tensor
 ) -> torch.Tensor:
@@ -99,6 +115,7 @@ def project_rows(
     simplex_tol: float | None,
     validate_rows: Callable[[RowLayout, torch.Tensor], None] | None = None,
     backend: str = "auto",
+    solve_layout: LayoutSolver | None = None,
 ) -> tuple[torch.Tensor, ProjectionCertificate]:
     """Run ``solve_chunk`` over every chunk of the problem and assemble output and certificate.
 
@@ -110,6 +127,8 @@ def project_rows(
             converged.
         validate_rows: optional check of the flat rows and their key masks before solving.
         backend: a name registered in :mod:`.backends`, or ``"auto"``.
+        solve_layout: optional first route over every row; the rows it leaves unsolved go
+            through ``solve_chunk``, chunk by chunk.
     """
     inputs = check_inputs(attn, values, key_mask, causal)
     chosen = resolve_backend(backend, inputs.attn.device)
@@ -125,8 +144,15 @@ def project_rows(
     iterations = torch.zeros(R, dtype=torch.long, device=out.device)
     unchanged = torch.zeros(R, dtype=torch.bool, device=out.device)
     failed = torch.zeros(R, dtype=torch.bool, device=out.device)
+    first = solve_layout(layout, chosen) if solve_layout is not None else None
+    remaining, remaining_ids = layout, None
+    if first is not None:
+        out[first.solved], error[first.solved] = first.rows[first.solved], first.error[first.solved]
+        iterations += first.iterations
+        remaining_ids = (~first.solved).nonzero()[:, 0]
+        remaining = layout.subset(remaining_ids)
     with torch.no_grad():
-        for chunk in layout.chunks(rank_width):
+        for chunk in remaining.chunks(rank_width) if len(remaining.rows) else ():
             mask_c = chunk.key_mask[chunk.group]
             work = chunk.rows.numel() * rank_width
             if not chosen.batched_newton:
@@ -138,12 +164,13 @@ def project_rows(
                 if error_c is None:
                     error_c = chunk_error(chosen, chunk, result.rows, result.reference)
             n_c = result.rows.shape[-1]
-            out[chunk.row_ids, :n_c] = result.rows
-            error[chunk.row_ids] = error_c
-            iterations[chunk.row_ids] = result.iterations
-            unchanged[chunk.row_ids] = result.unchanged
+            ids = chunk.row_ids if remaining_ids is None else remaining_ids[chunk.row_ids]
+            out[ids, :n_c] = result.rows
+            error[ids] = error_c
+            iterations[ids] += result.iterations
+            unchanged[ids] = result.unchanged
             if result.failed is not None:
-                failed[chunk.row_ids] = result.failed
+                failed[ids] = result.failed
     violation = simplex_violation(out, row_masks)
     converged = error <= tol
     if simplex_tol is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -59,9 +60,8 @@ class RowLayout:
     rows: FlatRows  # (R, n) float64, R = prod(batch_shape) * q
     row_group: torch.Tensor  # (R,)
     # (S, n, d) as given (any dtype): one per distinct (values, key_mask) pair. Chunks get them
-    # in float64 divided by ``source_scale`` (:meth:`unit_values`), each chunk its own copy.
+    # in float64 divided by :attr:`source_scale` (:meth:`unit_values`), each chunk its own copy.
     source_values: torch.Tensor
-    source_scale: torch.Tensor  # (S,) float64: each source's largest magnitude on real keys
     source_mask: torch.Tensor  # (S, n) bool
     group_source: torch.Tensor  # (G,)
     group_prefix: torch.Tensor  # (G,) a group may use keys j < prefix (n when not causal)
@@ -69,6 +69,24 @@ class RowLayout:
     @property
     def out_shape(self) -> torch.Size:
         return torch.Size((*self.batch_shape, self.q, self.n))
+
+    @cached_property
+    def source_scale(self) -> torch.Tensor:
+        """``(S,)`` float64: each source's largest magnitude on real keys (computed when a chunk
+        first needs it: rows a compiled route solves from the values as given never do)."""
+        return _scale(self.source_values, self.source_mask)
+
+    def subset(self, row_ids: torch.Tensor) -> RowLayout:
+        """The layout of the flat rows ``row_ids`` only, with just the groups they use (the
+        sources are shared); its flat row ``i`` is this layout's row ``row_ids[i]``."""
+        used, row_group = torch.unique(self.row_group[row_ids], return_inverse=True)
+        return replace(
+            self,
+            rows=self.rows[row_ids],
+            row_group=row_group,
+            group_source=self.group_source[used],
+            group_prefix=self.group_prefix[used],
+        )
 
     def row_index(self, flat: int) -> tuple[int, ...]:
         """The index in the (broadcast) attention tensor of flat row ``flat``."""
@@ -248,7 +266,6 @@ def build_layout(inputs: CheckedInputs, causal: bool) -> RowLayout:
         rows=rows,
         row_group=row_group,
         source_values=flat_values,
-        source_scale=_scale(flat_values, flat_mask),
         source_mask=flat_mask,
         group_source=group_source,
         group_prefix=group_prefix,

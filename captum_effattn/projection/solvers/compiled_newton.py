@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,9 +59,16 @@ PYTHON_BLOCK_ROWS = 4
 # one head's slow rows worse).
 BLOCKS_PER_THREAD = 64
 
-ValueNewton = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], NewtonResult
-]
+class ValueNewtonRows(NamedTuple):
+    """What :func:`compiled_value_newton` returns, per row."""
+
+    x: torch.Tensor  # (R, n) float64 efficient rows (normalized); zero where not solved
+    iterations: torch.Tensor  # (R,) int64 Newton steps taken
+    solved: torch.Tensor  # (R,) bool: converged here (the others go to the general path)
+    output_error: torch.Tensor  # (R,) float64 relative head-output error of solved rows
+
+
+ValueNewton = Callable[..., ValueNewtonRows]
 """The signature of :func:`compiled_value_newton`."""
 
 
@@ -101,16 +109,18 @@ def _numba_pool_usable() -> bool:
             import numba
 
             # The kernel the common route runs (compiled once, the same types as its real calls).
-            no_rows = np.zeros((0, 1))
+            no_rows, no_ints = np.zeros((0, 1)), np.zeros(0, dtype=np.int64)
             _kernels().value_newton_blocks(
-                np.zeros((1, 1, 1)),
+                np.zeros((1, 1, 1), dtype=np.float32),
                 np.zeros((1, 1), dtype=np.bool_),
-                np.zeros(0, dtype=np.int64),
+                no_ints,
+                no_ints,
                 no_rows,
                 _settings(1, 1e-13),
                 MAX_INVERSE_NORM,
                 no_rows.copy(),
-                np.zeros(0, dtype=np.int64),
+                np.zeros(0),
+                no_ints.copy(),
                 np.zeros(0, dtype=np.bool_),
                 1,
                 1,
@@ -226,68 +236,84 @@ def compiled_newton_phase(
     )
 
 
+def _values_array(values: torch.Tensor) -> np.ndarray:
+    """``values`` for the kernels as float32 or float64, without a copy where it already is one
+    of them and contiguous (half precision widens to float32, exactly)."""
+    values = values.detach().cpu()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    return np.ascontiguousarray(values.numpy())
+
+
 def compiled_value_newton(
     values: torch.Tensor,
     key_mask: torch.Tensor,
-    group: torch.Tensor,
+    source: torch.Tensor,
     rows: torch.Tensor,
     max_iter: int,
     tol: float,
-) -> NewtonResult:
+    prefix: torch.Tensor | None = None,
+) -> ValueNewtonRows:
     """Efficient-attention rows by compiled Newton in the coordinates of ``[1, V]`` itself.
 
     The same steps as :func:`compiled_newton_phase` on an orthonormal basis of the same space,
     without building one (see ``newton_kernels.value_newton_rows``): the batched QR that basis
-    costs is a third of a [CLS]-row projection. Rows whose ``[1, V]`` is not well conditioned, or
-    has no more columns than real keys, or that do not converge within ``max_iter``, come back
+    costs is a third of a [CLS]-row projection. The values are read as given (float32 or float64:
+    no float64 copy), each row is normalized on its usable keys, and each solved row's head-output
+    error is measured in the same pass. Rows whose ``[1, V]`` is not well conditioned, or has no
+    more columns than usable keys, or that do not converge within ``max_iter``, come back
     unsolved for the general path.
 
     Args:
-        values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
-        group: ``(R,)`` group of each row.
-        rows: ``(R, n)`` attention distributions (float64).
+        values: ``(S, n, d)`` value vectors (any floating dtype); key_mask: ``(S, n)`` real keys.
+        source: ``(R,)`` the values of each row.
+        rows: ``(R, n)`` attention rows, distributions over their usable keys (float64).
         max_iter, tol: as in :func:`compiled_newton_phase`.
+        prefix: ``(R,)`` a row may use the real keys ``j < prefix`` only (causal rows); default:
+            every real key.
 
     Returns:
-        ``(x, iterations, solved)``: ``x`` ``(R, n)`` the un-normalized rows ``relu(W th)`` (zero
-        where not solved), iterations and solved flags per row.
+        :class:`ValueNewtonRows`.
     """
     kernel = _kernels().value_newton_rows
-    values_np, mask_np = _numpy(values), _numpy(key_mask, np.bool_)
-    rows_np, group_np = _numpy(rows), _numpy(group, np.int64)
+    values_np, mask_np = _values_array(values), _numpy(key_mask, np.bool_)
+    rows_np, source_np = _numpy(rows), _numpy(source, np.int64)
+    n = rows_np.shape[-1]
+    everything = np.full(len(rows_np), n, dtype=np.int64)
+    prefix_np = everything if prefix is None else _numpy(prefix, np.int64)
     x = np.zeros_like(rows_np)
+    error = np.zeros(len(rows_np))
     iterations = np.zeros(len(rows_np), dtype=np.int64)
     solved = np.zeros(len(rows_np), dtype=np.bool_)
 
     settings = _settings(max_iter, tol)
+    per_row = (x, error, iterations, solved)
 
     def solve(block: slice) -> None:
         kernel(
             values_np,
             mask_np,
-            group_np[block],
+            source_np[block],
+            prefix_np[block],
             rows_np[block],
             settings,
             MAX_INVERSE_NORM,
-            x[block],
-            iterations[block],
-            solved[block],
+            *(array[block] for array in per_row),
         )
 
     def solve_blocks(size: int, threads: int) -> None:
         _kernels().value_newton_blocks(
             values_np,
             mask_np,
-            group_np,
+            source_np,
+            prefix_np,
             rows_np,
             settings,
             MAX_INVERSE_NORM,
-            x,
-            iterations,
-            solved,
+            *per_row,
             size,
             threads,
         )
 
     _in_blocks(solve, solve_blocks, len(rows_np))
-    return torch.from_numpy(x), torch.from_numpy(iterations), torch.from_numpy(solved)
+    return ValueNewtonRows(*(torch.from_numpy(array) for array in (x, iterations, solved, error)))

@@ -666,29 +666,85 @@ def columns_times(matrix, vector, out):  # pragma: no cover - compiled
                 out[k] += matrix[i, k] * weight
 
 
+# Values whose largest magnitude on a row's keys lies outside this range are left to the general
+# path, which divides them by it first: inside it no square or product below can overflow or
+# underflow in float64 (float32 and half-precision values always lie inside).
+VALUE_RANGE = (1e-100, 1e100)
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def largest_magnitude(values, key_mask):  # pragma: no cover - compiled
+    """``max |values[i, k]|`` over the keys ``i`` of ``key_mask``."""
+    largest = 0.0
+    for i in range(values.shape[0]):
+        if key_mask[i]:
+            for k in range(values.shape[1]):
+                largest = max(largest, abs(float(values[i, k])))
+    return largest
+
+
+@njit(cache=True, fastmath=FAST_MATH, nogil=True)
+def output_error_of_row(values, key_mask, x, a, scale, change, reference):  # pragma: no cover
+    """``||(x - a) V|| / ||a V||`` on the keys of ``key_mask``, ``V = values / scale`` (as
+    :func:`captum_effattn.projection.engine.certify.output_error` measures it); ``change`` and
+    ``reference`` ``(d,)`` are scratch."""
+    change[:] = 0.0
+    reference[:] = 0.0
+    for i in range(values.shape[0]):
+        if key_mask[i]:
+            moved, weight = (x[i] - a[i]) / scale, a[i] / scale
+            for k in range(values.shape[1]):
+                entry = float(values[i, k])
+                change[k] += moved * entry
+                reference[k] += weight * entry
+    return math.sqrt(dot(change, change)) / max(
+        math.sqrt(dot(reference, reference)), 2.2250738585072014e-308
+    )
+
+
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def value_newton_rows(
-    values, key_mask, group, rows, settings, max_inverse_norm, x, iterations, converged
+    values,
+    key_mask,
+    source,
+    prefix,
+    rows,
+    settings,
+    max_inverse_norm,
+    x,
+    error,
+    iterations,
+    converged,
 ):  # pragma: no cover - compiled
     """Efficient attention rows by Newton in the coordinates of ``W = [1, V]`` (unit columns).
 
     No orthonormal basis is built: ``W``'s Gram matrix ``G = L L^T`` and its Cholesky factor
     serve as the metric of :func:`newton_row`, which then takes exactly the steps it takes with an
-    orthonormal basis of the same space. Groups whose ``W`` is not comfortably of full column rank
-    (``||L^{-1}||_F > max_inverse_norm``: rounding in the gradient grows with it) are left out.
+    orthonormal basis of the same space. Rows whose ``W`` is not comfortably of full column rank
+    (``||L^{-1}||_F > max_inverse_norm``: rounding in the gradient grows with it), has no more
+    columns than usable keys, or whose values lie outside :data:`VALUE_RANGE` are left out.
+
+    The values are read as given (float32 or float64: no converted copy of them is made), and
+    each row is taken on its usable keys and normalized here, so the caller passes its rows and
+    value vectors untouched.
 
     Args:
-        values: ``(G, n, d)`` value vectors; key_mask: ``(G, n)`` real keys.
-        group: ``(R,)`` group of each row (consecutive rows of a group share its factorization).
-        rows: ``(R, n)`` attention distributions ``a``.
+        values: ``(S, n, d)`` value vectors, float32 or float64; key_mask: ``(S, n)`` real keys.
+        source: ``(R,)`` the values of each row (consecutive rows with the same source and
+            prefix share its factorization).
+        prefix: ``(R,)`` a row may use the real keys ``j < prefix`` (``n``: all of them).
+        rows: ``(R, n)`` float64 attention rows, distributions over their usable keys up to
+            normalization (entries on other keys are ignored).
         settings: ``(max_iter, tol, regularization, floor, max_step)`` as in :func:`newton_rows`.
         max_inverse_norm: the conditioning limit above.
-        x: ``(R, n)`` filled with ``relu(W th)`` (not normalized) for converged rows.
+        x: ``(R, n)`` filled with the efficient rows (normalized) where converged.
+        error: ``(R,)`` filled with their relative head-output error where converged.
         iterations: ``(R,)`` steps taken; converged: ``(R,)`` True for rows solved here (False:
             not attempted, or not converged within ``max_iter``).
     """
     n_rows, n = rows.shape
-    r = values.shape[2] + 1
+    d = values.shape[2]
+    r = d + 1
     buffers = _buffers(n, r)
     matrix = np.empty((n, r))
     gram = np.empty((r, r))
@@ -696,50 +752,80 @@ def value_newton_rows(
     metric_inverse = np.zeros((r, r))
     target = np.empty(r)
     th = np.empty(r)
-    current = -1
+    usable_keys = np.zeros(n, dtype=np.bool_)
+    a = np.empty(n)
+    change, reference = np.empty(d), np.empty(d)
+    current_source, current_prefix = -1, -1
     usable = False
+    scale = 1.0
     for row in range(n_rows):
-        g = group[row]
-        if g != current:
-            current = g
-            keys, signs = buffers[2][5], buffers[2][6]
-            usable = value_geometry(
-                values[g],
-                key_mask[g],
-                max_inverse_norm,
-                matrix,
-                gram,
-                metric,
-                metric_inverse,
-                keys,
-                signs,
-            )
+        s, p = source[row], prefix[row]
+        if s != current_source or p != current_prefix:
+            current_source, current_prefix = s, p
+            for i in range(n):
+                usable_keys[i] = key_mask[s, i] and i < p
+            scale = largest_magnitude(values[s], usable_keys)
+            usable = VALUE_RANGE[0] < scale < VALUE_RANGE[1]
+            if usable:
+                keys, signs = buffers[2][5], buffers[2][6]
+                usable = value_geometry(
+                    values[s],
+                    usable_keys,
+                    max_inverse_norm,
+                    matrix,
+                    gram,
+                    metric,
+                    metric_inverse,
+                    keys,
+                    signs,
+                )
         converged[row] = False
         iterations[row] = 0
+        error[row] = 0.0
         if not usable:
             continue
-        columns_times(matrix, rows[row], target)
+        total = 0.0
+        for i in range(n):
+            a[i] = rows[row, i] if usable_keys[i] else 0.0
+            total += a[i]
+        if not total > 0.0:
+            continue
+        for i in range(n):
+            a[i] /= total
+        columns_times(matrix, a, target)
         # Start where the orthonormal route starts: W th = the projection of a onto span(W).
         factored_solve(metric, target, th)
-        geometry = (matrix, key_mask[g], gram, gram, metric_inverse)
+        geometry = (matrix, usable_keys, gram, gram, metric_inverse)
         iterations[row], converged[row] = newton_row(geometry, target, th, settings, buffers)
-        if converged[row]:
-            # newton_row decides convergence on ``u = W th`` computed afresh from the final
-            # ``th`` (:func:`rows_times`, as here before): its relu is the row, bit for bit.
-            u = buffers[1][0]
-            for i in range(n):
-                x[row, i] = max(u[i], 0.0)
+        if not converged[row]:
+            continue
+        # newton_row decides convergence on ``u = W th`` computed afresh from the final ``th``:
+        # its relu is the row, bit for bit (then normalized).
+        u = buffers[1][0]
+        mass = 0.0
+        for i in range(n):
+            mass += max(u[i], 0.0)
+        if not mass > 0.0:
+            converged[row] = False
+            continue
+        for i in range(n):
+            x[row, i] = max(u[i], 0.0) / mass
+        error[row] = output_error_of_row(
+            values[s], usable_keys, x[row], a, scale, change, reference
+        )
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def value_newton_blocks(
     values,
     key_mask,
-    group,
+    source,
+    prefix,
     rows,
     settings,
     max_inverse_norm,
     x,
+    error,
     iterations,
     converged,
     block,
@@ -747,7 +833,7 @@ def value_newton_blocks(
 ):  # pragma: no cover - compiled
     """:func:`value_newton_rows` over blocks of ``block`` consecutive rows, blocks run in
     parallel, dealt to ``threads`` threads as :func:`dealt_block` says (each block factors the
-    geometry of its first group again)."""
+    geometry of its first row again)."""
     n_rows = rows.shape[0]
     for index in prange(dealt_indices(n_rows, block, threads)):
         start, stop = dealt_block(index, n_rows, block, threads)
@@ -756,11 +842,13 @@ def value_newton_blocks(
         value_newton_rows(
             values,
             key_mask,
-            group[start:stop],
+            source[start:stop],
+            prefix[start:stop],
             rows[start:stop],
             settings,
             max_inverse_norm,
             x[start:stop],
+            error[start:stop],
             iterations[start:stop],
             converged[start:stop],
         )
