@@ -48,9 +48,7 @@ def _compiled_route(backend: Backend, solver: str, rank_rtol: float | None) -> b
     return backend.value_newton is not None and solver != "interior" and rank_rtol is None
 
 
-def _solve_layout(
-    layout: RowLayout, backend: Backend, max_newton_iter: int | None
-) -> LayoutResult:
+def _solve_layout(layout: RowLayout, backend: Backend, max_newton_iter: int | None) -> LayoutResult:
     """Every row by compiled Newton in the coordinates of ``[1, V]``: no bases, no chunks, the
     values read as given; a row it solves is trusted only as far as it is measured (the kernel
     can report a row of a near-one-hot input solved far from the constraints, seen on MiniLM

@@ -59,6 +59,7 @@ PYTHON_BLOCK_ROWS = 4
 # one head's slow rows worse).
 BLOCKS_PER_THREAD = 64
 
+
 class ValueNewtonRows(NamedTuple):
     """What :func:`compiled_value_newton` returns, per row."""
 
