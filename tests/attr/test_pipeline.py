@@ -13,7 +13,7 @@ import torch
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr._pipeline import LayerPipeline, spare_core
 from captum_effattn.attr._queries import select_query_rows
-from captum_effattn.attr._views import get_view, project_rows
+from captum_effattn.attr._views import View, get_view, project_rows
 from captum_effattn.models import capture_attention, select_heads
 from tests.attr.helpers import text_setup
 from tests.models.tiny import NUM_HEADS, NUM_LAYERS
@@ -368,3 +368,40 @@ def test_other_thread_counts_and_cls_rows_keep_the_solvers_own_threads(monkeypat
     finally:
         torch.set_num_threads(before)
     assert calls == [(True, threads, [0, 1, 2])]
+
+
+@pytest.mark.parametrize(("query", "torch_threads"), [("auto", 1), ("all", 2)])
+def test_small_projections_run_pytorch_on_one_thread_and_the_solver_on_the_callers(
+    two_threads, monkeypatch, query, torch_threads
+):
+    """The [CLS] rows of a small batch: PyTorch's small operations on one thread (a hand-off to
+    the second costs more than they do), the compiled solver still on the caller's two, and
+    the caller's setting back afterwards. Every row: large enough to keep both."""
+    import captum_effattn.attr._views as views_module
+    import captum_effattn.projection.engine.threads as threads_module
+    from captum_effattn.projection.engine.threads import allowed_threads
+
+    model, forward, ids, mask = text_setup("bert")
+    # The tiny model's every row is small work too: a threshold between its [CLS] rows and them.
+    monkeypatch.setattr(threads_module, "SINGLE_THREAD_WORK", 50_000)
+    with capture_attention(model, materialize=False) as record, torch.no_grad():
+        forward(ids, mask)
+    captured = record.layers
+    queries = select_query_rows(query, captured[0].key_mask, captured[0].causal)
+    efficient = get_view("efficient")
+    seen = []
+
+    def project(*args, **options):
+        seen.append((torch.get_num_threads(), allowed_threads()))
+        return efficient.project(*args, **options)
+
+    view = View("efficient", project, distribution=True)
+    projected = views_module.project_layers(captured, queries, view)
+    assert {threads for threads, _ in seen} == {torch_threads}
+    assert {allowed for _, allowed in seen} == {2}
+    assert torch.get_num_threads() == 2
+    for (rows, error), (expected, expected_error) in zip(
+        projected, views_module.project_layers(captured, queries, efficient), strict=True
+    ):
+        torch.testing.assert_close(rows, expected, atol=1e-12, rtol=0)
+        torch.testing.assert_close(error, expected_error, atol=1e-12, rtol=0)

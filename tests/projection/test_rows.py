@@ -196,3 +196,27 @@ def test_a_row_of_a_long_sequence_costs_linear_memory():
     )
     growth_mib = int(result.stdout.strip().splitlines()[-1])
     assert growth_mib < 64, f"peak memory grew by {growth_mib} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_one_row_a_head_matches_a_dense_softmax(dtype, per_example):
+    """One query row per head (the [CLS] or the last row) is computed by products and a sum,
+    not a batched matmul: the same rows, on a batch of several examples with grouped heads and
+    keys laid out as transformers' ``(B, S, H, d)`` views."""
+    gen = torch.Generator().manual_seed(21)
+    batch, kv_heads, group, n, d = 3, 2, 3, 11, 5
+    query = torch.randn(batch, n, kv_heads * group, d, generator=gen).to(dtype).transpose(1, 2)
+    key = torch.randn(batch, n, kv_heads, d, generator=gen).to(dtype).transpose(1, 2)
+    key_mask = torch.rand(batch, n, generator=gen) > 0.3
+    key_mask[:, 0] = True
+    rows = torch.tensor([[4], [0], [10]]) if per_example else torch.tensor([7])
+    masking = RowMasking(key_mask=key_mask, causal=False)
+    result = attention_rows_torch(query, key, rows, masking, 0.4)
+    expected = dense_reference(query, key, key_mask, False, 0.4)
+    if per_example:
+        expected = torch.stack([expected[b, :, rows[b]] for b in range(batch)])
+    else:
+        expected = expected[:, :, rows]
+    assert result.shape == (batch, kv_heads * group, 1, n)
+    torch.testing.assert_close(result.double(), expected, atol=TOLERANCE[dtype], rtol=0)
