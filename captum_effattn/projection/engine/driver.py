@@ -144,12 +144,12 @@ def project_rows(
     iterations = torch.zeros(R, dtype=torch.long, device=out.device)
     unchanged = torch.zeros(R, dtype=torch.bool, device=out.device)
     failed = torch.zeros(R, dtype=torch.bool, device=out.device)
-    first = solve_layout(layout, chosen) if solve_layout is not None else None
+    whole = solve_layout(layout, chosen) if solve_layout is not None else None
     remaining, remaining_ids = layout, None
-    if first is not None:
-        out[first.solved], error[first.solved] = first.rows[first.solved], first.error[first.solved]
-        iterations += first.iterations
-        remaining_ids = (~first.solved).nonzero()[:, 0]
+    if whole is not None:
+        out[whole.solved], error[whole.solved] = whole.rows[whole.solved], whole.error[whole.solved]
+        iterations += whole.iterations
+        remaining_ids = (~whole.solved).nonzero()[:, 0]
         remaining = layout.subset(remaining_ids)
     with torch.no_grad():
         for chunk in remaining.chunks(rank_width) if len(remaining.rows) else ():
