@@ -104,7 +104,10 @@ def test_short_and_padded_rows_next_to_long_ones():
 
 def test_the_kernels_output_error_is_the_certificates():
     """The error the kernel measures for each solved row is ``||x V - a V|| / ||a V||`` over the
-    row's keys, whatever the values' scale: here on rows far from each other (large errors)."""
+    row's keys, whatever the values' scale and dtype (float32 is read as given): here on rows far
+    from each other (large errors), from the unit columns of ``[1, V]`` the solver works with."""
+    import numpy as np
+
     from captum_effattn.projection.solvers import newton_kernels
 
     gen = torch.Generator().manual_seed(11)
@@ -114,21 +117,18 @@ def test_the_kernels_output_error_is_the_certificates():
     key_mask[20:] = False
     a, x = attention_rows(2, n, sharpness=2.0, generator=gen).double() * key_mask
     a, x = a / a.sum(), x / x.sum()
-    expected = head_output_error(x[None], a[None], values)[0]
-    for as_given in (values, values.float()):  # float32 values are read in place
-        scale = float(as_given.abs().max())
+    expected = float(head_output_error(x[None], a[None], values)[0])
+    assert expected > 0.1
+    for as_given in (values, values.float()):
+        matrix, norms = np.empty((n, d + 1)), np.empty(d)
+        assert newton_kernels.unit_columns(as_given.numpy(), key_mask.numpy(), matrix, norms)
+        coordinates = np.empty(d + 1)
+        newton_kernels.columns_times(matrix, a.numpy(), coordinates)
         measured = newton_kernels.output_error_of_row(
-            as_given.numpy(),
-            key_mask.numpy(),
-            x.numpy(),
-            a.numpy(),
-            scale,
-            *torch.zeros(2, d).double().numpy(),
+            matrix, norms, x.numpy(), a.numpy(), coordinates, np.empty(n), np.empty(d + 1)
         )
-        assert expected > 0.1
-        assert measured == pytest.approx(
-            float(expected), rel=1e-6 if as_given.dtype == torch.float32 else 1e-12
-        )
+        tolerance = 1e-6 if as_given.dtype == torch.float32 else 1e-12
+        assert measured == pytest.approx(expected, rel=tolerance)
 
 
 def test_float32_values_and_key_prefixes_solve_as_their_float64_and_masked_forms():
