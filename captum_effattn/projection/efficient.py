@@ -48,14 +48,16 @@ def _compiled_route(backend: Backend, solver: str, rank_rtol: float | None) -> b
     return backend.value_newton is not None and solver != "interior" and rank_rtol is None
 
 
-def _solve_layout(layout: RowLayout, backend: Backend, max_newton_iter: int | None) -> LayoutResult:
+def _solve_layout(
+    layout: RowLayout, backend: Backend, out: torch.Tensor, max_newton_iter: int | None
+) -> LayoutResult:
     """Every row by compiled Newton in the coordinates of ``[1, V]``: no bases, no chunks, the
     values read as given; a row it solves is trusted only as far as it is measured (the kernel
     can report a row of a near-one-hot input solved far from the constraints, seen on MiniLM
     layer 0 at n = 34), the others go through the chunks to the route with bases."""
     assert backend.value_newton is not None  # checked by _compiled_route
     steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
-    x, iterations, solved, error = backend.value_newton(
+    _, iterations, solved, error = backend.value_newton(
         layout.source_values,
         layout.source_mask,
         layout.group_source[layout.row_group],
@@ -63,9 +65,10 @@ def _solve_layout(layout: RowLayout, backend: Backend, max_newton_iter: int | No
         steps,
         NEWTON_TOL,
         layout.group_prefix[layout.row_group],
+        out=out,
     )
     return LayoutResult(
-        rows=x, error=error, iterations=iterations, solved=solved & (error <= ACCEPTED_ERROR)
+        error=error, iterations=iterations, solved=solved & (error <= ACCEPTED_ERROR)
     )
 
 
@@ -249,8 +252,8 @@ def efficient_attention(
         simplex_tol=SIMPLEX_TOL,
         validate_rows=validate,
         backend=backend,
-        solve_layout=lambda layout, chosen: (
-            _solve_layout(layout, chosen, max_newton_iter)
+        solve_layout=lambda layout, chosen, out: (
+            _solve_layout(layout, chosen, out, max_newton_iter)
             if _compiled_route(chosen, solver, rank_rtol)
             else None
         ),

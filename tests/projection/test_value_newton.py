@@ -173,3 +173,17 @@ def test_values_beyond_the_kernels_range_are_solved_by_the_general_path(scale):
     )
     assert cert.all_converged
     torch.testing.assert_close(scaled, unscaled, atol=1e-10, rtol=0)
+
+
+def test_rows_are_written_into_a_given_output_in_place():
+    """The driver hands its own output over (every row of a large problem has no second copy):
+    the rows land in it, the same as in a new one; an output of another dtype is refused."""
+    values, key_mask, group, rows = grouped_rows_problem(3, 4, 40, 5, 2, seed=12)
+    fresh = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
+    out = torch.zeros_like(rows)
+    given = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13, out=out)
+    assert given.x.data_ptr() == out.data_ptr()
+    for one, other in zip(fresh, given, strict=True):
+        assert torch.equal(one, other)
+    with pytest.raises(ValueError, match="contiguous float64 tensor of shape"):
+        compiled_value_newton(values, key_mask, group, rows, 200, 1e-13, out=out.float())

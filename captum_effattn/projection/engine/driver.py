@@ -39,18 +39,19 @@ ChunkSolver = Callable[[Chunk, torch.Tensor, Backend], ChunkResult]
 
 @dataclass(frozen=True)
 class LayoutResult:
-    """What a route over the whole layout solved, before any chunk is built."""
+    """What a route over the whole layout solved, before any chunk is built (its rows are written
+    into the driver's output)."""
 
-    rows: torch.Tensor  # (R, n) float64 projected rows (read where solved)
-    error: torch.Tensor  # (R,) their output error
+    error: torch.Tensor  # (R,) the solved rows' output error
     iterations: torch.Tensor  # (R,) steps taken, solved or not (they add to the chunks' steps)
     solved: torch.Tensor  # (R,) the rows it solved; the others go through the chunks
 
 
-LayoutSolver = Callable[[RowLayout, Backend], LayoutResult | None]
+LayoutSolver = Callable[[RowLayout, Backend, torch.Tensor], LayoutResult | None]
 """Solves what it can of a whole layout (or returns ``None`` where it does not apply), given the
-layout and the backend: rows solved from the inputs as they are need no chunk, and so no float64
-copy of their values."""
+layout, the backend and the output ``(R, n)`` float64 to write solved rows into (in place: every
+row of a large problem, ``query="all"``, has no second copy): rows solved from the inputs as they
+are need no chunk, and so no float64 copy of their values."""
 
 
 def chunk_error(
@@ -144,12 +145,13 @@ def project_rows(
     iterations = torch.zeros(R, dtype=torch.long, device=out.device)
     unchanged = torch.zeros(R, dtype=torch.bool, device=out.device)
     failed = torch.zeros(R, dtype=torch.bool, device=out.device)
-    whole = solve_layout(layout, chosen) if solve_layout is not None else None
+    whole = solve_layout(layout, chosen, out) if solve_layout is not None else None
     remaining, remaining_ids = layout, None
     if whole is not None:
-        out[whole.solved], error[whole.solved] = whole.rows[whole.solved], whole.error[whole.solved]
+        error[whole.solved] = whole.error[whole.solved]
         iterations += whole.iterations
         remaining_ids = (~whole.solved).nonzero()[:, 0]
+        out[remaining_ids] = 0.0  # what the route wrote there is not kept
         remaining = layout.subset(remaining_ids)
     with torch.no_grad():
         for chunk in remaining.chunks(rank_width) if len(remaining.rows) else ():

@@ -254,6 +254,7 @@ def compiled_value_newton(
     max_iter: int,
     tol: float,
     prefix: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> ValueNewtonRows:
     """Efficient-attention rows by compiled Newton in the coordinates of ``[1, V]`` itself.
 
@@ -272,6 +273,8 @@ def compiled_value_newton(
         max_iter, tol: as in :func:`compiled_newton_phase`.
         prefix: ``(R,)`` a row may use the real keys ``j < prefix`` only (causal rows); default:
             every real key.
+        out: ``(R, n)`` contiguous float64 CPU tensor of zeros to write the rows into (returned
+            as ``x``); default: a new one.
 
     Returns:
         :class:`ValueNewtonRows`.
@@ -282,7 +285,15 @@ def compiled_value_newton(
     n = rows_np.shape[-1]
     everything = np.full(len(rows_np), n, dtype=np.int64)
     prefix_np = everything if prefix is None else _numpy(prefix, np.int64)
-    x = np.zeros_like(rows_np)
+    if out is None:
+        x = np.zeros_like(rows_np)
+    elif out.dtype != torch.float64 or out.shape != rows.shape or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float64 tensor of shape {tuple(rows.shape)}; got "
+            f"{out.dtype} of shape {tuple(out.shape)}"
+        )
+    else:
+        x = out.numpy()
     error = np.zeros(len(rows_np))
     iterations = np.zeros(len(rows_np), dtype=np.int64)
     solved = np.zeros(len(rows_np), dtype=np.bool_)
@@ -317,4 +328,5 @@ def compiled_value_newton(
         )
 
     _in_blocks(solve, solve_blocks, len(rows_np))
-    return ValueNewtonRows(*(torch.from_numpy(array) for array in (x, iterations, solved, error)))
+    rows_out = out if out is not None else torch.from_numpy(x)
+    return ValueNewtonRows(rows_out, *(torch.from_numpy(a) for a in (iterations, solved, error)))
