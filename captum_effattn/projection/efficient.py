@@ -48,6 +48,11 @@ def _compiled_route(backend: Backend, solver: str, rank_rtol: float | None) -> b
     return backend.value_newton is not None and solver != "interior" and rank_rtol is None
 
 
+def _newton_steps(backend: Backend, max_newton_iter: int | None) -> int:
+    """The caller's step limit, or the backend's default."""
+    return backend.newton_steps if max_newton_iter is None else max_newton_iter
+
+
 def _solve_layout(
     layout: RowLayout, backend: Backend, out: torch.Tensor, max_newton_iter: int | None
 ) -> LayoutResult:
@@ -56,13 +61,12 @@ def _solve_layout(
     can report a row of a near-one-hot input solved far from the constraints, seen on MiniLM
     layer 0 at n = 34), the others go through the chunks to the route with bases."""
     assert backend.value_newton is not None  # checked by _compiled_route
-    steps = backend.newton_steps if max_newton_iter is None else max_newton_iter
     _, iterations, solved, error = backend.value_newton(
         layout.source_values,
         layout.source_mask,
         layout.group_source[layout.row_group],
         layout.rows,
-        steps,
+        _newton_steps(backend, max_newton_iter),
         NEWTON_TOL,
         layout.group_prefix[layout.row_group],
         out=out,
@@ -244,7 +248,7 @@ def efficient_attention(
             row_mask,
             chosen,
             solver,
-            chosen.newton_steps if max_newton_iter is None else max_newton_iter,
+            _newton_steps(chosen, max_newton_iter),
             max_interior_iter,
             rank_rtol,
         ),

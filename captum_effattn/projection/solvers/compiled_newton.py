@@ -240,10 +240,9 @@ def compiled_newton_phase(
 def _values_array(values: torch.Tensor) -> np.ndarray:
     """``values`` for the kernels as float32 or float64, without a copy where it already is one
     of them and contiguous (half precision widens to float32, exactly)."""
-    values = values.detach().cpu()
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    return np.ascontiguousarray(values.numpy())
+    return _numpy(values, dtype=None)
 
 
 def compiled_value_newton(
@@ -282,9 +281,10 @@ def compiled_value_newton(
     kernel = _kernels().value_newton_rows
     values_np, mask_np = _values_array(values), _numpy(key_mask, np.bool_)
     rows_np, source_np = _numpy(rows), _numpy(source, np.int64)
-    n = rows_np.shape[-1]
-    everything = np.full(len(rows_np), n, dtype=np.int64)
-    prefix_np = everything if prefix is None else _numpy(prefix, np.int64)
+    if prefix is None:
+        prefix_np = np.full(len(rows_np), rows_np.shape[-1], dtype=np.int64)
+    else:
+        prefix_np = _numpy(prefix, np.int64)
     if out is None:
         x = np.zeros_like(rows_np)
     elif out.dtype != torch.float64 or out.shape != rows.shape or not out.is_contiguous():

@@ -763,15 +763,14 @@ def value_newton_rows(
     norms, difference, change = np.empty(d), np.empty(n), np.empty(r)
     current_source, current_prefix = -1, -1
     usable = False
-    scale = 1.0
     for row in range(n_rows):
         s, p = source[row], prefix[row]
         if s != current_source or p != current_prefix:
             current_source, current_prefix = s, p
             for i in range(n):
                 usable_keys[i] = key_mask[s, i] and i < p
-            scale = largest_magnitude(values[s], usable_keys)
-            usable = VALUE_RANGE[0] < scale < VALUE_RANGE[1]
+            largest = largest_magnitude(values[s], usable_keys)
+            usable = VALUE_RANGE[0] < largest < VALUE_RANGE[1]
             if usable:
                 keys, signs = buffers[2][5], buffers[2][6]
                 usable = value_geometry(
