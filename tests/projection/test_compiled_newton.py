@@ -158,6 +158,37 @@ def test_compiled_cholesky_solves_like_torch(r):
     assert not shifted_cholesky(indefinite.numpy(), 0.0, regularizer.numpy(), factor)
 
 
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 6, 7, 12, 13, 33])
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 130])
+def test_compiled_gram_updates_in_tiles_and_by_keys(r, count):
+    """``gram += sum_j s_j m_j m_j^T`` over some keys, in 3 x 4 tiles of a column-major copy (from
+    :data:`TILED_KEYS` keys on) or four keys per pass (fewer), agrees with NumPy on the lower
+    triangle at every ``r`` modulo 3 and 4; the tiles read only the first ``count`` columns."""
+    from captum_effattn.projection.solvers.newton_kernels import (
+        TILED_KEYS,
+        add_column_products,
+        add_keys_to_gram,
+    )
+
+    rng = np.random.default_rng(100 * r + count)
+    n = count + 5
+    basis = rng.standard_normal((n, r))
+    keys = rng.permutation(n)[:count].astype(np.int64)
+    signs = rng.choice([-1.0, 1.0], size=n)
+    start = rng.standard_normal((r, r))
+    expected = start + (basis[keys].T * signs[:count]) @ basis[keys]
+    scratch = (np.full((r, n + 8), np.nan), np.full((r, n + 8), np.nan))
+    gram = start.copy()
+    add_keys_to_gram(gram, basis, keys, signs, count, scratch)
+    np.testing.assert_allclose(np.tril(gram), np.tril(expected), rtol=1e-12, atol=1e-12)
+    assert np.isnan(scratch[0]).all() == (count < TILED_KEYS)  # which path ran
+    # The tiles alone, with garbage past the summed columns.
+    columns = np.hstack([basis[keys].T, np.full((r, 3), np.inf)])
+    gram = start.copy()
+    add_column_products(gram, columns * np.append(signs[:count], [1.0] * 3), columns, count)
+    np.testing.assert_allclose(np.tril(gram), np.tril(expected), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 11, 128])
 @pytest.mark.parametrize("positive_share", [0.0, 0.3, 1.0])
 def test_compiled_products_with_the_keys(n, positive_share):

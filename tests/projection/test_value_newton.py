@@ -120,8 +120,12 @@ def test_the_kernels_output_error_is_the_certificates():
     expected = float(head_output_error(x[None], a[None], values)[0])
     assert expected > 0.1
     for as_given in (values, values.float()):
-        matrix, norms = np.empty((n, d + 1)), np.empty(d)
-        assert newton_kernels.unit_columns(as_given.numpy(), key_mask.numpy(), matrix, norms)
+        matrix, norms, gram = np.empty((n, d + 1)), np.empty(d), np.empty((d + 1, d + 1))
+        assert newton_kernels.unit_columns(
+            as_given.numpy(), key_mask.numpy(), matrix, norms, gram, np.empty((d + 1, n))
+        )
+        # Its Gram matrix is that of the unit columns it returns.
+        np.testing.assert_allclose(np.tril(gram), np.tril(matrix.T @ matrix), atol=1e-14)
         coordinates = np.empty(d + 1)
         newton_kernels.columns_times(matrix, a.numpy(), coordinates)
         measured = newton_kernels.output_error_of_row(
