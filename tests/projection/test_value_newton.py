@@ -179,6 +179,34 @@ def test_values_beyond_the_kernels_range_are_solved_by_the_general_path(scale):
     torch.testing.assert_close(scaled, unscaled, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1e-160, 1e-90])
+def test_one_column_far_below_the_others(scale):
+    """The kernel sums products of the values as given: a column whose products would underflow
+    (1e-160: squares near 1e-320) leaves the row to the general path, one inside the range
+    (1e-90) is solved by the kernel; either way the rows are those of the column at scale 1
+    (efficient rows do not depend on a column's scale: the same span)."""
+    gen = torch.Generator().manual_seed(21)
+    n, d = 30, 4
+    values = value_vectors(1, n, d, generator=gen)
+    attn = attention_rows(1, 2, n, sharpness=2.0, generator=gen)
+    key_mask = torch.ones(1, n, dtype=torch.bool)
+    scaled_values = values.clone()
+    scaled_values[..., 2] *= scale
+    kernel = compiled_value_newton(
+        scaled_values, key_mask, torch.tensor([0, 0]), attn.reshape(2, n), 200, 1e-13
+    )
+    if scale > 1e-100:
+        assert kernel.solved.all()
+    else:
+        assert not kernel.solved.any()
+    unscaled = _against_torch(attn, values)
+    scaled, cert = efficient_attention(
+        attn, scaled_values, backend="numba", return_certificate=True
+    )
+    assert cert.all_converged
+    torch.testing.assert_close(scaled, unscaled, atol=1e-10, rtol=0)
+
+
 def test_rows_are_written_into_a_given_output_in_place():
     """The driver hands its own output over (every row of a large problem has no second copy):
     the rows land in it, the same as in a new one; an output of another dtype is refused."""

@@ -666,8 +666,8 @@ def unit_columns(values, key_mask, out, norms, gram, columns):  # pragma: no cov
     scaling the columns first and summing ``W``'s outer products four keys per pass.
 
     Returns False, leaving the row to the general path, when the real keys do not outnumber the
-    columns (the row may be identifiable as it stands, or the columns dependent) or a column is
-    zero.
+    columns (the row may be identifiable as it stands, or the columns dependent) or a column's
+    norm is below :data:`VALUE_RANGE` (zero, or its products lost to underflow).
     """
     n, d = values.shape
     count = gather_columns(values, key_mask, columns)
@@ -678,7 +678,9 @@ def unit_columns(values, key_mask, out, norms, gram, columns):  # pragma: no cov
     scale = np.empty(d + 1)
     scale[0] = 1.0 / math.sqrt(count)
     for k in range(d):
-        if not gram[k + 1, k + 1] > 0.0:
+        # The sums of products are of the values as given: a column whose norm lies below the
+        # values' range would have lost them to underflow (a zero column too).
+        if not gram[k + 1, k + 1] > VALUE_RANGE[0] ** 2:
             return False
         norms[k] = math.sqrt(gram[k + 1, k + 1])
         scale[k + 1] = 1.0 / norms[k]
