@@ -3,6 +3,8 @@ and every row it leaves out still solved by the general path."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -209,7 +211,8 @@ def test_one_column_far_below_the_others(scale):
 
 def test_rows_are_written_into_a_given_output_in_place():
     """The driver hands its own output over (every row of a large problem has no second copy):
-    the rows land in it, the same as in a new one; an output of another dtype is refused."""
+    the rows land in it, the same as in a new one; an output of another dtype, shape, layout or
+    device is refused, saying what it got."""
     values, key_mask, group, rows = grouped_rows_problem(3, 4, 40, 5, 2, seed=12)
     fresh = compiled_value_newton(values, key_mask, group, rows, 200, 1e-13)
     out = torch.zeros_like(rows)
@@ -217,5 +220,13 @@ def test_rows_are_written_into_a_given_output_in_place():
     assert given.x.data_ptr() == out.data_ptr()
     for one, other in zip(fresh, given, strict=True):
         assert torch.equal(one, other)
-    with pytest.raises(ValueError, match="contiguous float64 tensor of shape"):
-        compiled_value_newton(values, key_mask, group, rows, 200, 1e-13, out=out.float())
+    wrong = {
+        "torch.float32": out.float(),
+        r"shape \(12, 39\)": out[:, 1:].contiguous(),
+        "a non-contiguous": torch.zeros(rows.shape[::-1], dtype=torch.float64).T,
+        "on meta": torch.zeros_like(rows, device="meta"),
+    }
+    for got, given_out in wrong.items():
+        with pytest.raises(ValueError, match=r"contiguous float64 CPU tensor of shape") as error:
+            compiled_value_newton(values, key_mask, group, rows, 200, 1e-13, out=given_out)
+        assert re.search(got, str(error.value)), str(error.value)

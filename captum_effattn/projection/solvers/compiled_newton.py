@@ -287,10 +287,16 @@ def compiled_value_newton(
         prefix_np = _numpy(prefix, np.int64)
     if out is None:
         x = np.zeros_like(rows_np)
-    elif out.dtype != torch.float64 or out.shape != rows.shape or not out.is_contiguous():
+    elif (
+        out.dtype != torch.float64
+        or out.shape != rows.shape
+        or not out.is_contiguous()
+        or out.device.type != "cpu"
+    ):
         raise ValueError(
-            f"out must be a contiguous float64 tensor of shape {tuple(rows.shape)}; got "
-            f"{out.dtype} of shape {tuple(out.shape)}"
+            f"out must be a contiguous float64 CPU tensor of shape {tuple(rows.shape)}; got "
+            f"{'a contiguous' if out.is_contiguous() else 'a non-contiguous'} {out.dtype} tensor "
+            f"of shape {tuple(out.shape)} on {out.device}"
         )
     else:
         x = out.numpy()
