@@ -43,6 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from captum_effattn.models import _interface
 from captum_effattn.models._modules import every_module
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
+from captum_effattn.models.buffers import CaptureBuffers
 from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
     KeyRanges,
@@ -416,8 +417,10 @@ class _LayerTap:
         materialize: bool,
         key_masks: _KeyMaskMemo,
         on_output: HeadOutputHook | None = None,
+        buffers: CaptureBuffers | None = None,
     ) -> None:
         self.on_output = on_output
+        self.buffers = buffers
         self.layer = layer
         self.key_masks = key_masks
         self.module = module
@@ -552,7 +555,7 @@ class _LayerTap:
             query=_select_heads(query, self.heads),
             key=_select_heads(key, self.kv_heads),
         )
-        self.record.add(captured if self.keep_graph else captured.detach())
+        self.record.add(self._kept(captured))
         q_len, k_len = query.shape[-2], key.shape[-2]
         if (
             layer.additive_mask is None
@@ -574,6 +577,26 @@ class _LayerTap:
         # transformers' sdpa returns (B, S_q, H, d): the hook sees (B, H, S_q, d).
         changed = self._head_outputs(captured, output.transpose(1, 2))
         return changed.transpose(1, 2).contiguous(), weights
+
+    def _kept(self, captured: CapturedHeads) -> CapturedHeads:
+        """What the record keeps of a lazily captured layer: detached (unless ``keep_graph``),
+        its queries, keys and values copied into the capture's buffers when it has some."""
+        if self.keep_graph:
+            return captured
+        detached = captured.detach()
+        if self.buffers is None:
+            return detached
+        buffers = self.buffers
+
+        def held(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else buffers.hold(tensor)
+
+        return replace(
+            detached,
+            values=buffers.hold(detached.values),
+            query=held(detached.query),
+            key=held(detached.key),
+        )
 
     def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
         replaced = transform(captured)
@@ -720,6 +743,7 @@ def capture_attention(
     on_layer: Callable[[CapturedHeads], None] | None = None,
     on_output: HeadOutputHook | None = None,
     stop_early: bool = False,
+    buffers: CaptureBuffers | None = None,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -756,6 +780,13 @@ def capture_attention(
             the layer goes on with; works with ``materialize=False``. Adding a zero tensor that
             requires grad gives the gradient with respect to the head outputs, from which the
             gradient with respect to the attention follows (``d y / d A_ij = g_i . v_j``).
+        stop_early: end the forward pass once the last selected layer is recorded: its
+            attention output and the layers after it never run, the rest of the block is
+            skipped, and :attr:`AttentionRecord.stopped` is set.
+        buffers: with ``materialize=False``, record copies of the queries, keys and values in
+            these :class:`~captum_effattn.models.buffers.CaptureBuffers` (reused from one capture
+            to the next) instead of the model's own tensors, which are then freed as in a plain
+            forward pass: the record is valid until the next capture with the same buffers.
 
     Yields:
         An :class:`AttentionRecord`, filled while the body runs the model (once or several
@@ -764,7 +795,8 @@ def capture_attention(
     Raises:
         UnsupportedModelError: the model's architecture is not registered.
         ValueError: ``selection`` was made for a model of another size; ``transform`` with
-            ``materialize=False``; ``stop_early`` with ``transform`` or ``on_output``; on
+            ``materialize=False``; ``stop_early`` with ``transform`` or ``on_output``;
+            ``buffers`` with ``keep_graph``; on
             forward, a mask that is not a padding (+ causal) mask, or a malformed transform
             result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
@@ -774,6 +806,11 @@ def capture_attention(
     if transform is not None and not materialize:
         raise ValueError(
             "a transform replaces probabilities during the forward: it needs materialize=True"
+        )
+    if buffers is not None and keep_graph:
+        raise ValueError(
+            "buffers record copies cut from the autograd graph: pass keep_graph=True or buffers, "
+            "not both"
         )
     if stop_early and (transform is not None or on_output is not None):
         raise ValueError(
@@ -815,9 +852,12 @@ def capture_attention(
             materialize=materialize,
             key_masks=key_masks,
             on_output=on_output,
+            buffers=buffers,
         )
         for layer, heads in selection.items()
     }
+    if buffers is not None:
+        buffers.start()
     taps = _taps_by_module(architecture, layer_taps)
     active.update(taps)
     try:

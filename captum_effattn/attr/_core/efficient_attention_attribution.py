@@ -50,6 +50,7 @@ from captum_effattn.models import (
     capture_attention,
     describe_model,
 )
+from captum_effattn.models.buffers import thread_buffers
 from captum_effattn.models.selection import HeadSpec, IndexSpec, select_architecture_heads
 
 
@@ -426,13 +427,17 @@ class EfficientAttentionAttribution(Attribution):
         """One forward without gradients; ``target`` is checked against its output (unless the
         pass stops early, before there is one)."""
         output = None
+        # The record is read and dropped within this call: its tensors can be copies in this
+        # thread's reused buffers (see captum_effattn.models.buffers).
         with (
+            thread_buffers() as buffers,
             capture_attention(
                 self.model,
                 call.selection,
                 materialize=False,
                 on_layer=on_layer,
                 stop_early=call.stop_early,
+                buffers=buffers,
             ) as record,
             torch.no_grad(),
         ):
