@@ -8,8 +8,11 @@ the median of those per-round ratios and their interquartile range; nothing is a
 Methods (all layers and heads of MiniLM):
 
 - ``forward``: one plain forward pass under ``torch.no_grad()`` (the unit);
-- ``capture alone``: the same forward pass under ``capture_attention`` (queries, keys and values
-  recorded; no rows, no projection): what reading attention costs before any view;
+- ``capture alone``: the same forward pass under ``capture_attention`` as ``attribute`` opens it
+  (queries, keys and values recorded as copies in reused buffers; no rows, no projection): what
+  reading attention costs before any view; ``capture, model's tensors held``: the same, holding
+  the model's own tensors (``capture_attention``'s default, and ``attribute``'s before the
+  buffers);
 - ``projection alone``: projecting the captured [CLS] rows of a forward pass run beforehand, on the
   round's torch threads (no forward pass, nothing overlapped): the CPU work the efficient view
   adds; ``projection alone, every row`` likewise for every row (at ``--all-rows-sizes``);
@@ -43,6 +46,7 @@ from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr._queries import select_query_rows
 from captum_effattn.attr._views import get_view, project_layers
 from captum_effattn.models import capture_attention
+from captum_effattn.models.buffers import CaptureBuffers
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,12 +107,16 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         with torch.no_grad():
             forward(embeddings, mask)
 
-    def capture_alone():
-        with torch.no_grad(), capture_attention(model, materialize=False):
+    def capture(buffers):
+        with torch.no_grad(), capture_attention(model, materialize=False, buffers=buffers):
             forward(embeddings, mask)
 
-    # The projection as `attribute` runs it (internal API), on layers captured once beforehand.
-    with torch.no_grad(), capture_attention(model, materialize=False) as record:
+    # The projection as `attribute` runs it (internal API), on layers captured once beforehand
+    # as it captures them (in buffers of their own: the capture rows must not overwrite them).
+    with (
+        torch.no_grad(),
+        capture_attention(model, materialize=False, buffers=CaptureBuffers()) as record,
+    ):
         forward(embeddings, mask)
     captured, efficient = record.layers, get_view("efficient")
 
@@ -117,7 +125,12 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         with torch.no_grad():
             project_layers(captured, rows, efficient)
 
-    methods: dict[str, Callable[[], object]] = {"forward": plain, "capture alone": capture_alone}
+    capture_buffers = CaptureBuffers()
+    methods: dict[str, Callable[[], object]] = {
+        "forward": plain,
+        "capture alone": lambda: capture(capture_buffers),
+        "capture, model's tensors held": lambda: capture(None),
+    }
     methods["projection alone"] = lambda: projection_alone("auto")
     for view in ("efficient", "effective", "raw"):
         methods[view] = lambda view=view: attention.attribute(embeddings, view=view, **kwargs)
@@ -159,12 +172,16 @@ def print_table(columns: dict[int, dict[str, RatioSummary]]) -> None:
             else:
                 cells.append(summary.cell())
         print(f"| {name} | " + " | ".join(cells) + " |")
-    faulted = ("forward", "raw", "efficient")
+    faulted = ("forward", "capture alone", "capture, model's tensors held", "efficient")
     cells = [" / ".join(_faults(columns[n][name]) for name in faulted) for n in sizes]
-    print(f"| page faults a call ({' / '.join(faulted)}) | " + " | ".join(cells) + " |")
+    print(
+        "| page faults a call (forward / capture alone / model's tensors held / efficient) | "
+        + " | ".join(cells)
+        + " |"
+    )
     rounds = next(iter(columns.values()))["forward"].rounds
     print(f"\n(medians of {rounds} per-round ratios to the same round's forward pass, [IQR];")
-    print("page faults: median minor faults a call on the calling thread, memory touched anew)")
+    print("page faults: median minor faults of the process during a call, memory touched anew)")
 
 
 def _faults(summary: RatioSummary) -> str:

@@ -36,9 +36,9 @@ class RatioSummary:
         high: 75th percentile.
         rounds: how many rounds were kept.
         median_seconds: median of the method's own times (for orientation only).
-        median_faults: median number of minor page faults a call took on the calling thread
+        median_faults: median number of minor page faults the process took during a call
             (memory the allocator had handed back to the system and touched again), or ``None``
-            where the platform does not count them per thread.
+            where the platform does not count them.
     """
 
     name: str
@@ -91,11 +91,11 @@ def interleaved(
     for round_index in range(warmup + rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            faults_before = thread_page_faults()
+            faults_before = page_faults()
             start = time.perf_counter()
             methods[name]()
             elapsed = time.perf_counter() - start
-            faults_after = thread_page_faults()
+            faults_after = page_faults()
             if round_index >= warmup:
                 times[name].append(elapsed)
                 if faults_before is not None and faults_after is not None:
@@ -118,18 +118,18 @@ def summarize(
     )
 
 
-def thread_page_faults() -> int | None:
-    """Minor page faults of the calling thread so far (``None`` where not counted per thread).
+def page_faults() -> int | None:
+    """Minor page faults of the whole process so far (``None`` where not counted).
 
     A call that reuses memory its process already touched takes none; memory the allocator
     returned to the system between calls (glibc trims its heap when enough at its top is free)
-    is faulted in again, a few microseconds a page. On two cores this decided whether one
-    thread's attribution cost 1.08x-1.09x or 1.10x-1.16x a forward pass at batch 1, n = 128,
-    process by process (a handful of faults a call on the main thread, or 740-1,100).
+    is faulted in again, about two microseconds a page on the shared machine of the README's
+    runs. Every thread counts, since PyTorch's and the solver's threads touch memory for the call
+    too; methods are timed one at a time, so the process's faults during a call are the call's.
     """
-    if resource is None or not hasattr(resource, "RUSAGE_THREAD"):
+    if resource is None:
         return None
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def load_average() -> str:

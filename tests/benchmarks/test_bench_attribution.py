@@ -21,7 +21,12 @@ def test_every_method_runs_and_leaves_the_model_as_it_was(sentiment_classifier):
     args = argparse.Namespace(all_rows_sizes=[n], ig_sizes=[])
     threads = torch.get_num_threads()
     methods = build_methods(model, enc, args, n, batch=1)
-    assert list(methods)[:3] == ["forward", "capture alone", "projection alone"]
+    assert list(methods)[:4] == [
+        "forward",
+        "capture alone",
+        "capture, model's tensors held",
+        "projection alone",
+    ]
     assert {"efficient", "raw", 'efficient, query="all"', "projection alone, every row"} <= set(
         methods
     )

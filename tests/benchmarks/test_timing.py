@@ -75,7 +75,7 @@ def test_machine_line_names_threads_and_load():
     assert "load average" in line
 
 
-@pytest.mark.skipif(timing.thread_page_faults() is None, reason="no per-thread fault counts here")
+@pytest.mark.skipif(timing.page_faults() is None, reason="no page-fault counts here")
 def test_page_faults_count_memory_touched_anew():
     def fresh_pages():
         # A fresh anonymous mapping (not the allocator's, whose reuse depends on its history):
@@ -89,6 +89,7 @@ def test_page_faults_count_memory_touched_anew():
     summaries = timing.interleaved(
         {"nothing": lambda: None, "fresh": fresh_pages}, unit="nothing", rounds=3
     )
-    assert summaries["nothing"].median_faults == 0
+    # Counted for the whole process: an idle thread of another test may fault now and then.
+    assert summaries["nothing"].median_faults < 64
     assert summaries["fresh"].median_faults is not None
     assert summaries["fresh"].median_faults >= 8 * 2**20 // mmap.PAGESIZE

@@ -20,9 +20,10 @@ SELECTION = {"layers": [0, 2], "heads": {2: [1, 3]}}
 
 
 def _lazy_layers(model, inputs, selection, buffers=None):
-    with torch.no_grad(), capture_attention(
-        model, selection, materialize=False, buffers=buffers
-    ) as record:
+    with (
+        torch.no_grad(),
+        capture_attention(model, selection, materialize=False, buffers=buffers) as record,
+    ):
         model(**inputs)
     return record.layers
 
@@ -115,9 +116,7 @@ def test_attributions_do_not_alias_the_buffers():
     mask = inputs["attention_mask"]
 
     def attribute(scale):
-        return attribution.attribute(
-            embeddings * scale, target=0, additional_forward_args=(mask,)
-        )
+        return attribution.attribute(embeddings * scale, target=0, additional_forward_args=(mask,))
 
     first = attribute(1.0)
     kept = first.clone()
@@ -133,9 +132,7 @@ def test_threads_attribute_side_by_side():
     scales = [1.0, -1.5, 0.5, 2.0]
 
     def attribute(scale):
-        return attribution.attribute(
-            embeddings * scale, target=0, additional_forward_args=(mask,)
-        )
+        return attribution.attribute(embeddings * scale, target=0, additional_forward_args=(mask,))
 
     alone = [attribute(s) for s in scales]
     results: dict[int, list[torch.Tensor]] = {}
