@@ -9,10 +9,10 @@ Methods (all layers and heads of MiniLM):
 
 - ``forward``: one plain forward pass under ``torch.no_grad()`` (the unit);
 - ``capture alone``: the same forward pass under ``capture_attention`` as ``attribute`` opens it
-  (queries, keys and values recorded as copies in reused buffers; no rows, no projection): what
-  reading attention costs before any view; ``capture, model's tensors held``: the same, holding
-  the model's own tensors (``capture_attention``'s default, and ``attribute``'s before the
-  buffers);
+  (queries, keys and values recorded and carried over to the next capture, which reuses their
+  memory; no rows, no projection): what reading attention costs before any view; ``capture,
+  freed at its end``: the same with the record freed when the call ends (``capture_attention``'s
+  default, and ``attribute``'s before the carryover);
 - ``projection alone``: projecting the captured [CLS] rows of a forward pass run beforehand, on the
   round's torch threads (no forward pass, nothing overlapped): the CPU work the efficient view
   adds; ``projection alone, every row`` likewise for every row (at ``--all-rows-sizes``);
@@ -46,7 +46,7 @@ from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.attr._queries import select_query_rows
 from captum_effattn.attr._views import get_view, project_layers
 from captum_effattn.models import capture_attention
-from captum_effattn.models.buffers import CaptureBuffers
+from captum_effattn.models.carryover import CaptureCarryover
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,16 +107,12 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         with torch.no_grad():
             forward(embeddings, mask)
 
-    def capture(buffers):
-        with torch.no_grad(), capture_attention(model, materialize=False, buffers=buffers):
+    def capture(carryover):
+        with torch.no_grad(), capture_attention(model, materialize=False, carryover=carryover):
             forward(embeddings, mask)
 
-    # The projection as `attribute` runs it (internal API), on layers captured once beforehand
-    # as it captures them (in buffers of their own: the capture rows must not overwrite them).
-    with (
-        torch.no_grad(),
-        capture_attention(model, materialize=False, buffers=CaptureBuffers()) as record,
-    ):
+    # The projection as `attribute` runs it (internal API), on layers captured once beforehand.
+    with torch.no_grad(), capture_attention(model, materialize=False) as record:
         forward(embeddings, mask)
     captured, efficient = record.layers, get_view("efficient")
 
@@ -125,11 +121,11 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
         with torch.no_grad():
             project_layers(captured, rows, efficient)
 
-    capture_buffers = CaptureBuffers()
+    carryover = CaptureCarryover()
     methods: dict[str, Callable[[], object]] = {
         "forward": plain,
-        "capture alone": lambda: capture(capture_buffers),
-        "capture, model's tensors held": lambda: capture(None),
+        "capture alone": lambda: capture(carryover),
+        "capture, freed at its end": lambda: capture(None),
     }
     methods["projection alone"] = lambda: projection_alone("auto")
     for view in ("efficient", "effective", "raw"):
@@ -172,10 +168,10 @@ def print_table(columns: dict[int, dict[str, RatioSummary]]) -> None:
             else:
                 cells.append(summary.cell())
         print(f"| {name} | " + " | ".join(cells) + " |")
-    faulted = ("forward", "capture alone", "capture, model's tensors held", "efficient")
+    faulted = ("forward", "capture alone", "capture, freed at its end", "efficient")
     cells = [" / ".join(_faults(columns[n][name]) for name in faulted) for n in sizes]
     print(
-        "| page faults a call (forward / capture alone / model's tensors held / efficient) | "
+        "| page faults a call (forward / capture alone / capture freed / efficient) | "
         + " | ".join(cells)
         + " |"
     )

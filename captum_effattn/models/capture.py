@@ -43,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from captum_effattn.models import _interface
 from captum_effattn.models._modules import every_module
 from captum_effattn.models.architectures import ModelArchitecture, describe_model
-from captum_effattn.models.buffers import CaptureBuffers
+from captum_effattn.models.carryover import CaptureCarryover
 from captum_effattn.models.selection import HeadSelection
 from captum_effattn.projection.engine.rows import (
     KeyRanges,
@@ -417,10 +417,10 @@ class _LayerTap:
         materialize: bool,
         key_masks: _KeyMaskMemo,
         on_output: HeadOutputHook | None = None,
-        buffers: CaptureBuffers | None = None,
+        carryover: CaptureCarryover | None = None,
     ) -> None:
         self.on_output = on_output
-        self.buffers = buffers
+        self.carryover = carryover
         self.layer = layer
         self.key_masks = key_masks
         self.module = module
@@ -580,23 +580,16 @@ class _LayerTap:
 
     def _kept(self, captured: CapturedHeads) -> CapturedHeads:
         """What the record keeps of a lazily captured layer: detached (unless ``keep_graph``),
-        its queries, keys and values copied into the capture's buffers when it has some."""
+        its queries, keys and values carried over to the next capture when there is a
+        carryover."""
         if self.keep_graph:
             return captured
         detached = captured.detach()
-        if self.buffers is None:
-            return detached
-        buffers = self.buffers
-
-        def held(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else buffers.hold(tensor)
-
-        return replace(
-            detached,
-            values=buffers.hold(detached.values),
-            query=held(detached.query),
-            key=held(detached.key),
-        )
+        if self.carryover is not None:
+            for tensor in (detached.query, detached.key, detached.values):
+                if tensor is not None:
+                    self.carryover.keep(tensor)
+        return detached
 
     def _replacement(self, transform: AttentionTransform, captured: CapturedHeads) -> torch.Tensor:
         replaced = transform(captured)
@@ -743,7 +736,7 @@ def capture_attention(
     on_layer: Callable[[CapturedHeads], None] | None = None,
     on_output: HeadOutputHook | None = None,
     stop_early: bool = False,
-    buffers: CaptureBuffers | None = None,
+    carryover: CaptureCarryover | None = None,
 ) -> Iterator[AttentionRecord]:
     """Record (and optionally replace) the selected heads' attention during forward passes.
 
@@ -783,10 +776,11 @@ def capture_attention(
         stop_early: end the forward pass once the last selected layer is recorded: its
             attention output and the layers after it never run, the rest of the block is
             skipped, and :attr:`AttentionRecord.stopped` is set.
-        buffers: with ``materialize=False``, record copies of the queries, keys and values in
-            these :class:`~captum_effattn.models.buffers.CaptureBuffers` (reused from one capture
-            to the next) instead of the model's own tensors, which are then freed as in a plain
-            forward pass: the record is valid until the next capture with the same buffers.
+        carryover: with ``materialize=False``, keep the recorded queries, keys and values
+            alive past the block, in this
+            :class:`~captum_effattn.models.carryover.CaptureCarryover`, until the next capture
+            with it records their successors: their memory is then reused in place instead of
+            being handed back to the system and faulted in again on the next call.
 
     Yields:
         An :class:`AttentionRecord`, filled while the body runs the model (once or several
@@ -796,7 +790,7 @@ def capture_attention(
         UnsupportedModelError: the model's architecture is not registered.
         ValueError: ``selection`` was made for a model of another size; ``transform`` with
             ``materialize=False``; ``stop_early`` with ``transform`` or ``on_output``;
-            ``buffers`` with ``keep_graph``; on
+            ``carryover`` with ``keep_graph``; on
             forward, a mask that is not a padding (+ causal) mask, or a malformed transform
             result.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
@@ -807,10 +801,10 @@ def capture_attention(
         raise ValueError(
             "a transform replaces probabilities during the forward: it needs materialize=True"
         )
-    if buffers is not None and keep_graph:
+    if carryover is not None and keep_graph:
         raise ValueError(
-            "buffers record copies cut from the autograd graph: pass keep_graph=True or buffers, "
-            "not both"
+            "a carryover keeps detached tensors past the block, keep_graph=True the autograd "
+            "graph within it: pass one or the other"
         )
     if stop_early and (transform is not None or on_output is not None):
         raise ValueError(
@@ -852,12 +846,12 @@ def capture_attention(
             materialize=materialize,
             key_masks=key_masks,
             on_output=on_output,
-            buffers=buffers,
+            carryover=carryover,
         )
         for layer, heads in selection.items()
     }
-    if buffers is not None:
-        buffers.start()
+    if carryover is not None:
+        carryover.start()
     taps = _taps_by_module(architecture, layer_taps)
     active.update(taps)
     try:

@@ -24,7 +24,7 @@ def test_every_method_runs_and_leaves_the_model_as_it_was(sentiment_classifier):
     assert list(methods)[:4] == [
         "forward",
         "capture alone",
-        "capture, model's tensors held",
+        "capture, freed at its end",
         "projection alone",
     ]
     assert {"efficient", "raw", 'efficient, query="all"', "projection alone, every row"} <= set(

@@ -50,7 +50,7 @@ from captum_effattn.models import (
     capture_attention,
     describe_model,
 )
-from captum_effattn.models.buffers import thread_buffers
+from captum_effattn.models.carryover import thread_carryover
 from captum_effattn.models.selection import HeadSpec, IndexSpec, select_architecture_heads
 
 
@@ -427,17 +427,16 @@ class EfficientAttentionAttribution(Attribution):
         """One forward without gradients; ``target`` is checked against its output (unless the
         pass stops early, before there is one)."""
         output = None
-        # The record is read and dropped within this call: its tensors can be copies in this
-        # thread's reused buffers (see captum_effattn.models.buffers).
+        # The record's tensors stay alive until this thread's next capture, which reuses their
+        # memory in place (captum_effattn.models.carryover).
         with (
-            thread_buffers() as buffers,
             capture_attention(
                 self.model,
                 call.selection,
                 materialize=False,
                 on_layer=on_layer,
                 stop_early=call.stop_early,
-                buffers=buffers,
+                carryover=thread_carryover(),
             ) as record,
             torch.no_grad(),
         ):

@@ -37,7 +37,7 @@ from captum_effattn.attr._weightings import (
     weight_matrices,
 )
 from captum_effattn.models import CapturedHeads, capture_attention, describe_model
-from captum_effattn.models.buffers import thread_buffers
+from captum_effattn.models.carryover import thread_carryover
 from captum_effattn.models.selection import HeadSpec, IndexSpec, select_architecture_heads
 
 DEFAULT_GEN_ARGS: dict[str, Any] = {
@@ -343,11 +343,12 @@ class LLMEfficientAttentionAttribution(Attribution):
     ) -> tuple[tuple[CapturedHeads, ...], Tensor]:
         """One teacher-forced forward: captured heads and ``(T,)`` target token probabilities."""
         ids = torch.cat([prompt_ids, target_ids])[None]
-        # The record is read and dropped within this call: its tensors can be copies in this
-        # thread's reused buffers (see captum_effattn.models.buffers).
+        # The record's tensors stay alive until this thread's next capture, which reuses their
+        # memory in place (captum_effattn.models.carryover).
         with (
-            thread_buffers() as buffers,
-            capture_attention(self.model, selection, materialize=False, buffers=buffers) as record,
+            capture_attention(
+                self.model, selection, materialize=False, carryover=thread_carryover()
+            ) as record,
             torch.no_grad(),
         ):
             logits = self._logits(ids)
