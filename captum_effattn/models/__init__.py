@@ -5,6 +5,8 @@
 - :mod:`~captum_effattn.models.selection`: which layers and heads, validated against the model.
 - :mod:`~captum_effattn.models.capture`: ``capture_attention``, recording attention probabilities,
   per-head values and real keys during a forward pass, optionally replacing the probabilities.
+- :mod:`~captum_effattn.models.carryover`: keeps a capture's tensors until the next capture
+  replaces them, so their memory is reused in place (what the attribution methods do per thread).
 """
 
 from captum_effattn.models.architectures import (
@@ -21,6 +23,11 @@ from captum_effattn.models.capture import (
     CapturedHeads,
     capture_attention,
 )
+from captum_effattn.models.carryover import (
+    CaptureCarryover,
+    release_thread_carryover,
+    thread_carryover,
+)
 from captum_effattn.models.selection import HeadSelection, select_heads
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "ArchitectureSpec",
     "AttentionRecord",
     "AttentionTransform",
+    "CaptureCarryover",
     "CapturedHeads",
     "HeadSelection",
     "ModelArchitecture",
@@ -35,5 +43,7 @@ __all__ = [
     "capture_attention",
     "describe_model",
     "register_architecture",
+    "release_thread_carryover",
     "select_heads",
+    "thread_carryover",
 ]

@@ -778,7 +778,7 @@ def capture_attention(
             skipped, and :attr:`AttentionRecord.stopped` is set.
         carryover: with ``materialize=False``, keep the recorded queries, keys and values
             alive past the block, in this
-            :class:`~captum_effattn.models.carryover.CaptureCarryover`, until the next capture
+            :class:`~captum_effattn.models.CaptureCarryover`, until the next capture
             with it records their successors: their memory is then reused in place instead of
             being handed back to the system and faulted in again on the next call.
 
