@@ -79,6 +79,7 @@ class CaptureCarryover:
 class _ThreadCarryover(threading.local):
     def __init__(self) -> None:
         self.carryover = CaptureCarryover()
+        self.scratch: torch.Tensor | None = None
 
 
 _THREAD = _ThreadCarryover()
@@ -89,6 +90,28 @@ def thread_carryover() -> CaptureCarryover:
     return _THREAD.carryover
 
 
+def thread_scratch(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """A tensor of ``shape`` in memory the calling thread reuses from call to call, for one it
+    fills and reads within a call (the layers' values a projection concatenates); ``None`` off
+    the CPU or past :data:`CARRIED_BYTES`. Its contents are those of the last use: overwrite it.
+    The next call on this thread gets the same memory, so nothing may keep it past the call."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or numel * itemsize > CARRIED_BYTES:
+        return None
+    scratch = _THREAD.scratch
+    if scratch is None or scratch.dtype != dtype or scratch.numel() < numel:
+        scratch = _THREAD.scratch = torch.empty(numel, dtype=dtype)
+    return scratch[:numel].view(shape)
+
+
 def release_thread_carryover() -> int:
-    """Free what the calling thread's attributions keep between calls; returns its bytes."""
-    return _THREAD.carryover.release()
+    """Free what the calling thread's attributions keep between calls (the carried tensors and
+    the scratch memory); returns the bytes let go."""
+    scratch, _THREAD.scratch = _THREAD.scratch, None
+    freed = 0 if scratch is None else scratch.numel() * scratch.element_size()
+    return freed + _THREAD.carryover.release()

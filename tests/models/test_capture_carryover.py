@@ -14,9 +14,11 @@ import torch
 from captum_effattn import EfficientAttentionAttribution
 from captum_effattn.models import capture_attention, select_heads
 from captum_effattn.models.carryover import (
+    CARRIED_BYTES,
     CaptureCarryover,
     release_thread_carryover,
     thread_carryover,
+    thread_scratch,
 )
 from tests.attr.helpers import forward_embeddings
 from tests.models.tiny import TINY_MODELS, tiny_inputs, tiny_model
@@ -127,8 +129,50 @@ def test_attribution_keeps_the_last_capture_on_its_thread():
     thread.start()
     thread.join()
     assert seen["kept"] == ()  # another thread's carryover is its own
-    assert release_thread_carryover() == sum(t.numel() * t.element_size() for t in kept)
+    # ... and the scratch this thread concatenated the layers' values into: those of the layers
+    # it projected itself (the pipeline's worker thread may have taken some: its own scratch).
+    values = kept[2::3]  # each layer keeps its queries, keys and values, in that order
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept)
+    released = release_thread_carryover()
+    assert kept_bytes <= released <= kept_bytes + sum(t.numel() * t.element_size() for t in values)
     assert thread_carryover().kept == ()
+    assert release_thread_carryover() == 0
+
+
+def test_thread_scratch_reuses_its_memory():
+    release_thread_carryover()
+    first = thread_scratch((2, 3, 4), torch.float32, torch.device("cpu"))
+    assert first is not None
+    first.fill_(7.0)
+    smaller = thread_scratch((5, 2), torch.float32, torch.device("cpu"))
+    assert smaller is not None
+    assert smaller.data_ptr() == first.data_ptr()  # the same memory, overwritten by its user
+    larger = thread_scratch((100,), torch.float32, torch.device("cpu"))
+    assert larger is not None
+    assert larger.shape == (100,)
+    assert thread_scratch((4,), torch.float64, torch.device("cpu")).dtype == torch.float64
+    assert thread_scratch((4,), torch.float32, torch.device("meta")) is None
+    too_big = CARRIED_BYTES // 4 + 1
+    assert thread_scratch((too_big,), torch.float32, torch.device("cpu")) is None
+    assert release_thread_carryover() == 4 * 8
+
+
+def test_attributions_do_not_alias_the_reused_memory():
+    attribution, embeddings, inputs = _attribution()
+    mask = inputs["attention_mask"]
+
+    def attribute(scale, view):
+        return attribution.attribute(
+            embeddings * scale, target=0, additional_forward_args=(mask,), view=view
+        )
+
+    for view in ("efficient", "effective", "raw"):
+        first = attribute(1.0, view)
+        kept = first.clone()
+        other = attribute(-1.5, view)  # same shapes: the scratch is overwritten
+        assert not torch.equal(other, kept)
+        assert torch.equal(first, kept)
+        assert torch.equal(attribute(1.0, view), kept)
 
 
 def test_threads_attribute_side_by_side():
