@@ -35,6 +35,7 @@ import argparse
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,8 +91,20 @@ def main() -> None:
             print_table(columns)
 
 
-def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[], object]]:
-    """Zero-argument callables on one encoded batch, the plain forward pass first."""
+class ClassifierBatch(NamedTuple):
+    """One encoded batch of the classifier, as every attribution benchmark times it."""
+
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (embeddings, mask) -> logits
+    embeddings: torch.Tensor
+    mask: torch.Tensor
+    kwargs: dict[str, Any]  # ``target`` (the predicted class) and the mask as forward argument
+    attribution: EfficientAttentionAttribution
+    plain: Callable[[], None]  # one forward pass without gradients: the unit
+
+
+def classifier_batch(model, enc) -> ClassifierBatch:
+    """The forward function on embeddings, its predicted classes as targets, the attribution and
+    the plain forward pass for one encoded batch ``enc``."""
     mask = enc["attention_mask"]
     embeddings = model.get_input_embeddings()(enc["input_ids"]).detach()
 
@@ -100,12 +113,19 @@ def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[]
 
     with torch.no_grad():
         target = forward(embeddings, mask).argmax(-1)
-    kwargs = {"target": target, "additional_forward_args": (mask,)}
-    attention = EfficientAttentionAttribution(forward, model=model)
 
     def plain():
         with torch.no_grad():
             forward(embeddings, mask)
+
+    kwargs = {"target": target, "additional_forward_args": (mask,)}
+    attribution = EfficientAttentionAttribution(forward, model=model)
+    return ClassifierBatch(forward, embeddings, mask, kwargs, attribution, plain)
+
+
+def build_methods(model, enc, args, n: int, batch: int) -> dict[str, Callable[[], object]]:
+    """Zero-argument callables on one encoded batch, the plain forward pass first."""
+    forward, embeddings, mask, kwargs, attention, plain = classifier_batch(model, enc)
 
     def capture(carryover):
         with torch.no_grad(), capture_attention(model, materialize=False, carryover=carryover):

@@ -37,8 +37,8 @@ def measure(variant: str, threads: int, batch: int, n: int, rounds: int) -> dict
     """One process's median ratio to the forward pass and median page faults of a call."""
     import torch
 
+    from benchmarks.bench_attribution import classifier_batch
     from benchmarks.timing import interleaved
-    from captum_effattn import EfficientAttentionAttribution
     from captum_effattn.data import imdb_heldout, load_sentiment_classifier
     from captum_effattn.models import release_thread_carryover
 
@@ -47,26 +47,14 @@ def measure(variant: str, threads: int, batch: int, n: int, rounds: int) -> dict
     model, tokenizer = classifier.model.eval(), classifier.tokenizer
     texts = [r.text for r in imdb_heldout(400) if len(tokenizer(r.text)["input_ids"]) >= n]
     enc = tokenizer(texts[:batch], return_tensors="pt", truncation=True, max_length=n)
-    mask = enc["attention_mask"]
-    embeddings = model.get_input_embeddings()(enc["input_ids"]).detach()
-
-    def forward(inputs_embeds, attention_mask):
-        return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
-
-    with torch.no_grad():
-        target = forward(embeddings, mask).argmax(-1)
-    attribution = EfficientAttentionAttribution(forward, model=model)
-
-    def plain():
-        with torch.no_grad():
-            forward(embeddings, mask)
+    setup = classifier_batch(model, enc)
 
     def attribute():
-        attribution.attribute(embeddings, target=target, additional_forward_args=(mask,))
+        setup.attribution.attribute(setup.embeddings, **setup.kwargs)
         if variant == "freed at its end":
             release_thread_carryover()
 
-    summaries = interleaved({"forward": plain, "attribute": attribute}, "forward", rounds, 3)
+    summaries = interleaved({"forward": setup.plain, "attribute": attribute}, "forward", rounds, 3)
     faults = summaries["attribute"].median_faults
     return {"ratio": summaries["attribute"].median, "faults": -1.0 if faults is None else faults}
 

@@ -389,15 +389,12 @@ def _concatenated_values(captured: Sequence[CapturedHeads]) -> torch.Tensor:
     projection reads it and returns rows and errors of its own.
     """
     parts = [c.values for c in captured]
-    dtype = parts[0].dtype
-    if any(p.dtype != dtype or p.requires_grad for p in parts):
-        return torch.cat(parts, dim=1)
     batch, _, keys, width = parts[0].shape
-    heads = sum(p.shape[1] for p in parts)
-    out = thread_scratch((batch, heads, keys, width), dtype, parts[0].device)
-    if out is None:
-        return torch.cat(parts, dim=1)
-    return torch.cat(parts, dim=1, out=out)
+    dtype, out = parts[0].dtype, None
+    if all(p.dtype == dtype and not p.requires_grad for p in parts):
+        heads = sum(p.shape[1] for p in parts)
+        out = thread_scratch((batch, heads, keys, width), dtype, parts[0].device)
+    return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
 
 
 def stack_layers(

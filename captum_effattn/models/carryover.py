@@ -17,6 +17,7 @@ the calling thread's (:func:`thread_carryover`); :func:`release_thread_carryover
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -97,11 +98,8 @@ def thread_scratch(
     fills and reads within a call (the layers' values a projection concatenates); ``None`` off
     the CPU or past :data:`CARRIED_BYTES`. Its contents are those of the last use: overwrite it.
     The next call on this thread gets the same memory, so nothing may keep it past the call."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or numel * itemsize > CARRIED_BYTES:
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel * dtype.itemsize > CARRIED_BYTES:
         return None
     scratch = _THREAD.scratch
     if scratch is None or scratch.dtype != dtype or scratch.numel() < numel:
