@@ -793,6 +793,8 @@ def capture_attention(
             ``carryover`` with ``keep_graph``; on
             forward, a mask that is not a padding (+ causal) mask, or a malformed transform
             result.
+        TypeError: ``carryover`` is not a
+            :class:`~captum_effattn.models.CaptureCarryover`.
         RuntimeError: the model (or a submodule) is in training mode; the model is already
             under capture on this thread; after the body, a forward pass that skipped selected
             layers.
@@ -800,6 +802,10 @@ def capture_attention(
     if transform is not None and not materialize:
         raise ValueError(
             "a transform replaces probabilities during the forward: it needs materialize=True"
+        )
+    if carryover is not None and not isinstance(carryover, CaptureCarryover):
+        raise TypeError(
+            f"carryover must be a CaptureCarryover or None; got {type(carryover).__name__}"
         )
     if carryover is not None and keep_graph:
         raise ValueError(

@@ -41,6 +41,8 @@ class CaptureCarryover:
     """
 
     def __init__(self, max_bytes: int = CARRIED_BYTES) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative int; got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._previous: list[torch.Tensor | None] = []
         self._current: list[torch.Tensor] = []

@@ -110,6 +110,22 @@ def test_a_carryover_refuses_keep_graph():
         pass
 
 
+@pytest.mark.parametrize("carryover", [True, 64, [], CaptureCarryover])
+def test_a_carryover_of_another_type_is_refused(carryover):
+    model = tiny_model("bert")
+    with (
+        pytest.raises(TypeError, match="carryover must be a CaptureCarryover or None"),
+        capture_attention(model, materialize=False, carryover=carryover),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("max_bytes", [-1, 1.5, "64", True, None])
+def test_max_bytes_must_be_a_non_negative_int(max_bytes):
+    with pytest.raises(ValueError, match="max_bytes must be a non-negative int"):
+        CaptureCarryover(max_bytes=max_bytes)
+
+
 def _attribution():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", padding="right")
