@@ -188,13 +188,16 @@ def print_table(columns: dict[int, dict[str, RatioSummary]]) -> None:
             else:
                 cells.append(summary.cell())
         print(f"| {name} | " + " | ".join(cells) + " |")
-    faulted = ("forward", "capture alone", "capture, freed at its end", "efficient")
+    # method -> its label in the row's title (a comma there would read as a separator)
+    faulted = {
+        "forward": "forward",
+        "capture alone": "capture alone",
+        "capture, freed at its end": "capture freed",
+        "efficient": "efficient",
+    }
     cells = [" / ".join(_faults(columns[n][name]) for name in faulted) for n in sizes]
-    print(
-        "| page faults a call (forward / capture alone / capture freed / efficient) | "
-        + " | ".join(cells)
-        + " |"
-    )
+    title = f"page faults a call ({' / '.join(faulted.values())})"
+    print(f"| {title} | " + " | ".join(cells) + " |")
     rounds = next(iter(columns.values()))["forward"].rounds
     print(f"\n(medians of {rounds} per-round ratios to the same round's forward pass, [IQR];")
     print("page faults: median minor faults of the process during a call, memory touched anew)")

@@ -55,7 +55,7 @@ class CaptureCarryover:
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
         """Keep ``tensor`` (returned as it is) past the capture, releasing its predecessor."""
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes
         if tensor.device.type == "cpu" and self._kept_bytes + size <= self.max_bytes:
             slot = len(self._current)
             self._current.append(tensor)
@@ -67,8 +67,7 @@ class CaptureCarryover:
     def release(self) -> int:
         """Let go of everything kept; returns the bytes of the tensors let go (the memory comes
         back once nothing else uses them)."""
-        kept = [t for t in (*self._previous, *self._current) if t is not None]
-        released = sum(t.numel() * t.element_size() for t in kept)
+        released = sum(t.nbytes for t in self.kept)
         self._previous, self._current = [], []
         self._kept_bytes = 0
         return released
@@ -113,5 +112,5 @@ def release_thread_carryover() -> int:
     """Free what the calling thread's attributions keep between calls (the carried tensors and
     the scratch memory); returns the bytes let go."""
     scratch, _THREAD.scratch = _THREAD.scratch, None
-    freed = 0 if scratch is None else scratch.numel() * scratch.element_size()
+    freed = 0 if scratch is None else scratch.nbytes
     return freed + _THREAD.carryover.release()
