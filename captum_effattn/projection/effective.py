@@ -37,6 +37,11 @@ def _project_chunk(
     # onto a basis: build one then.
     if rank_rtol is not None or backend.fused_projection:
         return _onto_basis(chunk, a, backend, rank_rtol)
+    if not bool((chunk.key_mask.sum(-1) > chunk.values.shape[-1]).any()):
+        # No group has more keys than columns (short inputs): the normal equations would keep
+        # no row, so go straight to the basis (MiniLM's 72 [CLS] rows of a 16-token input:
+        # 2.5 against 6.2-7.0 ms).
+        return _onto_basis(chunk, a, backend, None)
     result, kept = _by_normal_equations(chunk, a, backend)
     return with_fallback(
         result, chunk, kept, backend, lambda left, rest: _onto_basis(left, a[rest], backend, None)

@@ -65,3 +65,25 @@ def test_rank_tolerance_is_relative_to_the_largest_singular_value():
     assert orthonormal_basis(matrix, torch.ones(1, 30, dtype=torch.bool))[1].item() == 4
     loose = orthonormal_basis(matrix, torch.ones(1, 30, dtype=torch.bool), rtol=1e-5)[1]
     assert loose.item() == 3
+
+
+def test_fewer_keys_than_columns_span_every_key_unless_the_keys_are_dependent():
+    """Short inputs: well-conditioned keys span all of them (certified by Cholesky QR of the
+    transpose); dependent, nearly dependent and padding keys take the careful path."""
+    g = torch.Generator().manual_seed(4)
+    well = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    repeated = well.clone()
+    repeated[5] = repeated[2]  # two keys with the same row: rank 5
+    near = well.clone()
+    # Keys 4 and 5 nearly the same (condition ~1e9): full rank, too ill-conditioned to certify.
+    near[5] = near[4] + 1e-9 * torch.randn(9, generator=g, dtype=torch.float64)
+    matrix = torch.stack([well, repeated, near, well])
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[3, 4:] = False
+    basis, rank = orthonormal_basis(matrix, mask)
+    assert basis.shape == (4, 6, 6)
+    assert rank.tolist() == [6, 5, 6, 4]
+    _check_spans(basis, rank, matrix, mask)
+    # Spanning every key, the basis projects any row onto itself.
+    rows = torch.rand(6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(basis[0] @ (basis[0].T @ rows), rows, atol=1e-14, rtol=0)
