@@ -63,15 +63,6 @@ def spare_core() -> bool:
     return torch.get_num_threads() < cores
 
 
-def _solves_long_rows(captured: CapturedHeads) -> bool:
-    """Whether some row has more real keys than ``[1, V]`` has columns, so that projecting it
-    is the compiled solver's work, which runs without the GIL. Shorter rows are identifiable
-    or nearly so, and their projection is a few small PyTorch calls whose Python competes with
-    the forward pass's own for the GIL (MiniLM, one thread, 16 and 32 tokens: 1.62x and 1.72x a
-    forward pass with the worker, 1.43x and 1.57x projecting afterwards)."""
-    return int(captured.key_mask.sum(-1).max()) > captured.values.shape[-1] + 1
-
-
 def _start_worker() -> None:
     # One thread per solve; normal priority: a worker at a lower one can be starved for as long
     # as other processes keep the cores busy, and the caller may wait for its batch.
@@ -140,9 +131,7 @@ class LayerPipeline:
             self._queries = select_query_rows(self._query, captured.key_mask, captured.causal)
         except (TypeError, ValueError):
             return False
-        if captured.key_mask.device.type != "cpu":
-            return True
-        return spare_core() and _solves_long_rows(captured)
+        return captured.key_mask.device.type != "cpu" or spare_core()
 
     def _portion(self) -> list[CapturedHeads]:
         """Take waiting layers, oldest first, until they hold :data:`PORTION_ROWS` rows (call

@@ -16,9 +16,7 @@ from captum_effattn.attr._queries import select_query_rows
 from captum_effattn.attr._views import View, get_view, project_rows
 from captum_effattn.models import capture_attention, select_heads
 from tests.attr.helpers import text_setup
-from tests.models.tiny import HIDDEN, NUM_HEADS, NUM_LAYERS
-
-HEAD_WIDTH = HIDDEN // NUM_HEADS
+from tests.models.tiny import NUM_HEADS, NUM_LAYERS
 
 
 @pytest.fixture(autouse=True)
@@ -237,32 +235,6 @@ def test_without_a_spare_core_every_layer_is_projected_after_the_forward(monkeyp
         forward(ids, mask)
     assert lazy._jobs == []  # no worker was involved
     assert lazy._waiting == []
-
-
-@pytest.mark.parametrize(("keys", "handed"), [(HEAD_WIDTH + 1, False), (HEAD_WIDTH + 2, True)])
-def test_only_rows_longer_than_the_value_space_go_to_the_worker(keys, handed):
-    """Rows of at most ``d + 1`` keys are projected after the forward (their projection is
-    small PyTorch calls that would compete with the forward for the GIL); longer ones overlap."""
-    model, forward, ids, mask = text_setup("bert", padding=None)
-    ids, mask = ids[:, :keys], mask[:, :keys]
-    assert bool(mask.all())
-    pipeline = LayerPipeline("auto", get_view("efficient"))
-    try:
-        with (
-            capture_attention(model, materialize=False, on_layer=pipeline.submit) as rec,
-            torch.no_grad(),
-        ):
-            forward(ids, mask)
-        captured = rec.layers
-        queries = select_query_rows("auto", captured[0].key_mask, captured[0].causal)
-        pipelined = pipeline.results(captured, queries)
-    finally:
-        pipeline.close()
-    assert pipeline._overlapping is handed
-    assert len(pipeline._submitted) == (NUM_LAYERS if handed else 0)
-    after = project_rows(captured, queries, get_view("efficient"))
-    rows = torch.cat([rows for rows, _ in pipelined], dim=1)
-    torch.testing.assert_close(rows, after.rows, rtol=0, atol=1e-12)
 
 
 def test_rows_read_off_the_capture_are_never_handed_to_the_worker():
