@@ -1,7 +1,8 @@
 """Attribution benchmark: EfficientAttentionAttribution next to Saliency and IntegratedGradients.
 
-On the fine-tuned MiniLM sentiment classifier and real IMDB reviews truncated to n word pieces,
-for each thread count and batch size, every method runs once per round in a rotating order
+On the fine-tuned MiniLM sentiment classifier and real IMDB reviews truncated to n word pieces
+(``--texts tweets``: real tweets, short and of different lengths, padded to the longest of the
+batch), for each thread count and batch size, every method runs once per round in a rotating order
 (:mod:`benchmarks.timing`) and is divided by the same round's plain forward pass. The table gives
 the median of those per-round ratios and their interquartile range; nothing is a "best of".
 
@@ -58,6 +59,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--ig-sizes", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--all-rows-sizes", type=int, nargs="*", default=[128, 256])
+    parser.add_argument(
+        "--texts",
+        choices=("imdb", "tweets"),
+        default="imdb",
+        help="IMDB reviews truncated to n word pieces (default), or real tweets batched as they "
+        "come, padded to the longest (n only truncates)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, n = 64 and 128")
     args = parser.parse_args()
     if args.quick:
@@ -70,12 +78,17 @@ def main() -> None:
     args = parse_args()
     # Captum says this on every Saliency call with a plain tensor; it is expected here.
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
-    from captum_effattn.data import imdb_heldout, load_sentiment_classifier
+    from captum_effattn.data import imdb_heldout, load_sentiment_classifier, load_tweets
 
     classifier = load_sentiment_classifier()
     model, tokenizer = classifier.model.eval(), classifier.tokenizer
     longest, most = max(args.sizes), max(args.batches)
-    texts = [r.text for r in imdb_heldout(400) if len(tokenizer(r.text)["input_ids"]) >= longest]
+    if args.texts == "tweets":
+        texts = [r.text for r in load_tweets()[:most]]
+    else:
+        texts = [
+            r.text for r in imdb_heldout(400) if len(tokenizer(r.text)["input_ids"]) >= longest
+        ]
     if len(texts) < most:
         raise SystemExit(f"only {len(texts)} held-out reviews have {longest} word pieces")
 
@@ -85,7 +98,12 @@ def main() -> None:
             print(f"\n### {threads} thread(s), batch {batch}\n\n{machine_line()}\n", flush=True)
             columns = {}
             for n in args.sizes:
-                enc = tokenizer(texts[:batch], return_tensors="pt", truncation=True, max_length=n)
+                enc = tokenizer(
+                    texts[:batch], return_tensors="pt", truncation=True, max_length=n, padding=True
+                )
+                if args.texts == "tweets":
+                    lengths = enc["attention_mask"].sum(-1).tolist()
+                    print(f"n = {n}: tweets of {lengths} word pieces", flush=True)
                 methods = build_methods(model, enc, args, n, batch)
                 columns[n] = interleaved(methods, unit="forward", rounds=args.rounds)
             print_table(columns)

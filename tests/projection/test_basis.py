@@ -87,3 +87,29 @@ def test_fewer_keys_than_columns_span_every_key_unless_the_keys_are_dependent():
     # Spanning every key, the basis projects any row onto itself.
     rows = torch.rand(6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(basis[0] @ (basis[0].T @ rows), rows, atol=1e-14, rtol=0)
+
+
+def test_padded_groups_with_fewer_real_keys_than_columns_beside_long_ones():
+    """A padded batch of short and long inputs: each group is judged on its own real keys,
+    wherever the padding lies, and its basis spans exactly them."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 20, 9
+    matrix = torch.randn(7, n, k, generator=g, dtype=torch.float64)
+    positions = torch.arange(n)
+    mask = torch.stack(
+        [
+            positions < n,  # long: every key real
+            positions < 5,  # right padding
+            positions >= n - 6,  # left padding
+            positions < 7,  # two real keys with the same row below: rank 6
+            positions % 3 == 0,  # scattered real keys, 7 of them
+            positions < 8,  # 8 keys, two nearly dependent: full rank, the careful path
+            positions < 0,  # no real key at all
+        ]
+    )
+    matrix[3, 6] = matrix[3, 1]
+    matrix[5, 7] = matrix[5, 2] + 1e-9 * torch.randn(k, generator=g, dtype=torch.float64)
+    basis, rank = orthonormal_basis(matrix, mask)
+    assert basis.shape == (7, n, k)
+    assert rank.tolist() == [9, 5, 6, 6, 7, 8, 0]
+    _check_spans(basis, rank, matrix, mask)
