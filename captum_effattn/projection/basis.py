@@ -108,7 +108,9 @@ def _real_keys_first(key_mask: KeyMask) -> torch.Tensor:
     return torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)
 
 
-def _keys_independent(matrix: torch.Tensor, order: torch.Tensor, count: torch.Tensor):
+def _keys_independent(
+    matrix: torch.Tensor, order: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
     """``(G,)`` bool: whether each group's ``count`` real keys have comfortably independent rows
     in ``matrix`` ``(G, n, k)``, ``count < k`` (then the columns span every real key).
 
@@ -135,7 +137,9 @@ def _keys_independent(matrix: torch.Tensor, order: torch.Tensor, count: torch.Te
     return factored & (bound <= CERTIFIED_CONDITION**2)
 
 
-def _identity_on_real_keys(order: torch.Tensor, count: torch.Tensor, n: int, width: int):
+def _identity_on_real_keys(
+    order: torch.Tensor, count: torch.Tensor, n: int, width: int
+) -> RowBases:
     """``(G, n, width)`` bases of every real key: column ``j < count`` is the ``j``-th real key's
     unit vector, the others zero."""
     groups = order.shape[0]
@@ -155,10 +159,9 @@ def _basis_of_unit_columns(
     with fewer (short inputs, alone or padded in a batch) span every real key when those keys'
     rows are independent, which a bound on their condition number certifies where they are well
     conditioned (:func:`_keys_independent`): their basis is then the unit vectors of their real
-    keys, exact. The
-    rest take Householder QR and an SVD (MiniLM, the 72 [CLS] rows of a 16-token input: its SVD
-    took 3.4 of the 6.5 ms their projection cost; a batch of 8 tweets padded to 87 keys: 23 of
-    64 ms).
+    keys, exact. The rest take Householder QR and an SVD (MiniLM, the 72 [CLS] rows of a
+    16-token input: its SVD took 3.4 of the 6.5 ms their projection cost; a batch of 8 tweets
+    padded to 87 keys: 23 of 64 ms).
     """
     n, k = matrix.shape[-2:]
     count = key_mask.sum(-1)
