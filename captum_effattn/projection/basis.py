@@ -166,29 +166,23 @@ def _basis_of_unit_columns(
     n, k = matrix.shape[-2:]
     count = key_mask.sum(-1)
     short = count < k
+    # A trusted group's rank; the careful path below overwrites the others' basis and rank.
+    rank = torch.where(short, count, k)
     if not bool(short.any()):
-        fast, trusted = _cholesky_qr2(matrix)
-        rank = torch.where(trusted, k, 0)
+        basis, trusted = _cholesky_qr2(matrix)
         if bool(trusted.all()):
             # Cholesky QR multiplies rows by a matrix: zero (padding) rows stay exactly zero.
-            return fast, rank
-        basis = fast * trusted[:, None, None]
+            return basis, rank
     else:
         basis = matrix.new_zeros(*matrix.shape[:-1], min(n, k))
-        rank = torch.zeros_like(count)
         trusted = torch.zeros_like(short)
         long = (~short).nonzero()[:, 0]
         if len(long):
-            fast, trusted[long] = _cholesky_qr2(matrix[long])
-            basis[long] = fast * trusted[long][:, None, None]
-            rank[long] = torch.where(trusted[long], k, 0)
+            basis[long], trusted[long] = _cholesky_qr2(matrix[long])
         few = short.nonzero()[:, 0]
         order = _real_keys_first(key_mask[few])
-        independent = _keys_independent(matrix[few], order, count[few])
-        identity = _identity_on_real_keys(order, count[few], n, basis.shape[-1])
-        basis[few] = identity * independent[:, None, None]
-        rank[few] = torch.where(independent, count[few], 0)
-        trusted[few] = independent
+        trusted[few] = _keys_independent(matrix[few], order, count[few])
+        basis[few] = _identity_on_real_keys(order, count[few], n, basis.shape[-1])
     hard = (~trusted).nonzero()[:, 0]
     householder, rank[hard] = _householder_basis(matrix[hard], rtol)
     # Householder QR leaves rounding noise in rows that were zero: padding must stay exactly 0.

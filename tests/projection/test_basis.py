@@ -68,8 +68,9 @@ def test_rank_tolerance_is_relative_to_the_largest_singular_value():
 
 
 def test_fewer_keys_than_columns_span_every_key_unless_the_keys_are_dependent():
-    """Short inputs: well-conditioned keys span all of them (certified by Cholesky QR of the
-    transpose); dependent, nearly dependent and padding keys take the careful path."""
+    """Short inputs: well-conditioned keys span all of them (certified by a bound on their
+    rows' condition number), padded ones on their real keys; dependent and nearly dependent
+    keys take the careful path."""
     g = torch.Generator().manual_seed(4)
     well = torch.randn(6, 9, generator=g, dtype=torch.float64)
     repeated = well.clone()
