@@ -37,7 +37,7 @@ def _project_chunk(
     # onto a basis: build one then.
     if rank_rtol is not None or backend.fused_projection:
         return _onto_basis(chunk, a, backend, rank_rtol)
-    if not bool((chunk.key_mask.sum(-1) > chunk.values.shape[-1]).any()):
+    if not bool(_more_keys_than_columns(chunk).any()):
         # No group has more keys than columns (short inputs): the normal equations would keep
         # no row, so go straight to the basis (MiniLM's 72 [CLS] rows of a 16-token input:
         # 2.5 against 6.2-7.0 ms).
@@ -54,6 +54,12 @@ def _onto_basis(
     """``a U U^T`` with ``U`` an orthonormal basis of each group's values (any rank)."""
     basis, _ = value_space_basis(chunk.values, chunk.key_mask, with_ones=False, rtol=rank_rtol)
     return _result(backend.grouped(basis, chunk.group).project(a), a)
+
+
+def _more_keys_than_columns(chunk: Chunk) -> torch.Tensor:
+    """``(G,)`` bool: the groups with more real keys than value columns, the only ones the
+    normal equations can keep."""
+    return chunk.key_mask.sum(-1) > chunk.values.shape[-1]
 
 
 def _by_normal_equations(
@@ -77,8 +83,8 @@ def _by_normal_equations(
     factored = info == 0
     identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     inverse = torch.cholesky_inverse(torch.where(factored[:, None, None], factor, identity))
+    more_keys = _more_keys_than_columns(chunk)
     # ||L^{-1}||_F^2 = trace(G^{-1}).
-    more_keys = chunk.key_mask.sum(-1) > columns.shape[-1]
     conditioned = (
         factored & more_keys & (inverse.diagonal(dim1=-2, dim2=-1).sum(-1) <= MAX_INVERSE_NORM**2)
     )
