@@ -75,6 +75,15 @@ def test_machine_line_names_threads_and_load():
     assert "load average" in line
 
 
+def test_machine_line_states_the_openmp_wait_policy_it_was_given(monkeypatch):
+    for name in timing.OPENMP_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert "OMP_WAIT_POLICY" not in timing.machine_line()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert timing.machine_line().endswith(", OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=1000")
+
+
 @pytest.mark.skipif(timing.page_faults() is None, reason="no page-fault counts here")
 def test_page_faults_count_memory_touched_anew():
     def fresh_pages():
