@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from functools import cache
 
 import numpy as np
 import pytest
@@ -390,24 +391,87 @@ def test_without_numba_auto_falls_back_and_forcing_it_says_how_to_install():
     )
 
 
-@settings(max_examples=60, deadline=None)
-@given(rows=st.integers(0, 300), block=st.integers(1, 40), threads=st.integers(1, 8))
-def test_blocks_are_dealt_round_robin_and_cover_every_row_once(rows, block, threads):
-    """``prange`` hands each thread an equal contiguous run of indices; those runs must map to
-    blocks ``t, t + threads, ...`` (so one head's consecutive slow blocks spread over the
-    threads), and together to every row exactly once."""
-    from captum_effattn.projection.solvers.newton_kernels import dealt_block, dealt_indices
+@cache
+def _claims_kernel():
+    """A parallel loop whose threads claim blocks as fast as they can (compiled once)."""
+    from numba import njit, prange
 
-    indices = dealt_indices(rows, block, threads)
-    assert indices % threads == 0
-    per_thread = indices // threads
-    covered = []
-    for thread in range(threads):
-        starts = []
-        for index in range(thread * per_thread, (thread + 1) * per_thread):
-            start, stop = dealt_block(index, rows, block, threads)
-            covered.extend(range(start, stop))
-            if start < stop:
-                starts.append(start)
-        assert starts == list(range(thread * block, rows, threads * block))
-    assert sorted(covered) == list(range(rows))
+    from captum_effattn.projection.solvers.newton_kernels import claim_block
+
+    @njit(parallel=True)
+    def claims(rows, block, threads, rounds):
+        counts = np.zeros((rounds, rows), dtype=np.int64)
+        for round_ in range(rounds):
+            counter = np.zeros(1, dtype=np.int64)
+            for _ in prange(threads):
+                while True:
+                    start, stop = claim_block(counter, rows, block)
+                    if start >= rows:
+                        break
+                    for row in range(start, stop):
+                        counts[round_, row] += 1
+        return counts
+
+    return claims
+
+
+@pytest.mark.parametrize(
+    ("rows", "block", "threads"), [(0, 1, 2), (1, 1, 4), (997, 1, 4), (300, 7, 3)]
+)
+def test_threads_claim_every_row_exactly_once(rows, block, threads):
+    """The drivers' threads claim blocks from one counter: an add that is not atomic would hand
+    some rows to two threads; every row must go to exactly one, in every one of 50 rounds."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        counts = _claims_kernel()(rows, block, threads, 50)
+    finally:
+        numba.set_num_threads(before)
+    assert counts.shape == (50, rows)
+    assert (counts == 1).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 40), block=st.integers(1, 9), threads=st.integers(1, 4))
+def test_parallel_driver_solves_every_row_as_one_thread_does(rows, block, threads):
+    """``value_newton_blocks`` (threads claiming blocks) returns, row for row and bit for bit, what
+    ``value_newton_rows`` returns on one thread: whichever thread solves a row, it is solved once
+    and alone."""
+    import numba
+
+    from captum_effattn.projection.basis import MAX_INVERSE_NORM
+    from captum_effattn.projection.solvers import newton_kernels
+    from captum_effattn.projection.solvers.compiled_newton import _settings
+
+    gen = np.random.default_rng(rows * 100 + block * 10 + threads)
+    sources, keys, width = 3, 48, 6
+    values = gen.standard_normal((sources, keys, width)).astype(np.float32)
+    key_mask = np.ones((sources, keys), dtype=np.bool_)
+    key_mask[1, 40:] = False
+    source = gen.integers(0, sources, rows).astype(np.int64)
+    prefix = np.full(rows, keys, dtype=np.int64)
+    attn = gen.dirichlet(np.full(keys, 0.3), rows) if rows else np.zeros((0, keys))
+    settings_ = _settings(200, 1e-12)
+
+    def outputs():
+        return (
+            np.zeros((rows, keys)),
+            np.zeros(rows),
+            np.zeros(rows, dtype=np.int64),
+            np.zeros(rows, dtype=np.bool_),
+        )
+
+    alone, shared = outputs(), outputs()
+    common = (values, key_mask, source, prefix, attn, settings_, MAX_INVERSE_NORM)
+    newton_kernels.value_newton_rows(*common, *alone)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        newton_kernels.value_newton_blocks(*common, *shared, block, threads)
+    finally:
+        numba.set_num_threads(before)
+    for one, other in zip(alone, shared, strict=True):
+        np.testing.assert_array_equal(one, other)
+    assert shared[3].sum() >= rows - 1  # the rows were solved, not all skipped alike

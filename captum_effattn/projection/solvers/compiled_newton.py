@@ -9,9 +9,9 @@ updated from just the keys that entered or left it, and each row stops the momen
 Rows are shared among as many threads as the caller allows PyTorch
 (:func:`..engine.threads.allowed_threads`), in small blocks (a few rows need ten times the median
 number of steps, and they come together: near-one-hot rows of one head): on numba's own thread
-pool where its threading layer is OpenMP or TBB, the blocks dealt round-robin to its threads
-(``newton_kernels.dealt_block``), otherwise on Python threads that take the next block as they
-become free (the kernels release the GIL).
+pool where its threading layer is OpenMP or TBB, each of its threads claiming the next block as
+it becomes free (``newton_kernels.claim_block``, an atomic counter), otherwise on Python threads
+that take the next block as they become free (the kernels release the GIL).
 Numba's pool matters on a busy machine: right after a forward pass PyTorch's OpenMP threads still
 spin for a few milliseconds, and Python threads that must wake up and take the GIL for every block
 lose the cores to them (72 [CLS] rows on two threads: 11 ms after a forward on Python threads,
@@ -133,9 +133,10 @@ def _numba_pool_usable() -> bool:
 
 @contextmanager
 def _numba_threads(workers: int) -> Iterator[None]:
-    """Numba's parallel regions on ``workers`` threads, in chunks of one block (both settings are
-    the calling thread's own, and are restored on exit). On the OpenMP layer the chunk size did
-    not make the blocks go to whichever thread is free: the drivers deal them round-robin."""
+    """Numba's parallel regions on ``workers`` threads, in chunks of one index (both settings are
+    the calling thread's own, and are restored on exit). The drivers' ``prange`` has one index a
+    thread, and each claims blocks of rows until none is left: on the OpenMP layer the chunk size
+    alone did not make blocks go to whichever thread is free."""
     import numba
 
     before = numba.get_num_threads()
