@@ -14,7 +14,9 @@ load the classifier and only alternate a plain forward pass with ``attribute``:
 
 Processes of the two variants alternate (``--processes`` of each); in each, ``--rounds``
 interleaved rounds give the median of the per-round ratios ``attribute / forward`` and the median
-page faults of the process during a call. The table lists every process's median.
+page faults of the process during a call. The table lists every process's median. The
+measuring processes run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a policy
+(:data:`MEASURING_WAIT_POLICY`; the header line says which), as the README's figures were measured.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_carryover.py [--threads 1 2] [--batches 1 8]
 [--sizes 128 512] [--quick]``.
@@ -27,6 +29,9 @@ import json
 import os
 import subprocess
 import sys
+
+# The measuring processes' OpenMP wait policy where the environment sets none.
+MEASURING_WAIT_POLICY = "PASSIVE"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,7 +72,7 @@ def measure_in_subprocess(variant: str, threads: int, batch: int, n: int, rounds
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(threads)}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("OMP_WAIT_POLICY", MEASURING_WAIT_POLICY)
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True
     )
@@ -87,7 +92,11 @@ def main() -> None:
         args.threads, args.batches, args.sizes, args.rounds, args.processes = [1], [1], [64], 3, 1
     from benchmarks.timing import machine_line
 
-    print(f"{machine_line()} (this process; each measuring process sets its own threads)\n")
+    policy = os.environ.get("OMP_WAIT_POLICY", MEASURING_WAIT_POLICY)
+    print(
+        f"{machine_line()} (this process; each measuring process sets its own threads and runs "
+        f"with OMP_WAIT_POLICY={policy})\n"
+    )
     print("| threads, batch, n | " + " | ".join(VARIANTS) + " |")
     print("| --- |" + " --- |" * len(VARIANTS))
     for threads in args.threads:
