@@ -465,11 +465,11 @@ def test_parallel_driver_solves_every_row_as_one_thread_does(rows, block, thread
 
     alone, shared = outputs(), outputs()
     common = (values, key_mask, source, prefix, attn, settings_, MAX_INVERSE_NORM)
-    newton_kernels.value_newton_rows(*common, *alone)
+    newton_kernels.value_newton_rows(*common, *alone, False)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        newton_kernels.value_newton_blocks(*common, *shared, block, threads)
+        newton_kernels.value_newton_blocks(*common, *shared, False, block, threads)
     finally:
         numba.set_num_threads(before)
     for one, other in zip(alone, shared, strict=True):

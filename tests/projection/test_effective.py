@@ -142,3 +142,69 @@ def test_the_normal_equations_leave_groups_with_no_more_keys_than_columns():
     chunk = Chunk(torch.arange(1), b, torch.zeros(1, dtype=torch.long), longer[None], b > 0)
     _, kept = _by_normal_equations(chunk, b, BACKENDS["torch"])
     assert kept.all()
+
+
+numba_only = pytest.mark.skipif(
+    BACKENDS["numba"].unavailable_reason(torch.device("cpu")) is not None,
+    reason="needs the numba extra",
+)
+
+
+@numba_only
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=grouped_problem_shapes(max_n=50),
+    causal=st.booleans(),
+    duplicate=st.booleans(),
+    spread=st.sampled_from([1.0, 1e-4, 1e-9]),
+    single=st.booleans(),
+)
+def test_the_compiled_projection_agrees_with_pytorch(shape, causal, duplicate, spread, single):
+    """The compiled route (``backend="numba"``: the projection on ``V`` itself, row by row) gives
+    the rows and certificate of the batched PyTorch route, values in float32 or float64, and
+    leaves what it does not take (dependent columns, no more keys than columns) to the bases."""
+    groups, _, n, d, padded, seed = shape
+    gen = torch.Generator().manual_seed(seed)
+    values = value_vectors(groups, n, d, generator=gen)
+    if d > 1:
+        values[..., 1] = values[..., 0] + spread * values[..., 1] * (not duplicate)
+    if single:
+        values = values.float()
+    key_mask = torch.ones(groups, n, dtype=torch.bool)
+    key_mask[:, n - padded :] = False
+    hidden = ~key_mask[:, None, :]
+    if causal:
+        hidden = hidden | torch.ones(n, n, dtype=torch.bool).triu(1)
+    scores = 2 * torch.randn(groups, n, n, generator=gen, dtype=torch.float64)
+    attn = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1).nan_to_num()
+    compiled, report = effective_attention(
+        attn, values, key_mask, causal, return_certificate=True, backend="numba"
+    )
+    batched, batched_report = effective_attention(
+        attn, values, key_mask, causal, return_certificate=True, backend="torch"
+    )
+    torch.testing.assert_close(compiled, batched, atol=1e-9, rtol=0)
+    assert torch.equal(report.converged, batched_report.converged)
+    assert report.output_error.max() <= max(1e-10, float(batched_report.output_error.max()))
+
+
+@numba_only
+def test_the_compiled_projection_takes_the_well_conditioned_heads(gen):
+    """Which heads the kernel projects: those with more real keys than columns and independent
+    columns (not the duplicate one, not the short one), each within rounding of the reference."""
+    from captum_effattn.projection.solvers.compiled_newton import compiled_value_projection
+
+    values = value_vectors(4, 40, 6, generator=gen)
+    values[2, :, 1] = values[2, :, 0]
+    key_mask = torch.ones(4, 40, dtype=torch.bool)
+    key_mask[3, 6:] = False  # six real keys under six columns
+    source = torch.arange(4).repeat_interleave(3)
+    rows = attention_rows(12, 40, sharpness=2.0, generator=gen)
+    x, iterations, solved, error = compiled_value_projection(values, key_mask, source, rows)
+    assert torch.equal(solved, source < 2)
+    assert not iterations.any()
+    for row in range(6):
+        reference = effective_by_lstsq(rows[row].numpy(), values[source[row]].numpy())
+        np.testing.assert_allclose(x[row].numpy(), reference, atol=1e-12, rtol=0)
+    assert float(error[:6].max()) <= 1e-13
+    assert not x[6:].any()  # rows not taken are left as zeros for the general route

@@ -51,8 +51,10 @@ from captum_effattn.projection.engine.rows import (
 )
 from captum_effattn.projection.solvers.compiled_newton import (
     ValueNewton,
+    ValueProjection,
     compiled_newton_phase,
     compiled_value_newton,
+    compiled_value_projection,
     numba_available,
 )
 from captum_effattn.projection.solvers.newton import NewtonResult, newton_phase
@@ -122,6 +124,11 @@ class Backend(Protocol):
         """Efficient-attention rows by Newton on ``[1, V]`` itself, or ``None``."""
         ...
 
+    @property
+    def value_projection(self) -> ValueProjection | None:
+        """Effective-attention rows projected on ``V`` itself, or ``None``."""
+        ...
+
 
 @dataclass(frozen=True)
 class TorchBackend:
@@ -171,6 +178,11 @@ class TorchBackend:
         """``None``: the batched solver always works in orthonormal bases."""
         return None
 
+    @property
+    def value_projection(self) -> ValueProjection | None:
+        """``None``: batched products project through the normal equations or a basis."""
+        return None
+
 
 @dataclass(frozen=True)
 class NumbaBackend(TorchBackend):
@@ -210,6 +222,11 @@ class NumbaBackend(TorchBackend):
     def value_newton(self) -> ValueNewton | None:
         """:func:`~captum_effattn.projection.solvers.compiled_newton.compiled_value_newton`."""
         return compiled_value_newton
+
+    @property
+    def value_projection(self) -> ValueProjection | None:
+        """:func:`~captum_effattn.projection.solvers.compiled_newton.compiled_value_projection`."""
+        return compiled_value_projection
 
 
 def _kernels_interpreted() -> bool:

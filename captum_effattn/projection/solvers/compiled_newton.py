@@ -72,6 +72,9 @@ class ValueNewtonRows(NamedTuple):
 ValueNewton = Callable[..., ValueNewtonRows]
 """The signature of :func:`compiled_value_newton`."""
 
+ValueProjection = Callable[..., ValueNewtonRows]
+"""The signature of :func:`compiled_value_projection`."""
+
 
 def _settings(max_iter: int, tol: float) -> tuple[int, float, float, float, float]:
     """The kernels' ``settings`` tuple (see ``newton_kernels.newton_rows``), from the PyTorch
@@ -123,6 +126,7 @@ def _numba_pool_usable() -> bool:
                 np.zeros(0),
                 no_ints.copy(),
                 np.zeros(0, dtype=np.bool_),
+                False,
                 1,
                 1,
             )
@@ -279,6 +283,47 @@ def compiled_value_newton(
     Returns:
         :class:`ValueNewtonRows`.
     """
+    return _value_rows(values, key_mask, source, rows, _settings(max_iter, tol), False, prefix, out)
+
+
+def compiled_value_projection(
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    source: torch.Tensor,
+    rows: torch.Tensor,
+    prefix: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> ValueNewtonRows:
+    """Effective-attention rows, compiled: each row projected orthogonally onto the span of its
+    values' columns, ``W G^{-1} W^T a`` with ``W`` the unit columns of ``V`` on the usable keys
+    (the geometry of :func:`compiled_value_newton` without its column of ones, and no step).
+
+    The values are read as given, the rows as given (not normalized: the projection is linear),
+    and each row's head-output error is measured in the same pass. Rows whose ``V`` is not well
+    conditioned or has no more columns than usable keys come back unprojected for the general
+    path (``solved`` False), as the normal equations of ``effective_attention`` leave them.
+
+    Args:
+        values, key_mask, source, prefix, out: as in :func:`compiled_value_newton`.
+        rows: ``(R, n)`` float64 attention rows (entries on keys a row may not use are ignored).
+
+    Returns:
+        :class:`ValueNewtonRows` (no steps: ``iterations`` is zero).
+    """
+    return _value_rows(values, key_mask, source, rows, _settings(0, 0.0), True, prefix, out)
+
+
+def _value_rows(
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    source: torch.Tensor,
+    rows: torch.Tensor,
+    settings: tuple[int, float, float, float, float],
+    project_only: bool,
+    prefix: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> ValueNewtonRows:
+    """``newton_kernels.value_newton_rows`` over every row, on the caller's threads."""
     kernel = _kernels().value_newton_rows
     values_np, mask_np = _values_array(values), _numpy(key_mask, np.bool_)
     rows_np, source_np = _numpy(rows), _numpy(source, np.int64)
@@ -304,8 +349,6 @@ def compiled_value_newton(
     error = np.zeros(len(rows_np))
     iterations = np.zeros(len(rows_np), dtype=np.int64)
     solved = np.zeros(len(rows_np), dtype=np.bool_)
-
-    settings = _settings(max_iter, tol)
     per_row = (x, error, iterations, solved)
 
     def solve(block: slice) -> None:
@@ -318,6 +361,7 @@ def compiled_value_newton(
             settings,
             MAX_INVERSE_NORM,
             *(array[block] for array in per_row),
+            project_only,
         )
 
     def solve_blocks(size: int, threads: int) -> None:
@@ -330,6 +374,7 @@ def compiled_value_newton(
             settings,
             MAX_INVERSE_NORM,
             *per_row,
+            project_only,
             size,
             threads,
         )

@@ -657,24 +657,28 @@ def newton_blocks(
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def gather_columns(values, key_mask, columns):  # pragma: no cover - compiled
-    """``columns[:, :count] = [1, V]^T`` over the real keys, in their order (column-major: each
-    column of ``[1, V]`` contiguous); returns ``count``, the number of real keys."""
+    """``columns[:, :count] = W^T`` over the real keys, in their order (column-major: each
+    column of ``W`` contiguous), ``W = [1, V]`` when ``columns`` has ``d + 1`` rows and ``V``
+    itself when it has ``d``; returns ``count``, the number of real keys."""
+    first = columns.shape[0] - values.shape[1]  # 1: a column of ones comes first
     count = 0
     for i in range(values.shape[0]):
         if key_mask[i]:
-            columns[0, count] = 1.0
+            if first:
+                columns[0, count] = 1.0
             for k in range(values.shape[1]):
-                columns[k + 1, count] = values[i, k]
+                columns[k + first, count] = values[i, k]
             count += 1
     return count
 
 
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def unit_columns(values, key_mask, out, norms, gram, columns):  # pragma: no cover - compiled
-    """``out = W``, the columns of ``[1, V]`` on the real keys scaled to unit norm (zero rows on
-    padding), and their Gram matrix ``W^T W`` (lower triangle) into ``gram``; ``norms`` ``(d,)``
-    gets the norms of ``V``'s columns (what ``out[:, 1:]`` was divided by); ``columns``
-    ``(d + 1, n)`` is scratch.
+    """``out = W``, the columns of ``[1, V]`` (``out`` ``(n, d + 1)``) or of ``V`` itself (``out``
+    ``(n, d)``) on the real keys scaled to unit norm (zero rows on padding), and their Gram matrix
+    ``W^T W`` (lower triangle) into ``gram``; ``norms`` ``(d,)`` gets the norms of ``V``'s columns
+    (what ``V``'s part of ``out`` was divided by); ``columns`` (as many rows as ``out`` has
+    columns, ``>= n`` columns) is scratch.
 
     The Gram matrix of ``[1, V]`` as it stands comes first, from a column-major copy (tiles:
     :func:`add_column_products`); its diagonal gives the norms, and scaling it ``W``'s Gram
@@ -687,28 +691,32 @@ def unit_columns(values, key_mask, out, norms, gram, columns):  # pragma: no cov
     norm is below :data:`VALUE_RANGE` (zero, or its products lost to underflow).
     """
     n, d = values.shape
+    r = out.shape[1]
+    first = r - d  # 1: a column of ones comes first
     count = gather_columns(values, key_mask, columns)
-    if count <= d + 1:
+    if count <= r:
         return False
     gram[:, :] = 0.0
     add_column_products(gram, columns, columns, count)
-    scale = np.empty(d + 1)
-    scale[0] = 1.0 / math.sqrt(count)
+    scale = np.empty(r)
+    if first:
+        scale[0] = 1.0 / math.sqrt(count)
     for k in range(d):
         # The sums of products are of the values as given: a column whose norm lies below the
         # values' range would have lost them to underflow (a zero column too).
-        if not gram[k + 1, k + 1] > VALUE_RANGE[0] ** 2:
+        if not gram[k + first, k + first] > VALUE_RANGE[0] ** 2:
             return False
-        norms[k] = math.sqrt(gram[k + 1, k + 1])
-        scale[k + 1] = 1.0 / norms[k]
-    for p in range(d + 1):
+        norms[k] = math.sqrt(gram[k + first, k + first])
+        scale[k + first] = 1.0 / norms[k]
+    for p in range(r):
         for q in range(p + 1):
             gram[p, q] *= scale[p] * scale[q]
     for i in range(n):
         if key_mask[i]:
-            out[i, 0] = scale[0]
+            if first:
+                out[i, 0] = scale[0]
             for k in range(d):
-                out[i, k + 1] = values[i, k] * scale[k + 1]
+                out[i, k + first] = values[i, k] * scale[k + first]
         else:
             out[i, :] = 0.0
     return True
@@ -747,11 +755,12 @@ def inverse_frobenius(factor, inverse):  # pragma: no cover - compiled
 def value_geometry(
     values, key_mask, max_inverse_norm, matrix, norms, gram, metric, metric_inverse, columns
 ):  # pragma: no cover - compiled
-    """Unit columns ``W = [1, V]`` into ``matrix`` (``V``'s column norms into ``norms``), their
+    """Unit columns ``W = [1, V]`` (or ``V``, see :func:`unit_columns`) into ``matrix`` (``V``'s
+    column norms into ``norms``), their
     Gram matrix (full) into ``gram``, its Cholesky factor ``L`` into ``metric`` and ``L^{-1}``
     into the lower triangle of ``metric_inverse``; False when ``W`` is not comfortably of full
     column rank (``||L^{-1}||_F > max_inverse_norm``) or :func:`unit_columns` refuses it.
-    ``columns`` ``(d + 1, n)`` is scratch."""
+    ``columns`` ``(r, >= n)`` is scratch."""
     if not unit_columns(values, key_mask, matrix, norms, gram, columns):
         return False
     r = matrix.shape[1]
@@ -795,10 +804,11 @@ def largest_magnitude(values, key_mask):  # pragma: no cover - compiled
 @njit(cache=True, fastmath=FAST_MATH, nogil=True)
 def output_error_of_row(matrix, norms, x, a, coordinates, difference, change):  # pragma: no cover
     """``||(x - a) V|| / ||a V||``, as :func:`captum_effattn.projection.engine.certify.output_error`
-    measures it, from the unit columns ``W = [1, V]`` (``matrix`` ``(n, d + 1)``) and ``V``'s
-    column norms ``norms`` ``(d,)``: ``(x - a) V = ((x - a) W)[1:] * norms``, recomputed from
-    ``x`` itself (not from the solver's gradient). ``coordinates`` ``(d + 1,)`` is ``a W``;
-    ``difference`` ``(n,)`` and ``change`` ``(d + 1,)`` are scratch.
+    measures it, from the unit columns ``W = [1, V]`` (``matrix`` ``(n, d + 1)``; or ``V``,
+    ``(n, d)``) and ``V``'s column norms ``norms`` ``(d,)``: ``(x - a) V`` is ``V``'s part of
+    ``(x - a) W`` times ``norms``, recomputed from ``x`` itself (not from the solver's gradient).
+    ``coordinates`` ``(r,)`` is ``a W``; ``difference`` ``(n,)`` and ``change`` ``(r,)`` are
+    scratch.
 
     From ``W`` (float64, in cache, ``a W`` already known) and not from ``V`` as given: summing
     ``(x - a) V`` and ``a V`` in one pass over ``V``, whose two accumulator arrays numba cannot
@@ -807,11 +817,12 @@ def output_error_of_row(matrix, norms, x, a, coordinates, difference, change):  
     for i in range(x.shape[0]):
         difference[i] = x[i] - a[i]
     columns_times(matrix, difference, change)
+    first = matrix.shape[1] - norms.shape[0]  # 1: a column of ones comes first
     moved = 0.0
     reference = 0.0
     for k in range(norms.shape[0]):
-        moved += (norms[k] * change[k + 1]) ** 2
-        reference += (norms[k] * coordinates[k + 1]) ** 2
+        moved += (norms[k] * change[k + first]) ** 2
+        reference += (norms[k] * coordinates[k + first]) ** 2
     return math.sqrt(moved) / max(math.sqrt(reference), 2.2250738585072014e-308)
 
 
@@ -828,8 +839,11 @@ def value_newton_rows(
     error,
     iterations,
     converged,
+    project_only,
 ):  # pragma: no cover - compiled
-    """Efficient attention rows by Newton in the coordinates of ``W = [1, V]`` (unit columns).
+    """Efficient attention rows by Newton in the coordinates of ``W = [1, V]`` (unit columns);
+    with ``project_only``, effective attention rows: each row's orthogonal projection onto the
+    span of ``W = V`` (no column of ones, no Newton step, no normalization).
 
     No orthonormal basis is built: ``W``'s Gram matrix ``G = L L^T`` and its Cholesky factor
     serve as the metric of :func:`newton_row`, which then takes exactly the steps it takes with an
@@ -838,8 +852,10 @@ def value_newton_rows(
     columns than usable keys, or whose values lie outside :data:`VALUE_RANGE` are left out.
 
     The values are read as given (float32 or float64: no converted copy of them is made), and
-    each row is taken on its usable keys and normalized here, so the caller passes its rows and
-    value vectors untouched.
+    each row is taken on its usable keys and normalized here (efficient attention only), so the
+    caller passes its rows and value vectors untouched. Effective attention here is
+    ``W G^{-1} W^T a`` from the same geometry (the start of the Newton steps, on ``V``), about a
+    geometry's cost a head instead of the batched float64 products of the route through PyTorch.
 
     Args:
         values: ``(S, n, d)`` value vectors, float32 or float64; key_mask: ``(S, n)`` real keys.
@@ -850,14 +866,16 @@ def value_newton_rows(
             normalization (entries on other keys are ignored).
         settings: ``(max_iter, tol, regularization, floor, max_step)`` as in :func:`newton_rows`.
         max_inverse_norm: the conditioning limit above.
-        x: ``(R, n)`` filled with the efficient rows (normalized) where converged.
+        x: ``(R, n)`` filled with the efficient rows (normalized) where converged (effective
+            rows: where projected).
         error: ``(R,)`` filled with their relative head-output error where converged.
         iterations: ``(R,)`` steps taken; converged: ``(R,)`` True for rows solved here (False:
             not attempted, or not converged within ``max_iter``).
+        project_only: effective attention instead of efficient (``settings`` unused).
     """
     n_rows, n = rows.shape
     d = values.shape[2]
-    r = d + 1
+    r = d if project_only else d + 1
     buffers = _buffers(n, r)
     matrix = np.empty((n, r))
     columns = buffers[3][0]  # scratch until the row's steps, which reuse it
@@ -900,6 +918,13 @@ def value_newton_rows(
         for i in range(n):
             a[i] = rows[row, i] if usable_keys[i] else 0.0
             total += a[i]
+        if project_only:
+            columns_times(matrix, a, target)
+            factored_solve(metric, target, th)
+            rows_times(matrix, th, x[row])  # zero rows of W: zero on the keys not used
+            error[row] = output_error_of_row(matrix, norms, x[row], a, target, difference, change)
+            converged[row] = True
+            continue
         if not total > 0.0:
             continue
         for i in range(n):
@@ -938,6 +963,7 @@ def value_newton_blocks(
     error,
     iterations,
     converged,
+    project_only,
     block,
     threads,
 ):  # pragma: no cover - compiled
@@ -963,4 +989,5 @@ def value_newton_blocks(
                 error[start:stop],
                 iterations[start:stop],
                 converged[start:stop],
+                project_only,
             )
