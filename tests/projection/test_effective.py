@@ -71,17 +71,10 @@ def test_causal_rows_never_move_mass_onto_future_keys(gen):
         torch.testing.assert_close(x[:, i : i + 1, : i + 1], prefix, atol=1e-12, rtol=0)
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    shape=grouped_problem_shapes(max_n=50),
-    causal=st.booleans(),
-    duplicate=st.booleans(),
-    spread=st.sampled_from([1.0, 1e-4, 1e-9]),
-)
-def test_the_normal_equations_agree_with_an_orthonormal_basis(shape, causal, duplicate, spread):
-    """The route without a basis (well-conditioned heads) gives the rows of the route with one,
-    and leaves the rest to it: exact duplicate columns (rank-deficient values), columns nearly
-    dependent (``spread``), fewer keys than columns, causal prefixes."""
+def _hard_problem(shape, causal: bool, duplicate: bool, spread: float):
+    """Attention rows ``(G, n, n)``, values ``(G, n, d)`` (float64) and key mask ``(G, n)`` of a
+    :func:`grouped_problem_shapes` shape: the second value column a duplicate of the first or
+    ``spread`` away from it, padding at the end, causal rows when asked."""
     groups, _, n, d, padded, seed = shape
     gen = torch.Generator().manual_seed(seed)
     values = value_vectors(groups, n, d, generator=gen)
@@ -94,6 +87,26 @@ def test_the_normal_equations_agree_with_an_orthonormal_basis(shape, causal, dup
         hidden = hidden | torch.ones(n, n, dtype=torch.bool).triu(1)
     scores = 2 * torch.randn(groups, n, n, generator=gen, dtype=torch.float64)
     attn = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1).nan_to_num()
+    return attn, values, key_mask
+
+
+# The arguments of _hard_problem, drawn.
+HARD_PROBLEMS = {
+    "shape": grouped_problem_shapes(max_n=50),
+    "causal": st.booleans(),
+    "duplicate": st.booleans(),
+    "spread": st.sampled_from([1.0, 1e-4, 1e-9]),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(**HARD_PROBLEMS)
+def test_the_normal_equations_agree_with_an_orthonormal_basis(shape, causal, duplicate, spread):
+    """The route without a basis (well-conditioned heads) gives the rows of the route with one,
+    and leaves the rest to it: exact duplicate columns (rank-deficient values), columns nearly
+    dependent (``spread``), fewer keys than columns, causal prefixes."""
+    attn, values, key_mask = _hard_problem(shape, causal, duplicate, spread)
+    n, d = values.shape[-2:]
     x, report = effective_attention(attn, values, key_mask, causal, return_certificate=True)
     # A rank tolerance of the caller's own (here the default's value) always builds bases.
     rtol = max(n, d) * torch.finfo(torch.float64).eps
@@ -152,31 +165,14 @@ numba_only = pytest.mark.skipif(
 
 @numba_only
 @settings(max_examples=30, deadline=None)
-@given(
-    shape=grouped_problem_shapes(max_n=50),
-    causal=st.booleans(),
-    duplicate=st.booleans(),
-    spread=st.sampled_from([1.0, 1e-4, 1e-9]),
-    single=st.booleans(),
-)
+@given(**HARD_PROBLEMS, single=st.booleans())
 def test_the_compiled_projection_agrees_with_pytorch(shape, causal, duplicate, spread, single):
     """The compiled route (``backend="numba"``: the projection on ``V`` itself, row by row) gives
     the rows and certificate of the batched PyTorch route, values in float32 or float64, and
     leaves what it does not take (dependent columns, no more keys than columns) to the bases."""
-    groups, _, n, d, padded, seed = shape
-    gen = torch.Generator().manual_seed(seed)
-    values = value_vectors(groups, n, d, generator=gen)
-    if d > 1:
-        values[..., 1] = values[..., 0] + spread * values[..., 1] * (not duplicate)
+    attn, values, key_mask = _hard_problem(shape, causal, duplicate, spread)
     if single:
         values = values.float()
-    key_mask = torch.ones(groups, n, dtype=torch.bool)
-    key_mask[:, n - padded :] = False
-    hidden = ~key_mask[:, None, :]
-    if causal:
-        hidden = hidden | torch.ones(n, n, dtype=torch.bool).triu(1)
-    scores = 2 * torch.randn(groups, n, n, generator=gen, dtype=torch.float64)
-    attn = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1).nan_to_num()
     compiled, report = effective_attention(
         attn, values, key_mask, causal, return_certificate=True, backend="numba"
     )
