@@ -103,6 +103,16 @@ def unit_columns(matrix: torch.Tensor, key_mask: KeyMask, out: torch.Tensor | No
     return torch.div(matrix, torch.where(norms > 0, norms, torch.ones_like(norms)), out=out)
 
 
+def spd_inverse(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inverse, factored)`` of a batch of symmetric matrices ``(G, m, m)``: each one's inverse
+    through its Cholesky factor, and whether it factored (positive definite); where it did not,
+    the inverse is the identity's and ``factored`` is False."""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    factored = info == 0
+    identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.cholesky_inverse(torch.where(factored[:, None, None], factor, identity)), factored
+
+
 def _real_keys_first(key_mask: KeyMask) -> torch.Tensor:
     """``(G, n)`` key positions of each group, its real keys first, in their order."""
     return torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)
@@ -129,10 +139,7 @@ def _keys_independent(
     live = torch.arange(most, device=matrix.device) < count[:, None]  # (G, most)
     rows = torch.gather(matrix, 1, order[:, :most, None].expand(-1, -1, k)) * live[..., None]
     gram = rows @ rows.mT + torch.diag_embed((~live).to(matrix.dtype))
-    factor, info = torch.linalg.cholesky_ex(gram)
-    factored = info == 0
-    identity = torch.eye(most, dtype=matrix.dtype, device=matrix.device)
-    inverse = torch.cholesky_inverse(torch.where(factored[:, None, None], factor, identity))
+    inverse, factored = spd_inverse(gram)
     bound = gram.diagonal(dim1=-2, dim2=-1).sum(-1) * inverse.diagonal(dim1=-2, dim2=-1).sum(-1)
     return factored & (bound <= CERTIFIED_CONDITION**2)
 

@@ -24,7 +24,6 @@ from captum_effattn._typing import AttentionRows, KeyMask, ValueVectors
 from captum_effattn.projection.basis import value_space_basis
 from captum_effattn.projection.certificate import ProjectionCertificate
 from captum_effattn.projection.engine.backends import Backend
-from captum_effattn.projection.engine.certify import ACCEPTED_ERROR
 from captum_effattn.projection.engine.driver import ChunkResult, LayoutResult, project_rows
 from captum_effattn.projection.engine.grouped import GroupedProducts
 from captum_effattn.projection.engine.layout import Chunk, RowLayout
@@ -57,9 +56,9 @@ def _solve_layout(
     layout: RowLayout, backend: Backend, out: torch.Tensor, max_newton_iter: int | None
 ) -> LayoutResult:
     """Every row by compiled Newton in the coordinates of ``[1, V]``: no bases, no chunks, the
-    values read as given; a row it solves is trusted only as far as it is measured (the kernel
-    can report a row of a near-one-hot input solved far from the constraints, seen on MiniLM
-    layer 0 at n = 34), the others go through the chunks to the route with bases."""
+    values read as given; a row it solves is trusted only as far as it is measured
+    (:meth:`~captum_effattn.projection.engine.driver.LayoutResult.measured`), the others go
+    through the chunks to the route with bases."""
     assert backend.value_newton is not None  # checked by _compiled_route
     _, iterations, solved, error = backend.value_newton(
         layout.source_values,
@@ -71,9 +70,7 @@ def _solve_layout(
         layout.group_prefix[layout.row_group],
         out=out,
     )
-    return LayoutResult(
-        error=error, iterations=iterations, solved=solved & (error <= ACCEPTED_ERROR)
-    )
+    return LayoutResult.measured(error, iterations, solved)
 
 
 def _solve_with_bases(
